@@ -1,0 +1,101 @@
+"""`Model`: a config plus host-resident weights, with the full-sequence reference forward."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import numpy as np
+
+from moelens_jax.config import ModelConfig
+from moelens_jax.model import transformer
+from moelens_jax.model.weights import HostLayer, ModelWeights, assemble, weights_nbytes
+
+
+class TokenError(ValueError):
+    """Token ids are malformed or out of the vocabulary."""
+
+
+def check_tokens(tokens, vocab_size: int, ndim: int = 2) -> np.ndarray:
+    """Validates token ids on the host and returns them as an int32 array.
+
+    Raises:
+      TokenError: wrong rank, empty, non-integer dtype, or an id outside [0, vocab_size).
+    """
+    arr = np.asarray(tokens)
+    if arr.ndim != ndim:
+        raise TokenError(f"tokens must have rank {ndim}, got shape {arr.shape}")
+    if arr.size == 0:
+        raise TokenError(f"tokens are empty (shape {arr.shape})")
+    if not np.issubdtype(arr.dtype, np.integer):
+        raise TokenError(f"tokens must be integers, got dtype {arr.dtype}")
+    bad = np.argwhere((arr < 0) | (arr >= vocab_size))
+    if bad.size:
+        pos = tuple(int(i) for i in bad[0])
+        raise TokenError(f"token id {int(arr[pos])} at position {pos} is outside the vocabulary "
+                         f"[0, {vocab_size}) ({len(bad)} invalid ids in total)")
+    return arr.astype(np.int32)
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _forward_jit(cfg: ModelConfig, weights: ModelWeights, tokens):
+    return transformer.forward(cfg, weights, tokens)
+
+
+class Model:
+    """A loaded MoE model: `config`, per-layer contiguous host buffers, and `forward`.
+
+    Build one with `moelens_jax.load_model`. `host_layers[i].buffer` is layer i's contiguous
+    uint8 host buffer and `weights` the `ModelWeights` pytree of numpy views into those buffers
+    (plus embedding, final norm and lm_head arrays).
+    """
+
+    def __init__(self, config: ModelConfig, host_layers: list[HostLayer],
+                 rest: dict[str, np.ndarray], *, source: str = ""):
+        if len(host_layers) != config.num_layers:
+            raise ValueError(f"{len(host_layers)} layers for a {config.num_layers}-layer config")
+        self.config = config
+        self.host_layers = host_layers
+        self.weights = assemble(host_layers, rest)
+        self.source = source
+        self._device_weights = None
+
+    @property
+    def dtype(self) -> str:
+        return self.host_layers[0].layout.dtype
+
+    @property
+    def weight_bytes(self) -> int:
+        return weights_nbytes(self.weights)
+
+    def device_weights(self) -> ModelWeights:
+        """The whole weight tree on the default device (cached): for the reference path only.
+
+        The engine never does this; it streams layers from `host_layers`.
+        """
+        if self._device_weights is None:
+            self._device_weights = jax.device_put(self.weights)
+        return self._device_weights
+
+    def forward(self, tokens_bt) -> jax.Array:
+        """Full-sequence causal forward: int tokens [B, T] -> float32 logits [B, T, V].
+
+        Raises:
+          TokenError: if `tokens_bt` is not a non-empty integer [B, T] array of valid ids.
+        """
+        if not self.config.runnable:
+            raise NotImplementedError(
+                f"family {self.config.family!r} is shape-only (used by the performance model); "
+                "its forward pass is not implemented")
+        tokens = check_tokens(tokens_bt, self.config.vocab_size)
+        return _forward_jit(self.config, self.device_weights(), tokens)
+
+    def save(self, path) -> None:
+        """Writes an orbax checkpoint folder that `load_model(path)` restores bit-identically."""
+        from moelens_jax.checkpoint.orbax_io import save_model
+        save_model(self, path)
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (f"Model({c.name or c.family}, layers={c.num_layers}, dtype={self.dtype}, "
+                f"params={c.total_params / 1e6:,.1f}M, source={self.source!r})")

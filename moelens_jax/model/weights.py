@@ -1,0 +1,218 @@
+"""Weight containers and the per-layer contiguous host layout.
+
+Weights are data, the forward pass is functions (see `transformer.py`): `LayerWeights` and
+`ModelWeights` are `flax.struct` pytrees, so a tree can hold numpy views (host), device arrays,
+or `jax.ShapeDtypeStruct` (abstract, zero memory) and the same functions run on any of them.
+Offload is a property of where a tree lives, not hidden module state.
+
+Host layout (what the weight mover streams): each decoder layer lives in ONE contiguous,
+64-byte-aligned `uint8` buffer; `HostLayer.weights` is a `LayerWeights` of numpy views into it.
+Tensors are packed in `LAYER_FIELDS` order, each at an offset rounded up to `ALIGN` bytes, in the
+model's storage dtype. Matrices use the `x @ W` convention (``[in, out]``; HF stores
+``[out, in]``); routed experts are stacked on a leading expert axis. Embedding, final norm and
+lm_head are separate arrays (`ModelWeights.embed`, `.final_norm`, `.lm_head`), lm_head stored
+``[vocab, hidden]`` like the embedding so tied and untied models share one code path.
+
+Shapes (h hidden, q = n_q*head_dim, kv = n_kv*head_dim, E experts, f expert width, fs shared
+expert width, d head_dim):
+
+    attn_norm [h]   wq [h,q]  wk [h,kv]  wv [h,kv]  wo [q,h]
+    bq [q] bk [kv] bv [kv]          (qkv_bias only)
+    q_norm [d] k_norm [d]           (qk_norm only)
+    ffn_norm [h]    router [h,E]
+    w_gate [E,h,f]  w_up [E,h,f]  w_down [E,f,h]
+    shared_gate [h,fs] shared_up [h,fs] shared_down [fs,h] shared_expert_gate [h,1]
+                                    (shared expert only)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import ml_dtypes
+import numpy as np
+from flax import struct
+
+from moelens_jax.config import ModelConfig
+
+ALIGN = 64  # bytes; every tensor of a layer buffer starts on a cache line / AVX-512 boundary
+
+NP_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16),
+             "float16": np.dtype(np.float16)}
+
+# Field order in the layer buffer (also the order of LayerWeights' fields).
+LAYER_FIELDS = ("attn_norm", "wq", "wk", "wv", "wo", "bq", "bk", "bv", "q_norm", "k_norm",
+                "ffn_norm", "router", "w_gate", "w_up", "w_down", "shared_gate", "shared_up",
+                "shared_down", "shared_expert_gate")
+
+# Fields initialised to ones (norm scales); everything else is N(0, init_std).
+NORM_FIELDS = ("attn_norm", "ffn_norm", "q_norm", "k_norm", "final_norm")
+
+
+@struct.dataclass
+class LayerWeights:
+    """One decoder layer. Optional fields are None when the family lacks them."""
+
+    attn_norm: Any
+    wq: Any
+    wk: Any
+    wv: Any
+    wo: Any
+    bq: Any
+    bk: Any
+    bv: Any
+    q_norm: Any
+    k_norm: Any
+    ffn_norm: Any
+    router: Any
+    w_gate: Any
+    w_up: Any
+    w_down: Any
+    shared_gate: Any
+    shared_up: Any
+    shared_down: Any
+    shared_expert_gate: Any
+
+
+@struct.dataclass
+class ModelWeights:
+    embed: Any  # [V, h]
+    layers: tuple  # tuple[LayerWeights, ...]
+    final_norm: Any  # [h]
+    lm_head: Any  # [V, h], or None when tied to `embed`
+
+
+def layer_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Shapes of the tensors present in one layer of `cfg`, in buffer order."""
+    h, q, kv = cfg.hidden_size, cfg.q_size, cfg.kv_size
+    E, f = cfg.num_experts, cfg.intermediate_size
+    shapes = {"attn_norm": (h,), "wq": (h, q), "wk": (h, kv), "wv": (h, kv), "wo": (q, h)}
+    if cfg.qkv_bias:
+        shapes.update(bq=(q,), bk=(kv,), bv=(kv,))
+    if cfg.qk_norm:
+        shapes.update(q_norm=(cfg.head_dim,), k_norm=(cfg.head_dim,))
+    shapes.update(ffn_norm=(h,), router=(h, E), w_gate=(E, h, f), w_up=(E, h, f),
+                  w_down=(E, f, h))
+    fs = cfg.shared_expert_intermediate_size
+    if fs:
+        shapes.update(shared_gate=(h, fs), shared_up=(h, fs), shared_down=(fs, h),
+                      shared_expert_gate=(h, 1))
+    return shapes
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorSlot:
+    name: str
+    shape: tuple[int, ...]
+    offset: int  # bytes from the start of the layer buffer
+    nbytes: int
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerLayout:
+    """Where each tensor of a layer sits in its contiguous host buffer."""
+
+    dtype: str
+    slots: tuple[TensorSlot, ...]
+    nbytes: int  # total buffer size, padding included
+
+    @classmethod
+    def for_config(cls, cfg: ModelConfig, dtype: str | None = None) -> LayerLayout:
+        dtype = dtype or cfg.dtype
+        itemsize = NP_DTYPES[dtype].itemsize
+        slots, offset = [], 0
+        for name, shape in layer_shapes(cfg).items():
+            offset = -(-offset // ALIGN) * ALIGN
+            nbytes = int(np.prod(shape)) * itemsize
+            slots.append(TensorSlot(name, shape, offset, nbytes))
+            offset += nbytes
+        return cls(dtype, tuple(slots), -(-offset // ALIGN) * ALIGN)
+
+
+def _aligned_empty(nbytes: int) -> np.ndarray:
+    """A zero-initialised uint8 buffer whose data pointer is ALIGN-byte aligned."""
+    raw = np.zeros(nbytes + ALIGN, dtype=np.uint8)
+    start = (-raw.ctypes.data) % ALIGN
+    return raw[start:start + nbytes]
+
+
+@dataclasses.dataclass
+class HostLayer:
+    """One layer's weights in one contiguous host buffer, plus typed views into it."""
+
+    layout: LayerLayout
+    buffer: np.ndarray  # uint8 [layout.nbytes], ALIGN-aligned
+    weights: LayerWeights  # numpy views into `buffer`
+
+    @classmethod
+    def allocate(cls, layout: LayerLayout) -> HostLayer:
+        buffer = _aligned_empty(layout.nbytes)
+        dt = NP_DTYPES[layout.dtype]
+        views: dict[str, Any] = dict.fromkeys(LAYER_FIELDS)
+        for s in layout.slots:
+            views[s.name] = buffer[s.offset:s.offset + s.nbytes].view(dt).reshape(s.shape)
+        return cls(layout, buffer, LayerWeights(**views))
+
+
+def abstract_weights(cfg: ModelConfig, dtype: str | None = None) -> ModelWeights:
+    """`ModelWeights` of `jax.ShapeDtypeStruct` leaves: the full shape, zero memory."""
+    dt = NP_DTYPES[dtype or cfg.dtype]
+    sds = lambda shape: jax.ShapeDtypeStruct(shape, dt)  # noqa: E731
+    layer = dict.fromkeys(LAYER_FIELDS)
+    layer.update({k: sds(s) for k, s in layer_shapes(cfg).items()})
+    layers = tuple(LayerWeights(**layer) for _ in range(cfg.num_layers))
+    V, h = cfg.vocab_size, cfg.hidden_size
+    return ModelWeights(embed=sds((V, h)), layers=layers, final_norm=sds((h,)),
+                        lm_head=None if cfg.tie_word_embeddings else sds((V, h)))
+
+
+def weights_nbytes(weights: ModelWeights) -> int:
+    return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
+               for x in jax.tree.leaves(weights))
+
+
+def random_init(cfg: ModelConfig, seed: int = 0, dtype: str | None = None,
+                init_std: float = 0.02) -> tuple[list[HostLayer], dict[str, np.ndarray]]:
+    """Random weights (N(0, init_std), norm scales = 1) written straight into host buffers.
+
+    Deterministic for a given (config, seed): every tensor draws from its own stream keyed by
+    (seed, layer, field), so changing one shape does not reshuffle the others.
+
+    Returns:
+      (host layers, {"embed", "final_norm", "lm_head"(absent when tied)}).
+    """
+    dtype = dtype or cfg.dtype
+    dt = NP_DTYPES[dtype]
+    layout = LayerLayout.for_config(cfg, dtype)
+
+    def fill(out: np.ndarray, name: str, key: tuple[int, ...]) -> None:
+        if name in NORM_FIELDS:
+            out[...] = 1
+            return
+        rng = np.random.default_rng((seed, *key))
+        flat = out.reshape(-1)
+        chunk = 1 << 24  # convert in chunks: peak extra memory 64 MiB, not a full fp32 copy
+        for i in range(0, flat.size, chunk):
+            n = min(chunk, flat.size - i)
+            flat[i:i + n] = (rng.standard_normal(n, dtype=np.float32) * init_std).astype(dt)
+
+    layers = []
+    for li in range(cfg.num_layers):
+        layer = HostLayer.allocate(layout)
+        for fi, slot in enumerate(layout.slots):
+            fill(getattr(layer.weights, slot.name), slot.name, (li, fi))
+        layers.append(layer)
+    V, h = cfg.vocab_size, cfg.hidden_size
+    rest = {"embed": np.empty((V, h), dt), "final_norm": np.empty((h,), dt)}
+    if not cfg.tie_word_embeddings:
+        rest["lm_head"] = np.empty((V, h), dt)
+    for i, (name, arr) in enumerate(rest.items()):
+        fill(arr, name, (cfg.num_layers, i))
+    return layers, rest
+
+
+def assemble(host_layers: list[HostLayer], rest: dict[str, np.ndarray]) -> ModelWeights:
+    return ModelWeights(embed=rest["embed"], layers=tuple(l.weights for l in host_layers),
+                        final_norm=rest["final_norm"], lm_head=rest.get("lm_head"))

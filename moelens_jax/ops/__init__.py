@@ -1,0 +1,40 @@
+"""Host-side C++ kernels (built from ``cpu_ops/`` by ``pip install``) and their Python API."""
+
+from __future__ import annotations
+
+import os
+
+from moelens_jax import _cpu_ops
+
+ISA_ENV = "MOELENS_CPU_ISA"  # force a lower ISA path, e.g. MOELENS_CPU_ISA=avx2
+
+
+def supported_isas() -> list[str]:
+    """ISA levels this machine can run, lowest first."""
+    return list(_cpu_ops.supported_isas())
+
+
+def selected_isa(requested: str | None = None) -> str:
+    """The ISA the kernels will use: `requested`, else $MOELENS_CPU_ISA, else the best one.
+
+    Raises:
+      ValueError: unknown ISA name, or one this machine cannot run.
+    """
+    supported = supported_isas()
+    name = requested or os.environ.get(ISA_ENV) or supported[-1]
+    known = ("portable", "avx2", "avx512", "avx512_bf16")
+    if name not in known:
+        raise ValueError(f"unknown ISA {name!r}; known: {', '.join(known)}")
+    if name not in supported:
+        raise ValueError(f"ISA {name!r} is not supported by this CPU (supported: "
+                         f"{', '.join(supported)})")
+    return name
+
+
+def cpu_info() -> dict:
+    """CPU features seen at run time, the ISA paths available and the one selected."""
+    return {"isa": selected_isa(), "supported_isas": supported_isas(),
+            "features": dict(_cpu_ops.cpu_features()), "cpu_count": os.cpu_count()}
+
+
+__all__ = ["ISA_ENV", "cpu_info", "selected_isa", "supported_isas"]

@@ -1,0 +1,128 @@
+"""Slow, obviously-correct references that every fast path is tested against.
+
+* `expert_ffn_loop`: the expert seam as a Python loop over experts with dense matmuls (no
+  `ragged_dot`), drop-in for `moe.expert_ffn`.
+* `moe_block_dense`: the whole MoE block computing every expert for every token and weighting
+  by a dense [n, E] routing matrix (no sorting, no dispatch).
+* `greedy_generate`: greedy decoding by full recompute with `transformer.forward` each step
+  (no KV cache): the oracle for the engine.
+* `assert_close`: the one shared, dtype-aware comparison (finiteness first; reports max and RMS
+  error).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from moelens_jax.config import ModelConfig
+from moelens_jax.model import moe, transformer
+from moelens_jax.model.layers import linear
+from moelens_jax.model.model import Model, check_tokens
+
+
+def expert_ffn_loop(w_gate_ehf, w_up_ehf, w_down_efh, x_mh, group_sizes_e):
+    """Same contract as `moe.expert_ffn`, computed expert by expert with masks."""
+    m = x_mh.shape[0]
+    ends = jnp.cumsum(group_sizes_e)
+    starts = ends - group_sizes_e
+    rows = jnp.arange(m)
+    out = jnp.zeros((m, w_down_efh.shape[-1]), jnp.float32)
+    for e in range(w_gate_ehf.shape[0]):
+        mine = (rows >= starts[e]) & (rows < ends[e])
+        a = jax.nn.silu(linear(x_mh, w_gate_ehf[e])) * linear(x_mh, w_up_ehf[e])
+        y = linear(a.astype(w_down_efh.dtype), w_down_efh[e])
+        out = jnp.where(mine[:, None], y, out)
+    return out
+
+
+def moe_block_dense(cfg: ModelConfig, lw, x_nh):
+    """MoE block with a dense [n, E] routing matrix and every expert run on every token."""
+    routing = moe.route(cfg, lw.router, x_nh)
+    dense = jnp.zeros((x_nh.shape[0], cfg.num_experts), jnp.float32)
+    dense = dense.at[jnp.arange(x_nh.shape[0])[:, None], routing.experts_nk].add(
+        routing.weights_nk)
+    out = jnp.zeros(x_nh.shape, jnp.float32)
+    for e in range(cfg.num_experts):
+        a = jax.nn.silu(linear(x_nh, lw.w_gate[e])) * linear(x_nh, lw.w_up[e])
+        out = out + dense[:, e:e + 1] * linear(a.astype(lw.w_down.dtype), lw.w_down[e])
+    if cfg.shared_expert_intermediate_size:
+        out = out + moe.shared_expert(lw, x_nh)
+    return out
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _last_logits(cfg, weights, tokens_bt, last_b):
+    x = transformer.hidden_states(cfg, weights, tokens_bt)
+    x_last = jnp.take_along_axis(x, last_b[:, None, None], axis=1)[:, 0]
+    return transformer.logits(cfg, weights, x_last)
+
+
+def greedy_generate(model: Model, prompts: Sequence[Sequence[int]],
+                    max_new_tokens: int | Sequence[int]) -> list[list[int]]:
+    """Greedy decoding by full recompute (right-padded batch, one compiled shape).
+
+    Args:
+      prompts: token-id lists (lengths may differ, each >= 1).
+      max_new_tokens: per-request count, or one count for all.
+
+    Returns:
+      The generated token ids of each prompt (prompt excluded).
+    """
+    cfg = model.config
+    if isinstance(max_new_tokens, int):
+        max_new_tokens = [max_new_tokens] * len(prompts)
+    lens = np.array([len(p) for p in prompts])
+    if len(prompts) == 0 or lens.min() < 1:
+        raise ValueError("every prompt needs at least one token")
+    total = int((lens + np.asarray(max_new_tokens)).max())
+    tokens = np.zeros((len(prompts), total), np.int32)
+    for i, p in enumerate(prompts):
+        tokens[i, :len(p)] = check_tokens(np.asarray(p)[None], cfg.vocab_size)[0]
+    weights = model.device_weights()
+    out: list[list[int]] = [[] for _ in prompts]
+    cur = lens.copy()
+    for step in range(max(max_new_tokens)):
+        nxt = np.asarray(jnp.argmax(_last_logits(cfg, weights, tokens,
+                                                 jnp.asarray(cur - 1, jnp.int32)), axis=-1))
+        for i in range(len(prompts)):
+            if step < max_new_tokens[i]:
+                out[i].append(int(nxt[i]))
+                tokens[i, cur[i]] = nxt[i]
+                cur[i] += 1
+    return out
+
+
+def assert_close(actual, expected, *, rel_l2: float | None = None, atol: float | None = None,
+                 rtol: float = 0.0, name: str = "value") -> dict[str, float]:
+    """Checks finiteness, then relative L2 error and/or elementwise |a-e| <= atol + rtol*|e|.
+
+    Returns:
+      {"max_abs", "rms", "rel_l2"} errors, for reporting.
+    """
+    a = np.asarray(jax.device_get(actual), dtype=np.float64)
+    e = np.asarray(jax.device_get(expected), dtype=np.float64)
+    if a.shape != e.shape:
+        raise AssertionError(f"{name}: shape {a.shape} != expected {e.shape}")
+    for label, arr in (("actual", a), ("expected", e)):
+        if not np.all(np.isfinite(arr)):
+            raise AssertionError(f"{name}: {label} has {np.sum(~np.isfinite(arr))} non-finite "
+                                 "values")
+    diff = a - e
+    stats = {"max_abs": float(np.max(np.abs(diff), initial=0.0)),
+             "rms": float(np.sqrt(np.mean(diff ** 2))) if diff.size else 0.0,
+             "rel_l2": float(np.linalg.norm(diff) / max(np.linalg.norm(e), 1e-30))}
+    if rel_l2 is not None and stats["rel_l2"] > rel_l2:
+        raise AssertionError(f"{name}: relative L2 error {stats['rel_l2']:.3e} > {rel_l2:.1e} "
+                             f"(max abs {stats['max_abs']:.3e}, rms {stats['rms']:.3e})")
+    if atol is not None:
+        bad = np.abs(diff) > atol + rtol * np.abs(e)
+        if np.any(bad):
+            raise AssertionError(f"{name}: {int(bad.sum())}/{bad.size} elements exceed "
+                                 f"atol={atol:g} rtol={rtol:g} (max abs {stats['max_abs']:.3e},"
+                                 f" rms {stats['rms']:.3e})")
+    return stats

@@ -1,0 +1,37 @@
+"""Experiment entry points run end to end and print ONE JSON object as their last line."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(module: str, *flags: str) -> tuple[dict, str]:
+    proc = subprocess.run([sys.executable, "-m", module, *flags], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    last = proc.stdout.strip().splitlines()[-1]
+    return json.loads(last), proc.stdout
+
+
+def test_run_throughput_reference_mode():
+    result, stdout = _run("experiments.run_throughput", "--model=tiny-qwen2-moe",
+                          "--num_requests=3", "--prompt_len=12", "--gen_len=5", "--seed=7")
+    assert "== run_throughput card ==" in stdout
+    assert result["mode"] == "reference-recompute"
+    assert result["num_requests"] == 3 and result["generated_tokens"] == 15
+    assert result["generated_tokens_per_s"] > 0
+    assert result["processed_tokens_per_s"] > result["generated_tokens_per_s"]
+    assert result["flags"]["seed"] == 7
+
+
+def test_run_throughput_bad_model_is_a_clear_error():
+    proc = subprocess.run([sys.executable, "-m", "experiments.run_throughput",
+                           "--model=no-such-preset"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode != 0
+    assert "neither an existing checkpoint folder nor a preset" in proc.stderr
