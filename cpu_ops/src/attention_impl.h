@@ -1,0 +1,190 @@
+// The decode-attention chunk kernel, written once over a small vector-ops trait `Ops` and
+// compiled per ISA (attention_{portable,avx2,avx512}.cc include this header with their own
+// Ops and compiler flags). Pure compute on raw pointers; all validation happened upstream.
+//
+// Ops provides: kLanes; Vec; Zero(); LoadF(const float*); Load<T>(const uint16_t* / float*)
+// converting the storage type to float32 lanes; Set1(float); Fma(a, b, c) = a*b + c;
+// Mul/Add/Sub(a, b); Exp(Vec) (float32-accurate); Store(float*, Vec); Sum(Vec) (horizontal
+// add); Prefetch(const void*).
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+#include "attention.h"
+
+namespace moelens {
+namespace kernel {
+
+struct TagBf16 {};
+struct TagF16 {};
+struct TagF32 {};
+
+// Independent FMA chains: K rows (tokens) per step and V column blocks per step are chosen so
+// about 8 accumulators are live (enough to hide FMA latency, few enough for 16 registers).
+template <int S>
+constexpr int kTokStep = S >= 5 ? 1 : (S >= 3 ? 2 : 4);
+
+template <class Ops>
+inline void PrefetchRow(const uint8_t* p, int64_t bytes) {
+  for (int64_t off = 0; off < bytes; off += 64) Ops::Prefetch(p + off);
+}
+
+// scores[i][t] = q_i . k_t for tokens [t0, t0 + TT) of one page block.
+template <class Ops, class Tag, int S, int TT>
+inline void ScoreTokens(const float* q, const uint8_t* kb, int d, int64_t elem, int t0,
+                        float (*score)[kMaxPageSize]) {
+  constexpr int VL = Ops::kLanes;
+  using Vec = typename Ops::Vec;
+  Vec acc[TT][S];
+  for (int u = 0; u < TT; ++u)
+    for (int i = 0; i < S; ++i) acc[u][i] = Ops::Zero();
+  for (int c = 0; c < d; c += VL) {
+    Vec kv[TT];
+    for (int u = 0; u < TT; ++u) kv[u] = Ops::Load(Tag{}, kb + (int64_t(t0 + u) * d + c) * elem);
+    for (int i = 0; i < S; ++i) {
+      const Vec qv = Ops::LoadF(q + i * d + c);
+      for (int u = 0; u < TT; ++u) acc[u][i] = Ops::Fma(qv, kv[u], acc[u][i]);
+    }
+  }
+  for (int u = 0; u < TT; ++u)
+    for (int i = 0; i < S; ++i) score[i][t0 + u] = Ops::Sum(acc[u][i]);
+}
+
+// acc[i][c .. c + CC*VL) += sum_t p[i][t] * v_t[c .. c + CC*VL) over the page's tokens.
+template <class Ops, class Tag, int S, int CC>
+inline void AccumulateValues(float* out, const uint8_t* vb, int d, int64_t elem, int ntok, int c,
+                             const float (*p)[kMaxPageSize]) {
+  constexpr int VL = Ops::kLanes;
+  using Vec = typename Ops::Vec;
+  Vec o[CC][S];
+  for (int w = 0; w < CC; ++w)
+    for (int i = 0; i < S; ++i) o[w][i] = Ops::LoadF(out + i * d + c + w * VL);
+  for (int t = 0; t < ntok; ++t) {
+    Vec vv[CC];
+    for (int w = 0; w < CC; ++w) vv[w] = Ops::Load(Tag{}, vb + (int64_t(t) * d + c + w * VL) * elem);
+    for (int i = 0; i < S; ++i) {
+      const Vec pv = Ops::Set1(p[i][t]);
+      for (int w = 0; w < CC; ++w) o[w][i] = Ops::Fma(pv, vv[w], o[w][i]);
+    }
+  }
+  for (int w = 0; w < CC; ++w)
+    for (int i = 0; i < S; ++i) Ops::Store(out + i * d + c + w * VL, o[w][i]);
+}
+
+template <class Ops, class Tag, int S>
+void AttendChunk(const ChunkArgs& a) {
+  constexpr int VL = Ops::kLanes;
+  constexpr int TT = kTokStep<S>;
+  constexpr int CC = kTokStep<S>;
+  using Vec = typename Ops::Vec;
+  const KvGeometry& g = a.store->geometry();
+  const int d = g.head_dim;
+  const int ps = g.page_size;
+  const int64_t elem = g.elem_bytes();
+
+  float m[S], l[S];
+  for (int i = 0; i < S; ++i) {
+    m[i] = -std::numeric_limits<float>::infinity();
+    l[i] = 0.f;
+  }
+  for (int i = 0; i < S * d; ++i) a.acc[i] = 0.f;
+  alignas(64) float score[S][kMaxPageSize];
+
+  const int64_t first_page = a.first_token / ps;
+  const int64_t end_token = a.first_token + a.num_tokens;
+  for (int64_t p = first_page; p * ps < end_token; ++p) {
+    const int ntok = int(std::min<int64_t>(ps, end_token - p * ps));
+    const int32_t page = a.pages[p];
+    const uint8_t* kb = a.store->BlockPtr(page, a.layer, 0, a.kv_head);
+    const uint8_t* vb = a.store->BlockPtr(page, a.layer, 1, a.kv_head);
+    const int64_t row_bytes = int64_t(d) * elem;
+
+    // Scores: each K row is loaded once and dotted with all S query heads. Meanwhile the V rows
+    // of this page are prefetched (the PV pass reads them column-block by column-block, a
+    // pattern the hardware prefetcher follows poorly).
+    int t = 0;
+    for (; t + TT <= ntok; t += TT) {
+      for (int u = 0; u < TT; ++u) PrefetchRow<Ops>(vb + int64_t(t + u) * row_bytes, row_bytes);
+      ScoreTokens<Ops, Tag, S, TT>(a.q, kb, d, elem, t, score);
+    }
+    for (; t < ntok; ++t) {
+      PrefetchRow<Ops>(vb + int64_t(t) * row_bytes, row_bytes);
+      ScoreTokens<Ops, Tag, S, 1>(a.q, kb, d, elem, t, score);
+    }
+    if ((p + 1) * ps < end_token) {  // the next page's K block streams in during PV
+      const int next_tok = int(std::min<int64_t>(ps, end_token - (p + 1) * ps));
+      PrefetchRow<Ops>(a.store->BlockPtr(a.pages[p + 1], a.layer, 0, a.kv_head),
+                       next_tok * row_bytes);
+    }
+
+    // Online softmax update (vectorised exp over the page's tokens).
+    for (int i = 0; i < S; ++i) {
+      float mx = score[i][0];
+      for (int u = 1; u < ntok; ++u) mx = std::max(mx, score[i][u]);
+      const float m_new = std::max(m[i], mx);
+      const float corr = std::exp(m[i] - m_new);  // exp(-inf) = 0 on the first page
+      const Vec mv = Ops::Set1(m_new);
+      Vec sv = Ops::Zero();
+      int u = 0;
+      for (; u + VL <= ntok; u += VL) {
+        const Vec e = Ops::Exp(Ops::Sub(Ops::LoadF(&score[i][u]), mv));
+        Ops::Store(&score[i][u], e);
+        sv = Ops::Add(sv, e);
+      }
+      float sum = Ops::Sum(sv);
+      for (; u < ntok; ++u) {
+        score[i][u] = std::exp(score[i][u] - m_new);
+        sum += score[i][u];
+      }
+      l[i] = l[i] * corr + sum;
+      m[i] = m_new;
+      if (corr != 1.f) {
+        const Vec cv = Ops::Set1(corr);
+        float* row = a.acc + i * d;
+        for (int c = 0; c < d; c += VL) Ops::Store(row + c, Ops::Mul(Ops::LoadF(row + c), cv));
+      }
+    }
+
+    // acc += p V: accumulators of CC column blocks stay in registers across the page's tokens.
+    int c = 0;
+    for (; c + CC * VL <= d; c += CC * VL)
+      AccumulateValues<Ops, Tag, S, CC>(a.acc, vb, d, elem, ntok, c, score);
+    for (; c < d; c += VL) AccumulateValues<Ops, Tag, S, 1>(a.acc, vb, d, elem, ntok, c, score);
+  }
+  for (int i = 0; i < S; ++i) {
+    a.m[i] = m[i];
+    a.l[i] = l[i];
+  }
+}
+
+template <class Ops, class Tag>
+ChunkFn ForGroup(int s) {
+  switch (s) {
+    case 1: return &AttendChunk<Ops, Tag, 1>;
+    case 2: return &AttendChunk<Ops, Tag, 2>;
+    case 3: return &AttendChunk<Ops, Tag, 3>;
+    case 4: return &AttendChunk<Ops, Tag, 4>;
+    case 5: return &AttendChunk<Ops, Tag, 5>;
+    case 6: return &AttendChunk<Ops, Tag, 6>;
+    case 7: return &AttendChunk<Ops, Tag, 7>;
+    case 8: return &AttendChunk<Ops, Tag, 8>;
+  }
+  return nullptr;
+}
+
+template <class Ops>
+ChunkFn Select(KvDtype dtype, int head_dim, int s) {
+  if (head_dim % Ops::kLanes != 0 || s < 1 || s > kMaxGroup) return nullptr;
+  switch (dtype) {
+    case KvDtype::kBf16: return ForGroup<Ops, TagBf16>(s);
+    case KvDtype::kF16: return Ops::kHasF16 ? ForGroup<Ops, TagF16>(s) : nullptr;
+    case KvDtype::kF32: return ForGroup<Ops, TagF32>(s);
+  }
+  return nullptr;
+}
+
+}  // namespace kernel
+}  // namespace moelens

@@ -1,0 +1,6 @@
+"""The paged host KV store (Python side) and the decode-attention bridge into JAX."""
+
+from moelens_jax.kv.bridge import cpu_decode_attention
+from moelens_jax.kv.store import KV_DTYPES, KvCapacityError, PagedKVStore, page_bytes
+
+__all__ = ["KV_DTYPES", "KvCapacityError", "PagedKVStore", "cpu_decode_attention", "page_bytes"]

@@ -1,0 +1,162 @@
+"""CPU decode attention vs a float64 numpy reference, on every ISA path this machine runs,
+and the JAX bridge (pure_callback inside jit) vs the direct call."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+from moelens_jax import _cpu_ops, ops
+from moelens_jax.kv import PagedKVStore, cpu_decode_attention
+
+ISAS = ops.supported_isas()
+# Against K/V as stored (already rounded to the storage dtype): only float32 accumulation and
+# the kernel's exp (rel. error ~1e-7) differ from float64, so one tolerance fits every dtype.
+STORED_ATOL = 2e-5
+# Against the unrounded float32 inputs: dominated by rounding K/V to the storage dtype.
+INPUT_ATOL = {"float32": 2e-5, "float16": 5e-3, "bfloat16": 4e-2}
+LENGTHS = lambda ps: [1, ps - 1, ps, ps + 1, 1003]  # noqa: E731
+
+
+def reference(q, ks, vs, group, scale):
+    """float64 two-pass softmax attention; q [n, Hq, d], ks/vs lists of [T, Hkv, d]."""
+    out = np.zeros(q.shape, np.float64)
+    for b, (k, v) in enumerate(zip(ks, vs, strict=True)):
+        for h in range(q.shape[1]):
+            s = k[:, h // group].astype(np.float64) @ q[b, h].astype(np.float64) * scale
+            p = np.exp(s - s.max())
+            out[b, h] = (p / p.sum()) @ v[:, h // group].astype(np.float64)
+    return out
+
+
+def _filled(rng, lengths, kv_heads, d, ps, dtype, layers=2, layer=1):
+    store = PagedKVStore(layers, kv_heads, d, num_pages=sum(-(-n // ps) for n in lengths) + 1,
+                         page_size=ps, dtype=dtype)
+    ks, vs = [], []
+    for i, n in enumerate(lengths):
+        store.add_sequence(100 + i)
+        k = (rng.standard_normal((n, kv_heads, d)) * 1.5).astype(np.float32)
+        v = rng.standard_normal((n, kv_heads, d)).astype(np.float32)
+        store.append([100 + i], [n], layer, k, v)
+        ks.append(k)
+        vs.append(v)
+    return store, ks, vs
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+@pytest.mark.parametrize("ps", [16, 32])
+@pytest.mark.parametrize("group", [1, 4, 8])
+@pytest.mark.parametrize("d", [64, 128])
+def test_matches_float64_reference(d, group, ps, dtype, isa):
+    rng = np.random.default_rng(d + group + ps)
+    kv_heads = 2
+    lengths = LENGTHS(ps)
+    store, ks, vs = _filled(rng, lengths, kv_heads, d, ps, dtype)
+    q = rng.standard_normal((len(lengths), kv_heads * group, d)).astype(np.float32)
+    ids = [100 + i for i in range(len(lengths))]
+    out = store.decode_attention(q, ids, 1, isa=isa, chunk_tokens=256)
+    stored = [store.read(i, 1) for i in ids]
+    ref_stored = reference(q, [s[0] for s in stored], [s[1] for s in stored], group, d ** -0.5)
+    np.testing.assert_allclose(out, ref_stored, rtol=0, atol=STORED_ATOL)
+    ref_input = reference(q, ks, vs, group, d ** -0.5)
+    np.testing.assert_allclose(out, ref_input, rtol=0, atol=INPUT_ATOL[dtype])
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("group,d", [(3, 64), (6, 128), (16, 64), (2, 40), (7, 24)])
+def test_odd_groups_and_head_dims(group, d, isa):
+    """Groups > 8 are split into head blocks; head_dim not a multiple of the vector width
+    falls back to a narrower kernel; all must still be exact."""
+    rng = np.random.default_rng(group * d)
+    store, ks, vs = _filled(rng, [5, 70, 33], 1, d, 16, "bfloat16")
+    q = rng.standard_normal((3, group, d)).astype(np.float32)
+    out = store.decode_attention(q, [100, 101, 102], 1, isa=isa, scale=0.3, chunk_tokens=16)
+    stored = [store.read(i, 1) for i in (100, 101, 102)]
+    ref = reference(q, [s[0] for s in stored], [s[1] for s in stored], group, 0.3)
+    np.testing.assert_allclose(out, ref, rtol=0, atol=STORED_ATOL)
+
+
+def test_results_do_not_depend_on_chunking_or_threads():
+    rng = np.random.default_rng(5)
+    store, _, _ = _filled(rng, [3000, 2, 17, 900], 8, 128, 16, "bfloat16")
+    q = rng.standard_normal((4, 32, 128)).astype(np.float32)
+    ids = [100, 101, 102, 103]
+    base = store.decode_attention(q, ids, 1, chunk_tokens=1 << 20)  # one chunk per sequence
+    before = _cpu_ops.num_threads()
+    try:
+        for threads in (1, 2, 3):
+            _cpu_ops.set_num_threads(threads)
+            for chunk in (16, 100, 512):
+                out = store.decode_attention(q, ids, 1, chunk_tokens=chunk)
+                np.testing.assert_allclose(out, base, rtol=0, atol=1e-5)
+    finally:
+        _cpu_ops.set_num_threads(before)
+
+
+def test_isa_paths_agree():
+    rng = np.random.default_rng(9)
+    store, _, _ = _filled(rng, [37, 260], 2, 128, 16, "bfloat16")
+    q = rng.standard_normal((2, 8, 128)).astype(np.float32)
+    outs = [store.decode_attention(q, [100, 101], 1, isa=isa) for isa in ISAS]
+    for o in outs[1:]:
+        np.testing.assert_allclose(o, outs[0], rtol=0, atol=STORED_ATOL)
+
+
+def test_effective_isa_reports_fallbacks():
+    best = ISAS[-1]
+    assert _cpu_ops.effective_isa(best, "bfloat16", 128) == best
+    assert _cpu_ops.effective_isa("portable", "bfloat16", 128) == "portable"
+    if "avx2" in ISAS:
+        assert _cpu_ops.effective_isa("avx2", "float32", 12) == "portable"  # 12 % 8 != 0
+
+
+# ----- the JAX bridge ------------------------------------------------------------------------
+
+def test_pure_callback_inside_jit_equals_direct_call():
+    rng = np.random.default_rng(11)
+    store, _, _ = _filled(rng, [5, 40, 17], 2, 64, 16, "bfloat16")
+    q = rng.standard_normal((3, 8, 64)).astype(np.float32)
+    ids = np.array([100, 101, 102])
+    fn = jax.jit(lambda q, ids, layer: cpu_decode_attention(store, q, ids, layer) * 2.0)
+    got = np.asarray(fn(q, ids, 1)) / 2.0
+    np.testing.assert_array_equal(got, store.decode_attention(q, ids, 1))
+    # bf16 q (as a jitted stage might produce) is computed in float32 too.
+    got16 = fn(jnp.asarray(q, jnp.bfloat16), ids, 1)
+    want16 = store.decode_attention(q.astype(ml_dtypes.bfloat16).astype(np.float32), ids, 1)
+    np.testing.assert_allclose(np.asarray(got16) / 2.0, want16, rtol=0, atol=1e-6)
+
+
+def test_append_outside_jit_is_seen_by_the_next_call():
+    """The append is an eager host call, so the jitted attention can never miss or repeat it."""
+    rng = np.random.default_rng(12)
+    store, _, _ = _filled(rng, [9], 2, 64, 16, "float32")
+    q = rng.standard_normal((1, 4, 64)).astype(np.float32)
+    fn = jax.jit(lambda q: cpu_decode_attention(store, q, jnp.array([100]), 1))
+    first = np.asarray(fn(q))
+    new = np.full((1, 2, 64), 3.0, np.float32)
+    store.append([100], [1], 1, new, new)
+    second = np.asarray(fn(q))
+    assert not np.allclose(first, second)
+    np.testing.assert_array_equal(second, store.decode_attention(q, [100], 1))
+    np.testing.assert_array_equal(np.asarray(fn(q)), second)  # re-run: same, not re-appended
+    assert store.length(100, 1) == 10
+
+
+def test_vmap_runs_the_callback_per_element():
+    rng = np.random.default_rng(13)
+    store, _, _ = _filled(rng, [4, 30], 1, 64, 16, "bfloat16")
+    qs = rng.standard_normal((3, 2, 2, 64)).astype(np.float32)
+    out = jax.vmap(lambda q: cpu_decode_attention(store, q, jnp.array([100, 101]), 1))(qs)
+    for i in range(3):
+        np.testing.assert_array_equal(np.asarray(out[i]),
+                                      store.decode_attention(qs[i], [100, 101], 1))
+
+
+def test_bridge_shape_errors():
+    store = PagedKVStore(1, 1, 8, num_pages=1)
+    with pytest.raises(ValueError, match="q must be"):
+        cpu_decode_attention(store, jnp.ones((2, 8)), jnp.array([0, 1]), 0)
