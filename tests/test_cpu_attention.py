@@ -3,6 +3,8 @@ and the JAX bridge (pure_callback inside jit) vs the direct call."""
 
 from __future__ import annotations
 
+import gc
+
 import jax
 import jax.numpy as jnp
 import ml_dtypes
@@ -160,3 +162,45 @@ def test_bridge_shape_errors():
     store = PagedKVStore(1, 1, 8, num_pages=1)
     with pytest.raises(ValueError, match="q must be"):
         cpu_decode_attention(store, jnp.ones((2, 8)), jnp.array([0, 1]), 0)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_ffi_and_callback_paths_agree(dtype):
+    rng = np.random.default_rng(14)
+    store, _, _ = _filled(rng, [3, 50, 700], 2, 128, 16, dtype)
+    q = rng.standard_normal((3, 8, 128)).astype(np.float32)
+    ids = jnp.array([100, 101, 102])
+    outs = {p: np.asarray(jax.jit(lambda q, ids, layer, p=p: cpu_decode_attention(
+        store, q, ids, layer, path=p))(q, ids, 1)) for p in ("ffi", "callback", "auto")}
+    np.testing.assert_array_equal(outs["ffi"], outs["callback"])
+    np.testing.assert_array_equal(outs["auto"], outs["ffi"])
+    np.testing.assert_array_equal(outs["ffi"], store.decode_attention(q, ids, 1))
+
+
+def test_auto_path_lowers_to_the_ffi_call_on_cpu():
+    store = PagedKVStore(1, 1, 8, num_pages=1)
+    text = jax.jit(lambda q: cpu_decode_attention(store, q, jnp.array([0]), 0)).lower(
+        jnp.ones((1, 1, 8))).as_text()
+    assert "moelens_decode_attention" in text
+
+
+def test_ffi_errors_are_exceptions_not_crashes():
+    rng = np.random.default_rng(15)
+    store, _, _ = _filled(rng, [4], 1, 64, 16, "bfloat16")
+    q = rng.standard_normal((1, 2, 64)).astype(np.float32)
+    fn = jax.jit(lambda q, ids: cpu_decode_attention(store, q, ids, 1, path="ffi"))
+    with pytest.raises(Exception, match="unknown sequence id 999"):
+        jax.block_until_ready(fn(q, jnp.array([999])))
+    with pytest.raises(Exception, match=r"layer 5 out of range"):
+        jax.block_until_ready(jax.jit(lambda q: cpu_decode_attention(
+            store, q, jnp.array([100]), 5, path="ffi"))(q))
+
+    def compiled_for_a_store_that_dies():
+        doomed = PagedKVStore(1, 1, 64, num_pages=1)
+        fn = jax.jit(lambda q: cpu_decode_attention(doomed, q, jnp.array([0]), 0, path="ffi"))
+        return fn.lower(jnp.ones((1, 1, 64))).compile()
+
+    stale = compiled_for_a_store_that_dies()
+    gc.collect()
+    with pytest.raises(Exception, match="unknown KV store handle"):
+        jax.block_until_ready(stale(jnp.ones((1, 1, 64))))

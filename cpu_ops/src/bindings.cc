@@ -18,6 +18,7 @@
 #include "kv_store.h"
 #include "membench.h"
 #include "thread_pool.h"
+#include "xla/ffi/api/c_api.h"
 
 namespace nb = nanobind;
 using moelens::Isa;
@@ -207,6 +208,12 @@ std::vector<std::string> SupportedIsaNames() {
 
 }  // namespace
 
+namespace moelens {
+ThreadPool& AttentionPool() { return Pool(); }
+}  // namespace moelens
+
+extern "C" XLA_FFI_Error* MoelensDecodeAttentionFfi(XLA_FFI_CallFrame* call_frame);
+
 NB_MODULE(_cpu_ops, m) {
   m.doc() = "moelens-jax host-side C++ kernels: paged KV store and decode attention";
   nb::exception<moelens::KvCapacityError>(m, "KvCapacityError", PyExc_RuntimeError);
@@ -223,6 +230,9 @@ NB_MODULE(_cpu_ops, m) {
   m.def("set_num_threads", &SetNumThreads, nb::arg("n"),
         "Replaces the attention thread pool with one of n threads (caller included).");
   m.def("num_threads", [] { return Pool().num_threads(); });
+  m.def("decode_attention_ffi_handler", [] {
+          return nb::capsule(reinterpret_cast<void*>(&MoelensDecodeAttentionFfi));
+        }, "PyCapsule of the XLA FFI handler (register for platform 'cpu').");
   m.def("stream_read", &StreamReadPy, nb::arg("buf"),
         "Sums a uint8 buffer as 64-bit words on the attention thread pool (bandwidth probe).");
 
@@ -237,6 +247,7 @@ NB_MODULE(_cpu_ops, m) {
       .def_prop_ro("dtype",
                    [](const KvStore& s) { return std::string(KvDtypeName(s.geometry().dtype)); })
       .def_prop_ro("num_pages", &KvStore::num_pages)
+      .def_prop_ro("handle", &KvStore::handle)
       .def("free_pages", &KvStore::free_pages)
       .def("num_sequences", &KvStore::num_sequences)
       .def("add_sequence", &KvStore::AddSequence, nb::arg("seq_id"))

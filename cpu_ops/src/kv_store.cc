@@ -38,7 +38,34 @@ std::string Str(int64_t v) { return std::to_string(v); }
 
 int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+std::shared_mutex g_registry_mu;
+std::unordered_map<int64_t, KvStore*> g_registry;
+int64_t g_next_handle = 1;
+
 }  // namespace
+
+int64_t StoreRegistry::Register(KvStore* s) {
+  std::unique_lock lock(g_registry_mu);
+  const int64_t id = g_next_handle++;
+  g_registry[id] = s;
+  return id;
+}
+
+void StoreRegistry::Unregister(int64_t id) {
+  std::unique_lock lock(g_registry_mu);
+  g_registry.erase(id);
+}
+
+StoreRegistry::Handle StoreRegistry::Get(int64_t id) {
+  std::shared_lock lock(g_registry_mu);
+  auto it = g_registry.find(id);
+  if (it == g_registry.end()) {
+    throw std::out_of_range("unknown KV store handle " + std::to_string(id) +
+                            " (store destroyed?)");
+  }
+  const KvStore* s = it->second;
+  return Handle{std::move(lock), s};
+}
 
 KvStore::KvStore(const KvGeometry& g, int64_t num_pages) : g_(g), num_pages_(num_pages) {
   if (g.num_layers <= 0 || g.num_kv_heads <= 0 || g.head_dim <= 0 || g.page_size <= 0) {
@@ -65,9 +92,13 @@ KvStore::KvStore(const KvGeometry& g, int64_t num_pages) : g_(g), num_pages_(num
 #endif
   free_list_.reserve(size_t(num_pages));
   for (int64_t p = num_pages - 1; p >= 0; --p) free_list_.push_back(int32_t(p));
+  handle_ = StoreRegistry::Register(this);
 }
 
-KvStore::~KvStore() { std::free(pool_); }
+KvStore::~KvStore() {
+  StoreRegistry::Unregister(handle_);  // waits for in-flight FFI calls holding a Handle
+  std::free(pool_);
+}
 
 int64_t KvStore::free_pages() const {
   std::shared_lock lock(mu_);

@@ -51,6 +51,23 @@ struct KvGeometry {
   int64_t page_bytes() const { return num_layers * layer_bytes(); }
 };
 
+class KvStore;
+
+// Live stores by integer handle, so an FFI call names a store by a plain integer attribute and
+// a stale handle is an error rather than a dangling pointer. A Handle keeps the registry
+// shared-locked (the store cannot be destroyed while it is in use).
+class StoreRegistry {
+ public:
+  struct Handle {
+    std::shared_lock<std::shared_mutex> lock;
+    const KvStore* store;
+  };
+  static int64_t Register(KvStore* s);
+  static void Unregister(int64_t id);
+  // Throws std::out_of_range for an unknown id.
+  static Handle Get(int64_t id);
+};
+
 class KvStore {
  public:
   KvStore(const KvGeometry& geometry, int64_t num_pages);
@@ -59,6 +76,7 @@ class KvStore {
   KvStore& operator=(const KvStore&) = delete;
 
   const KvGeometry& geometry() const { return g_; }
+  int64_t handle() const { return handle_; }
   int64_t num_pages() const { return num_pages_; }
   int64_t free_pages() const;
   int64_t num_sequences() const;
@@ -115,6 +133,7 @@ class KvStore {
   std::vector<int32_t> free_list_;
   std::unordered_map<int64_t, Sequence> seqs_;
   mutable std::shared_mutex mu_;
+  int64_t handle_ = 0;
 };
 
 }  // namespace moelens

@@ -72,6 +72,7 @@ class PagedKVStore:
     page_bytes = property(lambda self: self._s.page_bytes)
     dtype = property(lambda self: self._s.dtype)
     num_pages = property(lambda self: self._s.num_pages)
+    handle = property(lambda self: self._s.handle)  # names the store in FFI calls
 
     @property
     def capacity_tokens(self) -> int:

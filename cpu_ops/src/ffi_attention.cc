@@ -1,0 +1,67 @@
+// XLA FFI handler for decode attention on the CPU backend: zero-copy access to q and out, called
+// from inside a jitted computation without leaving XLA (~0.2 us overhead in jax 0.10 vs ~28 us +
+// ~20 us per argument for pure_callback). The store is named by an integer handle (attribute);
+// an unknown/destroyed handle, bad shapes or bad ids return an FFI error, never a crash.
+#include <string>
+
+#include "attention.h"
+#include "kv_store.h"
+#include "thread_pool.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace moelens {
+ThreadPool& AttentionPool();  // bindings.cc
+
+namespace {
+
+ffi::Error Invalid(const std::string& msg) {
+  return ffi::Error(ffi::ErrorCode::kInvalidArgument, "moelens_decode_attention: " + msg);
+}
+
+ffi::Error DecodeAttentionFfiImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::S32> seq_ids,
+                                  ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> out,
+                                  int64_t store_id, float scale, int64_t chunk_tokens,
+                                  int64_t isa) {
+  auto qd = q.dimensions();
+  if (qd.size() != 3) return Invalid("q must be [n, heads, head_dim]");
+  if (seq_ids.dimensions().size() != 1 || seq_ids.dimensions()[0] != qd[0]) {
+    return Invalid("seq_ids must be [n]");
+  }
+  if (layer.element_count() != 1) return Invalid("layer must be a scalar");
+  if (isa < 0 || isa > int(BestSupportedIsa(DetectCpuFeatures()))) {
+    return Invalid("ISA level " + std::to_string(isa) + " is not supported by this CPU");
+  }
+  try {
+    StoreRegistry::Handle h = StoreRegistry::Get(store_id);
+    const KvStore& store = *h.store;
+    if (qd[2] != store.geometry().head_dim) return Invalid("q head_dim != store head_dim");
+    const int64_t n = qd[0];
+    std::vector<int64_t> ids(static_cast<size_t>(n));
+    for (int64_t i = 0; i < n; ++i) ids[size_t(i)] = seq_ids.typed_data()[i];
+    AttentionOptions opt;
+    opt.isa = Isa(isa);
+    opt.scale = scale;
+    opt.chunk_tokens = chunk_tokens;
+    DecodeAttention(store, q.typed_data(), ids.data(), n, int(qd[1]), layer.typed_data()[0], opt,
+                    AttentionPool(), out->typed_data());
+  } catch (const std::exception& e) {
+    return Invalid(e.what());
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+}  // namespace moelens
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MoelensDecodeAttentionFfi, moelens::DecodeAttentionFfiImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("store_id")
+                                  .Attr<float>("scale")
+                                  .Attr<int64_t>("chunk_tokens")
+                                  .Attr<int64_t>("isa"));
