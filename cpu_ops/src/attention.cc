@@ -12,31 +12,27 @@
 namespace moelens {
 namespace {
 
-ChunkFn GetChunkFn(Isa isa, KvDtype dtype, int head_dim, int s) {
+PageFn GetPageFn(Isa isa, KvDtype dtype, int head_dim, int s) {
   switch (isa) {
     case Isa::kAvx512Bf16:
-    case Isa::kAvx512: return GetChunkFnAvx512(dtype, head_dim, s);
-    case Isa::kAvx2: return GetChunkFnAvx2(dtype, head_dim, s);
-    case Isa::kPortable: return GetChunkFnPortable(dtype, head_dim, s);
+    case Isa::kAvx512: return GetPageFnAvx512(dtype, head_dim, s);
+    case Isa::kAvx2: return GetPageFnAvx2(dtype, head_dim, s);
+    case Isa::kPortable: return GetPageFnPortable(dtype, head_dim, s);
   }
   return nullptr;
 }
 
 struct Item {
   int64_t b;
-  int kv_head;
-  int head_lo;  // first query head of the block within the group
-  int s;        // heads in the block
   int64_t first_token;
   int64_t num_tokens;
-  int64_t partial;  // index of this item's partial slot
 };
 
 }  // namespace
 
 Isa EffectiveIsa(Isa requested, KvDtype dtype, int head_dim) {
   for (int level = int(requested); level > 0; --level) {
-    if (GetChunkFn(Isa(level), dtype, head_dim, 1) != nullptr) return Isa(level);
+    if (GetPageFn(Isa(level), dtype, head_dim, 1) != nullptr) return Isa(level);
   }
   return Isa::kPortable;
 }
@@ -46,28 +42,34 @@ void DecodeAttention(const KvStore& store, const float* q, const int64_t* seq_id
                      float* out) {
   const KvGeometry& g = store.geometry();
   const int d = g.head_dim;
-  if (num_q_heads <= 0 || num_q_heads % g.num_kv_heads != 0) {
+  const int H = g.num_kv_heads;
+  if (num_q_heads <= 0 || num_q_heads % H != 0) {
     throw std::invalid_argument("query heads (" + std::to_string(num_q_heads) +
                                 ") must be a positive multiple of the store's kv heads (" +
-                                std::to_string(g.num_kv_heads) + ")");
+                                std::to_string(H) + ")");
   }
   if (g.page_size > kMaxPageSize) {
     throw std::invalid_argument("page_size > " + std::to_string(kMaxPageSize) +
                                 " is not supported by the attention kernel");
   }
-  const int s = num_q_heads / g.num_kv_heads;
+  const int ps = g.page_size;
+  const int s = num_q_heads / H;
   const float scale = opt.scale > 0.f ? opt.scale : 1.f / std::sqrt(float(d));
   const Isa isa = EffectiveIsa(opt.isa, g.dtype, d);
-  const int64_t chunk = std::max<int64_t>(
-      g.page_size, (std::max<int64_t>(opt.chunk_tokens, 1) + g.page_size - 1) / g.page_size *
-                       g.page_size);
+  const int64_t chunk =
+      std::max<int64_t>(ps, (std::max<int64_t>(opt.chunk_tokens, 1) + ps - 1) / ps * ps);
+  // Head blocks of <= kMaxGroup query heads per kv head, and their kernels.
+  const int nblk = (s + kMaxGroup - 1) / kMaxGroup;
+  std::vector<PageFn> fns(static_cast<size_t>(nblk));
+  for (int k = 0; k < nblk; ++k) {
+    fns[size_t(k)] = GetPageFn(isa, g.dtype, d, std::min(kMaxGroup, s - k * kMaxGroup));
+  }
 
   std::shared_lock<std::shared_mutex> lock(store.mutex());
   // Validate every sequence and build the work list before computing anything.
   std::vector<KvStore::SeqView> views(static_cast<size_t>(n));
   std::vector<Item> items;
-  std::vector<int64_t> merge_begin;  // per (b, kv_head, head block): first item index
-  int64_t partials = 0;
+  std::vector<int64_t> first_item(static_cast<size_t>(n) + 1);
   for (int64_t b = 0; b < n; ++b) {
     for (int64_t j = 0; j < b; ++j) {
       if (seq_ids[j] == seq_ids[b]) {
@@ -82,56 +84,72 @@ void DecodeAttention(const KvStore& store, const float* q, const int64_t* seq_id
                                   " has no cached tokens at layer " + std::to_string(layer) +
                                   " (append its K/V before attending)");
     }
-    for (int kh = 0; kh < g.num_kv_heads; ++kh) {
-      for (int lo = 0; lo < s; lo += kMaxGroup) {
-        merge_begin.push_back(int64_t(items.size()));
-        for (int64_t t = 0; t < len; t += chunk) {
-          items.push_back(Item{b, kh, lo, std::min(kMaxGroup, s - lo), t,
-                               std::min(chunk, len - t), partials++});
-        }
-      }
-    }
+    first_item[size_t(b)] = int64_t(items.size());
+    for (int64_t t = 0; t < len; t += chunk) items.push_back(Item{b, t, std::min(chunk, len - t)});
   }
-  merge_begin.push_back(int64_t(items.size()));
+  first_item[size_t(n)] = int64_t(items.size());
 
-  // Scaled queries, and per-item partial results (m, l: kMaxGroup each; acc: kMaxGroup * d).
+  // Scaled queries; per-item partial state for every query head: m, l [n_q] and acc [n_q][d].
   std::vector<float> qs(size_t(n) * num_q_heads * d);
   for (size_t i = 0; i < qs.size(); ++i) qs[i] = q[i] * scale;
-  const int64_t slot = 2 * kMaxGroup + int64_t(kMaxGroup) * d;
-  std::vector<float> part(size_t(partials * slot));
+  const int64_t slot = int64_t(num_q_heads) * (2 + d);
+  std::vector<float> part(size_t(int64_t(items.size()) * slot));
+  const int64_t elem = g.elem_bytes();
 
   pool.Run(int64_t(items.size()), [&](int64_t i) {
     const Item& it = items[size_t(i)];
-    ChunkFn fn = GetChunkFn(isa, g.dtype, d, it.s);
-    float* p = part.data() + it.partial * slot;
-    ChunkArgs a{&store, views[size_t(it.b)].pages, it.first_token, it.num_tokens, layer,
-                it.kv_head, it.s,
-                qs.data() + (it.b * num_q_heads + int64_t(it.kv_head) * s + it.head_lo) * d,
-                p, p + kMaxGroup, p + 2 * kMaxGroup};
-    fn(a);
+    float* m = part.data() + i * slot;
+    float* l = m + num_q_heads;
+    float* acc = l + num_q_heads;
+    std::fill(m, m + num_q_heads, -std::numeric_limits<float>::infinity());
+    std::fill(l, acc + int64_t(num_q_heads) * d, 0.f);
+    const int32_t* pages = views[size_t(it.b)].pages;
+    const float* qb = qs.data() + it.b * num_q_heads * d;
+    const int64_t end = it.first_token + it.num_tokens;
+    for (int64_t p = it.first_token / ps; p * ps < end; ++p) {
+      const int ntok = int(std::min<int64_t>(ps, end - p * ps));
+      const bool last_page = (p + 1) * ps >= end;
+      for (int h = 0; h < H; ++h) {
+        // Prefetch the next K block in memory order: next head, or the next page's first head.
+        const uint8_t* next = nullptr;
+        int64_t next_bytes = 0;
+        if (h + 1 < H) {
+          next = store.BlockPtr(pages[p], layer, 0, h + 1);
+          next_bytes = int64_t(ntok) * d * elem;
+        } else if (!last_page) {
+          next = store.BlockPtr(pages[p + 1], layer, 0, 0);
+          next_bytes = std::min<int64_t>(ps, end - (p + 1) * ps) * d * elem;
+        }
+        for (int k = 0; k < nblk; ++k) {
+          const int q0 = h * s + k * kMaxGroup;
+          PageArgs a{qb + int64_t(q0) * d, store.BlockPtr(pages[p], layer, 0, h),
+                     store.BlockPtr(pages[p], layer, 1, h), ntok, d, elem, m + q0, l + q0,
+                     acc + int64_t(q0) * d, k == 0 ? next : nullptr, next_bytes};
+          fns[size_t(k)](a);
+        }
+      }
+    }
   });
 
-  // Merge chunk partials by log-sum-exp.
-  const int64_t groups = int64_t(merge_begin.size()) - 1;
-  pool.Run(groups, [&](int64_t gi) {
-    const int64_t lo_item = merge_begin[size_t(gi)], hi_item = merge_begin[size_t(gi) + 1];
-    const Item& first = items[size_t(lo_item)];
-    for (int i = 0; i < first.s; ++i) {
-      float mx = -std::numeric_limits<float>::infinity();
-      for (int64_t k = lo_item; k < hi_item; ++k) mx = std::max(mx, part[size_t(k * slot + i)]);
-      float denom = 0.f;
-      float* o = out + (first.b * num_q_heads + int64_t(first.kv_head) * s + first.head_lo + i) * d;
-      for (int c = 0; c < d; ++c) o[c] = 0.f;
-      for (int64_t k = lo_item; k < hi_item; ++k) {
-        const float* p = part.data() + k * slot;
-        const float w = std::exp(p[i] - mx);
-        denom += w * p[kMaxGroup + i];
-        const float* acc = p + 2 * kMaxGroup + int64_t(i) * d;
-        for (int c = 0; c < d; ++c) o[c] += w * acc[c];
-      }
-      const float inv = 1.f / denom;
-      for (int c = 0; c < d; ++c) o[c] *= inv;
+  // Merge chunk partials by log-sum-exp: one task per (sequence, query head).
+  pool.Run(n * num_q_heads, [&](int64_t task) {
+    const int64_t b = task / num_q_heads;
+    const int hq = int(task % num_q_heads);
+    const int64_t lo = first_item[size_t(b)], hi = first_item[size_t(b) + 1];
+    float mx = -std::numeric_limits<float>::infinity();
+    for (int64_t k = lo; k < hi; ++k) mx = std::max(mx, part[size_t(k * slot + hq)]);
+    float* o = out + (b * num_q_heads + hq) * d;
+    std::fill(o, o + d, 0.f);
+    float denom = 0.f;
+    for (int64_t k = lo; k < hi; ++k) {
+      const float* p = part.data() + k * slot;
+      const float w = std::exp(p[hq] - mx);
+      denom += w * p[num_q_heads + hq];
+      const float* acc = p + 2 * int64_t(num_q_heads) + int64_t(hq) * d;
+      for (int c = 0; c < d; ++c) o[c] += w * acc[c];
     }
+    const float inv = 1.f / denom;
+    for (int c = 0; c < d; ++c) o[c] *= inv;
   });
 }
 

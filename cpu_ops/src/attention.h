@@ -4,9 +4,10 @@
 //   out[b, h] = softmax(scale * q[b, h] . K[b, h / s]^T) V[b, h / s]
 // float32 accumulation, online (max-subtracted) softmax. GQA-packed: a work item covers all s
 // query heads of one kv head (in blocks of <= kMaxGroup heads), so each K/V element is loaded
-// once per block and used s times. Work items are (sequence, kv head, head block, KV chunk);
-// chunk partials (max, sum, unnormalised output) are merged by log-sum-exp, so one long sequence
-// among many short ones still spreads over every thread.
+// once per block and used s times. Work items are (sequence, KV chunk) and walk the chunk's pages
+// in memory order, every kv head of a page before the next page, so each thread streams
+// contiguous memory; chunk partials (max, sum, unnormalised output per head) are merged by
+// log-sum-exp, so one long sequence among many short ones still spreads over every thread.
 #pragma once
 
 #include <cstdint>
@@ -20,28 +21,28 @@ namespace moelens {
 constexpr int kMaxGroup = 8;       // query heads per work item (larger groups are split)
 constexpr int kMaxPageSize = 256;  // scores of one page live on the stack
 
-// One work item: tokens [first_token, first_token + num_tokens) of one sequence (first_token a
-// multiple of page_size), one kv head, `s` query heads (s <= kMaxGroup).
-struct ChunkArgs {
-  const KvStore* store;
-  const int32_t* pages;  // the sequence's page table
-  int64_t first_token;
-  int64_t num_tokens;
-  int layer;
-  int kv_head;
-  int s;
-  const float* q;  // [s][d], already multiplied by the softmax scale
-  float* m;        // out [s]: running max
-  float* l;        // out [s]: sum of exp(score - m)
-  float* acc;      // out [s][d]: sum of exp(score - m) * v
+// One page block of one kv head for `s` query heads (s <= kMaxGroup). The running state
+// (m, l, acc) is read and updated in place; it starts as m = -inf, l = 0, acc = 0.
+struct PageArgs {
+  const float* q;       // [s][head_dim], already multiplied by the softmax scale
+  const uint8_t* k;     // [ntok][head_dim] in the storage dtype
+  const uint8_t* v;     // [ntok][head_dim]
+  int ntok;
+  int head_dim;
+  int64_t elem_bytes;
+  float* m;             // [s] running max
+  float* l;             // [s] sum of exp(score - m)
+  float* acc;           // [s][head_dim] sum of exp(score - m) * v
+  const uint8_t* next;  // next K block to prefetch (nullable)
+  int64_t next_bytes;
 };
 
-using ChunkFn = void (*)(const ChunkArgs&);
+using PageFn = void (*)(const PageArgs&);
 
-// Per-ISA kernels (nullptr when the ISA's kernel cannot serve this dtype/head_dim).
-ChunkFn GetChunkFnPortable(KvDtype dtype, int head_dim, int s);
-ChunkFn GetChunkFnAvx2(KvDtype dtype, int head_dim, int s);
-ChunkFn GetChunkFnAvx512(KvDtype dtype, int head_dim, int s);
+// Per-ISA kernels (nullptr when the ISA's kernel cannot serve this dtype/head_dim/group).
+PageFn GetPageFnPortable(KvDtype dtype, int head_dim, int s);
+PageFn GetPageFnAvx2(KvDtype dtype, int head_dim, int s);
+PageFn GetPageFnAvx512(KvDtype dtype, int head_dim, int s);
 
 struct AttentionOptions {
   Isa isa = Isa::kPortable;

@@ -58,7 +58,7 @@ struct Avx2Ops {
 
 }  // namespace
 
-ChunkFn GetChunkFnAvx2(KvDtype dtype, int head_dim, int s) {
+PageFn GetPageFnAvx2(KvDtype dtype, int head_dim, int s) {
   return kernel::Select<Avx2Ops>(dtype, head_dim, s);
 }
 

@@ -54,7 +54,7 @@ struct Avx512Ops {
 
 }  // namespace
 
-ChunkFn GetChunkFnAvx512(KvDtype dtype, int head_dim, int s) {
+PageFn GetPageFnAvx512(KvDtype dtype, int head_dim, int s) {
   return kernel::Select<Avx512Ops>(dtype, head_dim, s);
 }
 

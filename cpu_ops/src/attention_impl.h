@@ -74,109 +74,87 @@ inline void AccumulateValues(float* out, const uint8_t* vb, int d, int64_t elem,
     for (int i = 0; i < S; ++i) Ops::Store(out + i * d + c + w * VL, o[w][i]);
 }
 
+// One page block of one kv head for S query heads: scores, online-softmax update of the running
+// state (m, l, acc), and acc += p V. `next` (may be null) is prefetched during the PV pass.
 template <class Ops, class Tag, int S>
-void AttendChunk(const ChunkArgs& a) {
+void ProcessPage(const PageArgs& a) {
   constexpr int VL = Ops::kLanes;
   constexpr int TT = kTokStep<S>;
   constexpr int CC = kTokStep<S>;
   using Vec = typename Ops::Vec;
-  const KvGeometry& g = a.store->geometry();
-  const int d = g.head_dim;
-  const int ps = g.page_size;
-  const int64_t elem = g.elem_bytes();
-
-  float m[S], l[S];
-  for (int i = 0; i < S; ++i) {
-    m[i] = -std::numeric_limits<float>::infinity();
-    l[i] = 0.f;
-  }
-  for (int i = 0; i < S * d; ++i) a.acc[i] = 0.f;
+  const int d = a.head_dim;
+  const int ntok = a.ntok;
+  const int64_t elem = a.elem_bytes;
+  const int64_t row_bytes = int64_t(d) * elem;
   alignas(64) float score[S][kMaxPageSize];
 
-  const int64_t first_page = a.first_token / ps;
-  const int64_t end_token = a.first_token + a.num_tokens;
-  for (int64_t p = first_page; p * ps < end_token; ++p) {
-    const int ntok = int(std::min<int64_t>(ps, end_token - p * ps));
-    const int32_t page = a.pages[p];
-    const uint8_t* kb = a.store->BlockPtr(page, a.layer, 0, a.kv_head);
-    const uint8_t* vb = a.store->BlockPtr(page, a.layer, 1, a.kv_head);
-    const int64_t row_bytes = int64_t(d) * elem;
-
-    // Scores: each K row is loaded once and dotted with all S query heads. Meanwhile the V rows
-    // of this page are prefetched (the PV pass reads them column-block by column-block, a
-    // pattern the hardware prefetcher follows poorly).
-    int t = 0;
-    for (; t + TT <= ntok; t += TT) {
-      for (int u = 0; u < TT; ++u) PrefetchRow<Ops>(vb + int64_t(t + u) * row_bytes, row_bytes);
-      ScoreTokens<Ops, Tag, S, TT>(a.q, kb, d, elem, t, score);
-    }
-    for (; t < ntok; ++t) {
-      PrefetchRow<Ops>(vb + int64_t(t) * row_bytes, row_bytes);
-      ScoreTokens<Ops, Tag, S, 1>(a.q, kb, d, elem, t, score);
-    }
-    if ((p + 1) * ps < end_token) {  // the next page's K block streams in during PV
-      const int next_tok = int(std::min<int64_t>(ps, end_token - (p + 1) * ps));
-      PrefetchRow<Ops>(a.store->BlockPtr(a.pages[p + 1], a.layer, 0, a.kv_head),
-                       next_tok * row_bytes);
-    }
-
-    // Online softmax update (vectorised exp over the page's tokens).
-    for (int i = 0; i < S; ++i) {
-      float mx = score[i][0];
-      for (int u = 1; u < ntok; ++u) mx = std::max(mx, score[i][u]);
-      const float m_new = std::max(m[i], mx);
-      const float corr = std::exp(m[i] - m_new);  // exp(-inf) = 0 on the first page
-      const Vec mv = Ops::Set1(m_new);
-      Vec sv = Ops::Zero();
-      int u = 0;
-      for (; u + VL <= ntok; u += VL) {
-        const Vec e = Ops::Exp(Ops::Sub(Ops::LoadF(&score[i][u]), mv));
-        Ops::Store(&score[i][u], e);
-        sv = Ops::Add(sv, e);
-      }
-      float sum = Ops::Sum(sv);
-      for (; u < ntok; ++u) {
-        score[i][u] = std::exp(score[i][u] - m_new);
-        sum += score[i][u];
-      }
-      l[i] = l[i] * corr + sum;
-      m[i] = m_new;
-      if (corr != 1.f) {
-        const Vec cv = Ops::Set1(corr);
-        float* row = a.acc + i * d;
-        for (int c = 0; c < d; c += VL) Ops::Store(row + c, Ops::Mul(Ops::LoadF(row + c), cv));
-      }
-    }
-
-    // acc += p V: accumulators of CC column blocks stay in registers across the page's tokens.
-    int c = 0;
-    for (; c + CC * VL <= d; c += CC * VL)
-      AccumulateValues<Ops, Tag, S, CC>(a.acc, vb, d, elem, ntok, c, score);
-    for (; c < d; c += VL) AccumulateValues<Ops, Tag, S, 1>(a.acc, vb, d, elem, ntok, c, score);
+  // Scores: each K row is loaded once and dotted with all S query heads. Meanwhile the V rows
+  // are prefetched (the PV pass reads them column block by column block, a pattern the
+  // hardware prefetcher follows poorly).
+  int t = 0;
+  for (; t + TT <= ntok; t += TT) {
+    for (int u = 0; u < TT; ++u) PrefetchRow<Ops>(a.v + int64_t(t + u) * row_bytes, row_bytes);
+    ScoreTokens<Ops, Tag, S, TT>(a.q, a.k, d, elem, t, score);
   }
+  for (; t < ntok; ++t) {
+    PrefetchRow<Ops>(a.v + int64_t(t) * row_bytes, row_bytes);
+    ScoreTokens<Ops, Tag, S, 1>(a.q, a.k, d, elem, t, score);
+  }
+  if (a.next != nullptr) PrefetchRow<Ops>(a.next, a.next_bytes);
+
+  // Online softmax update (vectorised exp over the page's tokens).
   for (int i = 0; i < S; ++i) {
-    a.m[i] = m[i];
-    a.l[i] = l[i];
+    float mx = score[i][0];
+    for (int u = 1; u < ntok; ++u) mx = std::max(mx, score[i][u]);
+    const float m_old = a.m[i];
+    const float m_new = std::max(m_old, mx);
+    const float corr = std::exp(m_old - m_new);  // exp(-inf) = 0 on the first page
+    const Vec mv = Ops::Set1(m_new);
+    Vec sv = Ops::Zero();
+    int u = 0;
+    for (; u + VL <= ntok; u += VL) {
+      const Vec e = Ops::Exp(Ops::Sub(Ops::LoadF(&score[i][u]), mv));
+      Ops::Store(&score[i][u], e);
+      sv = Ops::Add(sv, e);
+    }
+    float sum = Ops::Sum(sv);
+    for (; u < ntok; ++u) {
+      score[i][u] = std::exp(score[i][u] - m_new);
+      sum += score[i][u];
+    }
+    a.l[i] = a.l[i] * corr + sum;
+    a.m[i] = m_new;
+    if (corr != 1.f) {
+      const Vec cv = Ops::Set1(corr);
+      float* row = a.acc + i * d;
+      for (int c = 0; c < d; c += VL) Ops::Store(row + c, Ops::Mul(Ops::LoadF(row + c), cv));
+    }
   }
+
+  // acc += p V: accumulators of CC column blocks stay in registers across the page's tokens.
+  int c = 0;
+  for (; c + CC * VL <= d; c += CC * VL)
+    AccumulateValues<Ops, Tag, S, CC>(a.acc, a.v, d, elem, ntok, c, score);
+  for (; c < d; c += VL) AccumulateValues<Ops, Tag, S, 1>(a.acc, a.v, d, elem, ntok, c, score);
 }
 
 template <class Ops, class Tag>
-ChunkFn ForGroup(int s) {
+PageFn ForGroup(int s) {
   switch (s) {
-    case 1: return &AttendChunk<Ops, Tag, 1>;
-    case 2: return &AttendChunk<Ops, Tag, 2>;
-    case 3: return &AttendChunk<Ops, Tag, 3>;
-    case 4: return &AttendChunk<Ops, Tag, 4>;
-    case 5: return &AttendChunk<Ops, Tag, 5>;
-    case 6: return &AttendChunk<Ops, Tag, 6>;
-    case 7: return &AttendChunk<Ops, Tag, 7>;
-    case 8: return &AttendChunk<Ops, Tag, 8>;
+    case 1: return &ProcessPage<Ops, Tag, 1>;
+    case 2: return &ProcessPage<Ops, Tag, 2>;
+    case 3: return &ProcessPage<Ops, Tag, 3>;
+    case 4: return &ProcessPage<Ops, Tag, 4>;
+    case 5: return &ProcessPage<Ops, Tag, 5>;
+    case 6: return &ProcessPage<Ops, Tag, 6>;
+    case 7: return &ProcessPage<Ops, Tag, 7>;
+    case 8: return &ProcessPage<Ops, Tag, 8>;
   }
   return nullptr;
 }
 
 template <class Ops>
-ChunkFn Select(KvDtype dtype, int head_dim, int s) {
+PageFn Select(KvDtype dtype, int head_dim, int s) {
   if (head_dim % Ops::kLanes != 0 || s < 1 || s > kMaxGroup) return nullptr;
   switch (dtype) {
     case KvDtype::kBf16: return ForGroup<Ops, TagBf16>(s);

@@ -42,7 +42,7 @@ struct PortableOps {
 
 }  // namespace
 
-ChunkFn GetChunkFnPortable(KvDtype dtype, int head_dim, int s) {
+PageFn GetPageFnPortable(KvDtype dtype, int head_dim, int s) {
   return kernel::Select<PortableOps>(dtype, head_dim, s);
 }
 

@@ -2,6 +2,6 @@
 #include "attention.h"
 
 namespace moelens {
-ChunkFn GetChunkFnAvx2(KvDtype, int, int) { return nullptr; }
-ChunkFn GetChunkFnAvx512(KvDtype, int, int) { return nullptr; }
+PageFn GetPageFnAvx2(KvDtype, int, int) { return nullptr; }
+PageFn GetPageFnAvx512(KvDtype, int, int) { return nullptr; }
 }  // namespace moelens
