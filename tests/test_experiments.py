@@ -35,3 +35,17 @@ def test_run_throughput_bad_model_is_a_clear_error():
                           timeout=300)
     assert proc.returncode != 0
     assert "neither an existing checkpoint folder nor a preset" in proc.stderr
+
+
+def test_bench_cpu_attention_small():
+    result, stdout = _run("experiments.bench_cpu_attention", "--num_seqs=4", "--seq_len=100",
+                          "--kv_heads=2", "--head_dim=64", "--group=4", "--repeats=1",
+                          "--numpy_seqs=2")
+    assert "== bench_cpu_attention card ==" in stdout
+    for key in ("kv_read_gb_per_s", "memory_read_gb_per_s", "bandwidth_fraction",
+                "speedup_vs_xla", "threads", "isa"):
+        assert key in result, key
+    assert result["kv_read_gb_per_s"] > 0 and result["memory_read_gb_per_s"] > 0
+    assert 0 < result["bandwidth_fraction"] < 5
+    assert result["max_abs_diff_vs_xla"] < 1e-4  # the kernel and XLA agree on the same data
+    assert len(result["thread_scaling"]) == result["threads"]
