@@ -1,4 +1,4 @@
-// AVX2 + FMA + F16C instantiation of the chunk kernel (compiled with those flags only; called
+// AVX2 + FMA + F16C instantiation of the page kernel (compiled with those flags only; called
 // only after runtime detection).
 #include <immintrin.h>
 

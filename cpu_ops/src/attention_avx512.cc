@@ -1,4 +1,4 @@
-// AVX-512 (F + BW + VL, F16C) instantiation of the chunk kernel. bf16 -> f32 is a 16-bit shift
+// AVX-512 (F + BW + VL, F16C) instantiation of the page kernel. bf16 -> f32 is a 16-bit shift
 // here as on AVX2; the AVX512-BF16 dot-product instructions are not used because they would
 // round q (and p) to bf16, breaking the float32-accumulation contract.
 #include <immintrin.h>

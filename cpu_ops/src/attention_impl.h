@@ -1,8 +1,8 @@
-// The decode-attention chunk kernel, written once over a small vector-ops trait `Ops` and
+// The decode-attention page kernel, written once over a small vector-ops trait `Ops` and
 // compiled per ISA (attention_{portable,avx2,avx512}.cc include this header with their own
 // Ops and compiler flags). Pure compute on raw pointers; all validation happened upstream.
 //
-// Ops provides: kLanes; Vec; Zero(); LoadF(const float*); Load<T>(const uint16_t* / float*)
+// Ops provides: kLanes; kHasF16; Vec; Zero(); LoadF(const float*); Load(Tag, const uint8_t*)
 // converting the storage type to float32 lanes; Set1(float); Fma(a, b, c) = a*b + c;
 // Mul/Add/Sub(a, b); Exp(Vec) (float32-accurate); Store(float*, Vec); Sum(Vec) (horizontal
 // add); Prefetch(const void*).

@@ -1,4 +1,4 @@
-// Portable (no ISA flags) instantiation of the chunk kernel: one float per "vector".
+// Portable (no ISA flags) instantiation of the page kernel: one float per "vector".
 #include <cmath>
 #include <cstring>
 
