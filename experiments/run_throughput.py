@@ -1,8 +1,8 @@
 """The main job: offline batch generation on a model and workload, reporting throughput.
 
-Until the MoE-Lens engine lands, this runs the *reference* path: greedy decoding by full
-recompute (`moelens_jax.reference.greedy_generate`, no KV cache) on the whole batch. The JSON
-says so (`mode: "reference-recompute"`); it is a correctness baseline, not the fast path.
+Runs the MoE-Lens engine (`moelens_jax.runtime.Engine`: resource-aware scheduler, paged host
+KV cache, CPU decode attention) on a seeded synthetic workload. `--mode reference` instead runs
+greedy decoding by full recompute (no KV cache), the correctness oracle.
 
     python -m experiments.run_throughput                     # embedded small-mixtral, random
     python -m experiments.run_throughput --model /path/to/hf_checkpoint --num_requests 4
@@ -17,13 +17,22 @@ from absl import app, flags
 import moelens_jax as mj
 from experiments import common
 from moelens_jax import reference, workloads
+from moelens_jax.runtime import Engine, Request
 
 _MODEL = flags.DEFINE_string("model", mj.config.DEFAULT_PRESET, "Preset name or checkpoint folder.")
 _DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"],
                            "Weight dtype (default: the checkpoint's / preset's).")
-_NUM_REQUESTS = flags.DEFINE_integer("num_requests", 8, "Requests in the batch.")
+_WORKLOAD = flags.DEFINE_enum("workload", "mtbench", ["mtbench"],
+                              "Synthetic workload (log-normal prompt lengths; see workloads.py).")
+_NUM_REQUESTS = flags.DEFINE_integer("num_requests", 32, "Requests in the batch.")
 _PROMPT_LEN = flags.DEFINE_integer("prompt_len", 98, "Mean prompt length (log-normal).")
 _GEN_LEN = flags.DEFINE_integer("gen_len", 32, "Tokens generated per request.")
+_KV_CACHE_GB = flags.DEFINE_float("kv_cache_gb", 0.25, "Host KV cache size in GB (1e9 bytes).")
+_PAGE_SIZE = flags.DEFINE_integer("page_size", 16, "Tokens per KV page.")
+_TOKEN_BUDGET = flags.DEFINE_integer("token_budget", 512, "Tokens per iteration (n_real).")
+_POLICY = flags.DEFINE_enum("policy", "moe-lens", ["moe-lens"], "Scheduling policy.")
+_MODE = flags.DEFINE_enum("mode", "engine", ["engine", "reference"],
+                          "engine: the MoE-Lens engine; reference: full-recompute oracle.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed for random weights and the workload.")
 
 
@@ -34,43 +43,58 @@ def main(argv):
     model = mj.load_model(_MODEL.value, dtype=_DTYPE.value, seed=_SEED.value, progress=True)
     load_s = time.perf_counter() - t0
     cfg = model.config
-    reqs = workloads.synthetic(_NUM_REQUESTS.value, _PROMPT_LEN.value, _GEN_LEN.value,
-                               cfg.vocab_size, seed=_SEED.value)
+    reqs = [Request(r.prompt, r.max_new_tokens) for r in workloads.synthetic(
+        _NUM_REQUESTS.value, _PROMPT_LEN.value, _GEN_LEN.value, cfg.vocab_size, seed=_SEED.value)]
     prompt_tokens = sum(len(r.prompt) for r in reqs)
+    kv_bytes = int(_KV_CACHE_GB.value * 1e9)
+    kv_per_token = cfg.kv_bytes_per_token()
     print(common.table([
         ("model", f"{cfg.name or model.source} ({cfg.family}, {model.dtype})"),
         ("parameters", f"{cfg.total_params / 1e6:,.1f} M ({cfg.active_params_per_token / 1e6:,.1f}"
                        " M active per token)"),
         ("weight bytes", f"{model.weight_bytes / 2**20:,.1f} MiB "
                          f"({cfg.weight_bytes_per_layer / 2**20:,.2f} MiB per layer)"),
-        ("KV bytes per token", f"{cfg.kv_bytes_per_token():,} B"),
-        ("requests", f"{len(reqs)} (prompt tokens {prompt_tokens}, generation {_GEN_LEN.value})"),
-        ("mode", "reference-recompute (no KV cache; engine not yet implemented)"),
+        ("KV bytes per token", f"{kv_per_token:,} B"),
+        ("KV cache", f"{kv_bytes / 1e9:.3f} GB = {kv_bytes // kv_per_token:,} tokens "
+                     f"(pages of {_PAGE_SIZE.value})"),
+        ("requests", f"{len(reqs)} {_WORKLOAD.value} (prompt tokens {prompt_tokens}, "
+                     f"generation {_GEN_LEN.value})"),
+        ("mode", _MODE.value),
     ], "== run_throughput card =="), flush=True)
 
-    # Warm-up compiles the one padded shape used for the whole run.
-    reference.greedy_generate(model, [r.prompt for r in reqs], 1)
-    t0 = time.perf_counter()
-    outs = reference.greedy_generate(model, [r.prompt for r in reqs],
-                                     [r.max_new_tokens for r in reqs])
-    gen_s = time.perf_counter() - t0
-    generated = sum(len(o) for o in outs)
-    result = {
-        "mode": "reference-recompute",
-        "model": cfg.name or model.source,
-        "dtype": model.dtype,
-        "num_requests": len(reqs),
-        "prompt_tokens": prompt_tokens,
-        "generated_tokens": generated,
-        "wall_s": gen_s,
-        "load_s": load_s,
-        "generated_tokens_per_s": generated / gen_s,
-        "processed_tokens_per_s": (generated + prompt_tokens) / gen_s,
-        "flags": settings,
-        "machine": common.machine_fingerprint(),
-    }
+    result = {"model": cfg.name or model.source, "dtype": model.dtype, "load_s": load_s}
+    if _MODE.value == "reference":
+        reference.greedy_generate(model, [r.prompt for r in reqs], 1)  # compile
+        t0 = time.perf_counter()
+        outs = reference.greedy_generate(model, [r.prompt for r in reqs],
+                                         [r.max_new_tokens for r in reqs])
+        wall = time.perf_counter() - t0
+        generated = sum(len(o) for o in outs)
+        result.update(mode="reference-recompute", iterations=max(r.max_new_tokens for r in reqs),
+                      preemptions=0, kv_peak_fraction=None, mean_tokens_per_iteration=None)
+    else:
+        engine = Engine(model, kv_cache_bytes=kv_bytes, page_size=_PAGE_SIZE.value,
+                        token_budget=_TOKEN_BUDGET.value, policy=_POLICY.value)
+        engine.generate(reqs[:2], max_new_tokens=2)  # compile the common shapes
+        res = engine.generate(reqs)
+        st = engine.stats
+        wall = st.wall_s
+        generated = st.generated_tokens
+        rejected = [r.error for r in res if r.finish_reason == "rejected"]
+        result.update(mode=engine.mode, iterations=st.iterations, preemptions=st.preemptions,
+                      kv_peak_fraction=st.kv_peak_fraction,
+                      mean_tokens_per_iteration=st.mean_tokens_per_iteration,
+                      rejected=len(rejected), kv_pages=engine.kv_pages,
+                      processed_tokens_incl_recompute=st.processed_tokens)
+    result.update(
+        num_requests=len(reqs), prompt_tokens=prompt_tokens, generated_tokens=generated,
+        wall_s=wall, generated_tokens_per_s=generated / wall,
+        processed_tokens_per_s=(generated + prompt_tokens) / wall,
+        h2d_gb_per_s=None,  # no weight mover yet: the whole model sits on the device
+        flags=settings, machine=common.machine_fingerprint())
     print(common.table([(k, f"{result[k]:.3f}" if isinstance(result[k], float) else result[k])
-                        for k in ("num_requests", "prompt_tokens", "generated_tokens", "wall_s",
+                        for k in ("mode", "num_requests", "prompt_tokens", "generated_tokens",
+                                  "iterations", "preemptions", "kv_peak_fraction", "wall_s",
                                   "generated_tokens_per_s", "processed_tokens_per_s")],
                        "== results =="))
     common.print_json(result)

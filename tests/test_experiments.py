@@ -18,15 +18,25 @@ def _run(module: str, *flags: str) -> tuple[dict, str]:
     return json.loads(last), proc.stdout
 
 
-def test_run_throughput_reference_mode():
+def test_run_throughput_engine_mode():
     result, stdout = _run("experiments.run_throughput", "--model=tiny-qwen2-moe",
-                          "--num_requests=3", "--prompt_len=12", "--gen_len=5", "--seed=7")
+                          "--num_requests=5", "--prompt_len=12", "--gen_len=5", "--seed=7",
+                          "--kv_cache_gb=0.001")
     assert "== run_throughput card ==" in stdout
-    assert result["mode"] == "reference-recompute"
-    assert result["num_requests"] == 3 and result["generated_tokens"] == 15
-    assert result["generated_tokens_per_s"] > 0
-    assert result["processed_tokens_per_s"] > result["generated_tokens_per_s"]
+    assert result["mode"] == "serial"
+    assert result["num_requests"] == 5 and result["generated_tokens"] == 25
+    for key in ("generated_tokens_per_s", "processed_tokens_per_s", "iterations", "preemptions",
+                "kv_peak_fraction", "mean_tokens_per_iteration", "h2d_gb_per_s"):
+        assert key in result, key
+    assert result["processed_tokens_per_s"] > result["generated_tokens_per_s"] > 0
+    assert 0 < result["kv_peak_fraction"] <= 1
     assert result["flags"]["seed"] == 7
+
+
+def test_run_throughput_reference_mode():
+    result, _ = _run("experiments.run_throughput", "--model=tiny-mixtral", "--mode=reference",
+                     "--num_requests=3", "--prompt_len=12", "--gen_len=4")
+    assert result["mode"] == "reference-recompute" and result["generated_tokens"] == 12
 
 
 def test_run_throughput_bad_model_is_a_clear_error():

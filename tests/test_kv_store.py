@@ -208,6 +208,9 @@ def test_attention_input_errors(small):
         small.decode_attention(np.ones((1, 2, 4), np.float32), [7], 0)
     with pytest.raises(ValueError, match="dimension 0 must be 2"):
         small.decode_attention(np.ones((1, 2, 8), np.float32), [7, 7], 0)
+    # Attention is read-only: the same sequence may appear twice (the engine pads with one).
+    twice = small.decode_attention(np.ones((2, 2, 8), np.float32), [7, 7], 0)
+    np.testing.assert_array_equal(twice[0], twice[1])
     with pytest.raises(ValueError, match="no cached tokens at layer 1"):
         small.decode_attention(np.ones((1, 2, 8), np.float32), [7], 1)
     missing = [i for i in ("avx2", "avx512", "avx512_bf16")

@@ -71,12 +71,6 @@ void DecodeAttention(const KvStore& store, const float* q, const int64_t* seq_id
   std::vector<Item> items;
   std::vector<int64_t> first_item(static_cast<size_t>(n) + 1);
   for (int64_t b = 0; b < n; ++b) {
-    for (int64_t j = 0; j < b; ++j) {
-      if (seq_ids[j] == seq_ids[b]) {
-        throw std::invalid_argument("sequence id " + std::to_string(seq_ids[b]) +
-                                    " appears twice in one attention batch");
-      }
-    }
     views[size_t(b)] = store.ViewLocked(seq_ids[b], layer);
     const int64_t len = views[size_t(b)].length;
     if (len <= 0) {

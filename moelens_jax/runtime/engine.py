@@ -1,0 +1,283 @@
+"""The engine: offline batch generation driven by the resource-aware scheduler.
+
+Each iteration runs the scheduler's plan as one pass over all layers, every layer in the three
+stages of DESIGN section 3:
+
+* GA (jitted, default device): RMSNorm, QKV, RoPE for every token of the iteration, and causal
+  attention of prefill tokens within their own sequence (segment mask);
+* C (host): the new K/V of every token are appended to the paged C++ store (an eager host call,
+  so JAX can never drop or repeat it), then decode tokens attend over their cached tokens with
+  the C++ kernel (`cpu_decode_attention`, jitted on the CPU device: XLA FFI there);
+* GB (jitted, default device): O projection, residual, norm, router, experts over prefill and
+  decode tokens together, residual.
+
+Logits are computed for the last token of each sequence only. Token counts are padded to
+power-of-two buckets so a run compiles a handful of shapes; padding rows are masked out of
+prefill attention and point decode attention at a one-token pad sequence.
+
+Status: serial mode only (stages run one after another; the right default on a CPU-only
+backend, where all stages share the cores); the whole model is placed on the device once
+(`Model.device_weights`). The per-layer weight mover, VSLPipe overlap, telemetry traces and
+resumable output files are not implemented yet.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from moelens_jax.kv import PagedKVStore, cpu_decode_attention
+from moelens_jax.model import transformer
+from moelens_jax.model.model import Model
+from moelens_jax.runtime.sampling import SamplingParams, sample
+from moelens_jax.runtime.scheduler import Plan, RequestRejected, Scheduler
+
+PAD_SEQ = -1  # a one-token sequence in the store that padding rows of decode attention read
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """A token-id prompt and how many tokens to generate."""
+
+    prompt: tuple[int, ...]
+    max_new_tokens: int
+    stop_ids: tuple[int, ...] = ()
+
+
+@dataclasses.dataclass
+class GenerationResult:
+    index: int  # position in the request list
+    tokens: list[int]  # generated token ids (prompt excluded)
+    finish_reason: str  # "length", "stop" or "rejected"
+    prompt_len: int
+    error: str | None = None
+    preemptions: int = 0
+
+
+@dataclasses.dataclass
+class RunStats:
+    iterations: int = 0
+    preemptions: int = 0
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    processed_tokens: int = 0  # tokens run through the layers (recomputation included)
+    wall_s: float = 0.0
+    kv_peak_pages: int = 0
+    kv_pages: int = 0
+    per_iteration: list[dict] = dataclasses.field(default_factory=list)
+
+    @property
+    def kv_peak_fraction(self) -> float:
+        return self.kv_peak_pages / max(self.kv_pages, 1)
+
+    @property
+    def mean_tokens_per_iteration(self) -> float:
+        return self.processed_tokens / max(self.iterations, 1)
+
+
+def _bucket(n: int, minimum: int = 8) -> int:
+    return max(minimum, 1 << (max(n, 1) - 1).bit_length())
+
+
+def segment_causal_attention(q_nhd, k_ngd, v_ngd, seg_n, pos_n):
+    """Causal attention of each row over earlier rows of its own segment (seg >= 0).
+
+    Rows with seg < 0 (decode and padding rows) get zeros.
+    """
+    n, hq, d = q_nhd.shape
+    g = k_ngd.shape[1]
+    s = hq // g
+    q = q_nhd.astype(jnp.float32).reshape(n, g, s, d)
+    logits = jnp.einsum("ngsd,mgd->gsnm", q, k_ngd.astype(jnp.float32)) * d ** -0.5
+    valid = ((seg_n[:, None] == seg_n[None, :]) & (seg_n[:, None] >= 0)
+             & (pos_n[None, :] <= pos_n[:, None]))
+    logits = jnp.where(valid, logits, -1e30)
+    probs = jax.nn.softmax(logits, axis=-1) * valid
+    out = jnp.einsum("gsnm,mgd->ngsd", probs, v_ngd.astype(jnp.float32))
+    return out.reshape(n, hq, d)
+
+
+@dataclasses.dataclass(frozen=True)
+class _StageFunctions:
+    embed: object
+    ga: object
+    gb: object
+    prefill_attn: object
+    place: object
+    logits: object
+
+
+@functools.lru_cache(maxsize=16)
+def _stage_functions(cfg) -> _StageFunctions:
+    """Jitted device stages, shared by every engine of one config (compiles are reused)."""
+    return _StageFunctions(
+        embed=jax.jit(transformer.embed),
+        ga=jax.jit(functools.partial(transformer.pre_attention, cfg)),
+        gb=jax.jit(functools.partial(transformer.post_attention, cfg)),
+        prefill_attn=jax.jit(segment_causal_attention),
+        place=jax.jit(lambda a, b, start: jax.lax.dynamic_update_slice(a, b, (start, 0, 0))),
+        logits=jax.jit(lambda w, x, idx: transformer.logits(cfg, w, x[idx])))
+
+
+class Engine:
+    """Offline batch generation with host KV paging (MoE-Lens scheduling).
+
+    Args:
+      model: a loaded `Model`.
+      kv_cache_bytes: host memory for the paged KV cache.
+      page_size: tokens per KV page.
+      token_budget: tokens per iteration that prefill admission fills up to (n_real); default
+        512 until the performance model supplies it.
+      kv_dtype: KV storage dtype (default: the model's dtype).
+      policy: "moe-lens" (the only policy implemented so far).
+    """
+
+    def __init__(self, model: Model, *, kv_cache_bytes: int, page_size: int = 16,
+                 token_budget: int | None = None, kv_dtype: str | None = None,
+                 policy: str = "moe-lens"):
+        if policy != "moe-lens":
+            raise ValueError(f"unknown policy {policy!r}; implemented: 'moe-lens'")
+        cfg = model.config
+        self.model, self.cfg = model, cfg
+        self.page_size = page_size
+        self.token_budget = token_budget or 512
+        if self.token_budget < 1:
+            raise ValueError("token_budget must be >= 1")
+        self.store = PagedKVStore.for_model(cfg, kv_cache_bytes, page_size=page_size,
+                                            dtype=kv_dtype or model.dtype)
+        if self.store.num_pages < 2:
+            raise ValueError(f"kv_cache_bytes={kv_cache_bytes} holds {self.store.num_pages} "
+                             f"page(s) of {self.store.page_bytes} bytes; at least 2 are needed "
+                             "(one is reserved for padding)")
+        zero = np.zeros((1, cfg.num_kv_heads, cfg.head_dim), np.float32)
+        self.store.add_sequence(PAD_SEQ)
+        for layer in range(cfg.num_layers):
+            self.store.append([PAD_SEQ], [1], layer, zero, zero)
+        self.mode = "serial"
+        self._weights = model.device_weights()
+        self._fn = _stage_functions(cfg)
+        self._decode_attn = jax.jit(
+            lambda q, ids, layer: cpu_decode_attention(self.store, q, ids, layer))
+        self.stats = RunStats()
+
+    @property
+    def kv_pages(self) -> int:
+        """Pages available to requests (one is reserved for the padding sequence)."""
+        return self.store.num_pages - 1
+
+    def generate(self, requests: Sequence[Request | Sequence[int]], sampling: SamplingParams |
+                 None = None, max_new_tokens: int | None = None) -> list[GenerationResult]:
+        """Generates for every request; results come back in request order.
+
+        Requests that can never be served (empty prompt, bad token ids, max_new_tokens < 1,
+        prompt + max_new_tokens beyond the whole KV cache) get finish_reason "rejected" with an
+        error message; the rest of the batch completes.
+        """
+        self._sampling = sampling or SamplingParams()
+        reqs = [r if isinstance(r, Request) else Request(tuple(r), max_new_tokens or 16)
+                for r in requests]
+        sched = Scheduler(self.kv_pages, self.page_size, self.token_budget)
+        results: list[GenerationResult | None] = [None] * len(reqs)
+        tokens: dict[int, list[int]] = {}
+        for i, r in enumerate(reqs):
+            try:
+                bad = [t for t in r.prompt if not 0 <= int(t) < self.cfg.vocab_size]
+                if bad:
+                    raise RequestRejected(f"request {i}: token id {bad[0]} is outside the "
+                                          f"vocabulary [0, {self.cfg.vocab_size})")
+                sched.add(i, len(r.prompt), r.max_new_tokens)
+                tokens[i] = [int(t) for t in r.prompt]
+            except RequestRejected as e:
+                results[i] = GenerationResult(i, [], "rejected", len(r.prompt), error=str(e))
+        stats = RunStats(kv_pages=self.kv_pages,
+                         prompt_tokens=sum(len(reqs[i].prompt) for i in tokens))
+        t0 = time.perf_counter()
+        while not sched.done:
+            plan = sched.schedule()
+            for rid in plan.preempted:
+                self.store.free_sequence(rid)
+            if plan.empty:
+                raise RuntimeError("scheduler made no progress (internal error)")
+            for rid, _ in plan.prefill:
+                self.store.add_sequence(rid)
+            stats.kv_peak_pages = max(stats.kv_peak_pages, sched.used_pages())
+            new = self._run_iteration(plan, tokens)
+            finished = set()
+            for rid, tok in new.items():
+                s = sched.seqs[rid]
+                tokens[rid].append(tok)
+                if tok in reqs[rid].stop_ids:
+                    finished.add(rid)
+                    results[rid] = GenerationResult(rid, [], "stop", s.prompt_len)
+                elif s.generated + 1 >= s.max_new_tokens:
+                    finished.add(rid)
+                    results[rid] = GenerationResult(rid, [], "length", s.prompt_len)
+            sched.complete(plan, finished)
+            for rid in finished:
+                self.store.free_sequence(rid)
+                res = results[rid]
+                res.tokens = tokens[rid][res.prompt_len:]
+                res.preemptions = sched.seqs[rid].preemptions
+            stats.iterations += 1
+            stats.processed_tokens += plan.num_tokens
+            stats.per_iteration.append({
+                "prefill_tokens": sum(n for _, n in plan.prefill),
+                "decode_tokens": len(plan.decode), "preempted": len(plan.preempted),
+                "pages_used": sched.used_pages()})
+        stats.wall_s = time.perf_counter() - t0
+        stats.preemptions = sched.total_preemptions
+        stats.generated_tokens = sum(len(r.tokens) for r in results if r is not None)
+        self.stats = stats
+        assert self.store.free_pages() == self.kv_pages, "KV pages leaked"
+        return results
+
+    def _run_iteration(self, plan: Plan, tokens: dict[int, list[int]]) -> dict[int, int]:
+        """Runs one plan through all layers; returns the sampled token of each sequence."""
+        ids, counts, rows, pos, seg, last = [], [], [], [], [], []
+        for k, (rid, n) in enumerate(plan.prefill):
+            ids.append(rid)
+            counts.append(n)
+            rows += tokens[rid][:n]
+            pos += range(n)
+            seg += [k] * n
+            last.append(len(rows) - 1)
+        n_pre = len(rows)
+        for rid in plan.decode:
+            ids.append(rid)
+            counts.append(1)
+            rows.append(tokens[rid][-1])
+            pos.append(len(tokens[rid]) - 1)
+            seg.append(-1)
+            last.append(len(rows) - 1)
+        n_dec = len(plan.decode)
+        n_real = len(rows)
+        dec_b = _bucket(n_dec) if n_dec else 0
+        nb = _bucket(n_pre + dec_b)
+        pad = nb - n_real
+        tok = jnp.asarray(np.array(rows + [0] * pad, np.int32))
+        pos_a = jnp.asarray(np.array(pos + [0] * pad, np.int32))
+        seg_a = jnp.asarray(np.array(seg + [-1] * pad, np.int32))
+        dec_ids = jnp.asarray(np.array(list(plan.decode) + [PAD_SEQ] * (dec_b - n_dec), np.int32))
+        ids_np, counts_np = np.array(ids, np.int64), np.array(counts, np.int32)
+
+        x = self._fn.embed(self._weights, tok)
+        for layer, lw in enumerate(self._weights.layers):
+            q, k, v = self._fn.ga(lw, x, pos_a)
+            self.store.append(ids_np, counts_np, layer, np.asarray(k[:n_real]),
+                              np.asarray(v[:n_real]))
+            attn = self._fn.prefill_attn(q, k, v, seg_a, pos_a)
+            if n_dec:
+                dec = self._decode_attn(q[n_pre:n_pre + dec_b], dec_ids, layer)
+                attn = self._fn.place(attn, dec, n_pre)
+            x = self._fn.gb(lw, x, attn)
+        idx = np.array(last + [0] * (_bucket(len(last), 1) - len(last)), np.int32)
+        logits = np.asarray(self._fn.logits(self._weights, x, jnp.asarray(idx)))
+        # Keyed by the position of the token being generated: independent of batching.
+        return {rid: sample(logits[j], self._sampling, rid, len(tokens[rid]))
+                for j, rid in enumerate(ids)}

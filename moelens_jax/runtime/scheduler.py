@@ -1,0 +1,194 @@
+"""The resource-aware scheduler (MoE-Lens, DESIGN section 3): a plain object, no I/O.
+
+Its decisions depend only on request lengths, the KV page budget and the token budget, so the
+engine executes its plans and the performance model can drive the very same object in
+simulation. It tracks KV pages itself (the engine mirrors every allocation in the C++ store,
+which double-checks it).
+
+One iteration (`schedule`):
+
+1. every running sequence gets its next decode step if its next KV page can be allocated
+   (oldest first); when pages run out, the most recently admitted running sequence is
+   preempted: its pages are freed and it goes back to the front of the waiting queue, to be
+   recomputed later from its prompt plus the tokens it already generated;
+2. waiting sequences are admitted FIFO as whole prefills (no chunked prefill: a prompt is
+   processed in one iteration) until the iteration holds `token_budget` tokens or pages run
+   out; a prompt longer than the budget is admitted alone;
+3. finished sequences free their pages at once (`complete`).
+
+Pages are allocated as tokens arrive, never reserved for prompt + generation up front. A
+request whose prompt + max_new_tokens exceeds the whole cache can never finish and is rejected
+at `add`.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+
+
+class RequestRejected(ValueError):
+    """A request can never be served by this KV cache (or is malformed)."""
+
+
+@dataclasses.dataclass
+class SeqState:
+    rid: int
+    prompt_len: int
+    max_new_tokens: int
+    generated: int = 0  # tokens generated so far
+    cached: int = 0  # tokens whose K/V are in the cache
+    pages: int = 0  # pages held
+    admitted_at: int = -1  # admission counter (recency for preemption)
+    preemptions: int = 0
+
+    @property
+    def total(self) -> int:
+        """Tokens known: prompt + generated."""
+        return self.prompt_len + self.generated
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What one iteration processes.
+
+    prefill: (rid, n_tokens) - process tokens [0, n_tokens) of the sequence (prompt plus any
+      tokens generated before a preemption), then sample one token.
+    decode: rids processing their last token (position total - 1), then sampling one.
+    preempted: rids whose pages were freed this iteration (before anything ran).
+    """
+
+    prefill: tuple[tuple[int, int], ...]
+    decode: tuple[int, ...]
+    preempted: tuple[int, ...]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(n for _, n in self.prefill) + len(self.decode)
+
+    @property
+    def empty(self) -> bool:
+        return not self.prefill and not self.decode
+
+
+class Scheduler:
+    """Admission, paging and preemption for one batch of requests.
+
+    Args:
+      num_pages: KV pages in the cache; page_size: tokens per page.
+      token_budget: tokens per iteration (n_real) that prefill admission fills up to.
+    """
+
+    def __init__(self, num_pages: int, page_size: int, token_budget: int):
+        if num_pages < 1 or page_size < 1 or token_budget < 1:
+            raise ValueError("num_pages, page_size and token_budget must be positive")
+        self.num_pages, self.page_size, self.token_budget = num_pages, page_size, token_budget
+        self.free_pages = num_pages
+        self.seqs: dict[int, SeqState] = {}
+        self.waiting: collections.deque[int] = collections.deque()
+        self.running: list[int] = []  # admission order, oldest first
+        self._admissions = 0
+        self.total_preemptions = 0
+
+    @property
+    def capacity_tokens(self) -> int:
+        return self.num_pages * self.page_size
+
+    def pages_for(self, tokens: int) -> int:
+        return -(-tokens // self.page_size)
+
+    def add(self, rid: int, prompt_len: int, max_new_tokens: int) -> None:
+        """Queues a request. Raises RequestRejected if it can never be served."""
+        if rid in self.seqs:
+            raise ValueError(f"request id {rid} already queued")
+        if prompt_len < 1:
+            raise RequestRejected(f"request {rid}: empty prompt")
+        if max_new_tokens < 1:
+            raise RequestRejected(f"request {rid}: max_new_tokens must be >= 1, got "
+                                  f"{max_new_tokens}")
+        # The last generated token is never fed back, so it needs no KV slot.
+        need = prompt_len + max_new_tokens - 1
+        if need > self.capacity_tokens:
+            raise RequestRejected(
+                f"request {rid}: prompt ({prompt_len}) + max_new_tokens ({max_new_tokens}) needs "
+                f"{need} KV tokens but the whole cache holds {self.capacity_tokens} "
+                f"({self.num_pages} pages of {self.page_size})")
+        self.seqs[rid] = SeqState(rid, prompt_len, max_new_tokens)
+        self.waiting.append(rid)
+
+    @property
+    def done(self) -> bool:
+        return not self.waiting and not self.running
+
+    def _grow(self, s: SeqState, tokens_after: int) -> int:
+        return max(0, self.pages_for(tokens_after) - s.pages)
+
+    def _preempt(self, rid: int) -> None:
+        s = self.seqs[rid]
+        self.running.remove(rid)
+        self.free_pages += s.pages
+        s.pages, s.cached = 0, 0
+        s.preemptions += 1
+        self.total_preemptions += 1
+        self.waiting.appendleft(rid)
+
+    def schedule(self) -> Plan:
+        decode, preempted = [], []
+        i = 0
+        while i < len(self.running):  # oldest first
+            rid = self.running[i]
+            s = self.seqs[rid]
+            need = self._grow(s, s.total)
+            while need > self.free_pages:
+                victim = self.running[-1]
+                self._preempt(victim)
+                preempted.append(victim)
+                if victim == rid:
+                    break
+            if rid not in self.running:
+                break  # it preempted itself: everything after it is gone too
+            self.free_pages -= need
+            s.pages += need
+            decode.append(rid)
+            i += 1
+        budget = self.token_budget - len(decode)
+        prefill = []
+        while self.waiting:
+            s = self.seqs[self.waiting[0]]
+            n = s.total
+            if n > budget and (prefill or decode):
+                break
+            need = self._grow(s, n)
+            if need > self.free_pages:
+                break
+            self.waiting.popleft()
+            self.free_pages -= need
+            s.pages += need
+            s.admitted_at = self._admissions
+            self._admissions += 1
+            self.running.append(s.rid)
+            prefill.append((s.rid, n))
+            budget -= n
+        return Plan(tuple(prefill), tuple(decode), tuple(preempted))
+
+    def complete(self, plan: Plan, finished: set[int] | frozenset[int] = frozenset()) -> None:
+        """Records that `plan` ran: each processed sequence cached its tokens and generated one.
+
+        Args:
+          finished: rids that are done after this iteration (max tokens or a stop token); their
+            pages are freed at once. A sequence at max_new_tokens is finished regardless.
+        """
+        for rid, n in plan.prefill:
+            self.seqs[rid].cached = n
+        for rid in plan.decode:
+            self.seqs[rid].cached += 1
+        for rid in [r for r, _ in plan.prefill] + list(plan.decode):
+            s = self.seqs[rid]
+            s.generated += 1
+            if rid in finished or s.generated >= s.max_new_tokens:
+                self.running.remove(rid)
+                self.free_pages += s.pages
+                s.pages = 0
+
+    def used_pages(self) -> int:
+        return self.num_pages - self.free_pages

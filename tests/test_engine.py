@@ -1,0 +1,141 @@
+"""The engine against the oracles: greedy full recompute (`reference.greedy_generate`) and HF
+transformers; invariance under page size, token budget and preemption; bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+import moelens_jax as mj
+from moelens_jax import reference
+from moelens_jax.model.model import Model
+from moelens_jax.model.weights import random_init
+from moelens_jax.runtime import Engine, Request, SamplingParams
+
+
+def _model(preset="tiny-mixtral", seed=1):
+    cfg = mj.get_preset(preset).replace(dtype="float32")
+    return Model(cfg, *random_init(cfg, seed=seed, init_std=0.1))  # decisive logits
+
+
+def _requests(cfg, n=16, seed=0, max_prompt=60, max_gen=20):
+    rng = np.random.default_rng(seed)
+    lens = rng.integers(1, max_prompt, n)
+    lens[:3] = [1, 16, 55]  # one token, exactly one page, more than three pages
+    return [Request(tuple(rng.integers(0, cfg.vocab_size, int(p)).tolist()), int(g))
+            for p, g in zip(lens, rng.integers(1, max_gen, n), strict=True)]
+
+
+def _kv_bytes(cfg, tokens, page_size):
+    return (tokens // page_size + 1) * page_size * cfg.kv_bytes_per_token("float32")
+
+
+@pytest.fixture(scope="module")
+def oracle():
+    model = _model()
+    reqs = _requests(model.config)
+    want = reference.greedy_generate(model, [r.prompt for r in reqs],
+                                     [r.max_new_tokens for r in reqs])
+    return model, reqs, want
+
+
+@pytest.mark.parametrize("page_size,token_budget,kv_tokens,preempts", [
+    (16, 512, 4096, False),   # everything fits
+    (1, 512, 4096, False),    # one token per page
+    (16, 24, 4096, False),    # small budget: many iterations, prompts admitted alone
+    (16, 512, 96, True),      # tiny cache: preemption and recomputation
+    (1, 64, 90, True),
+])
+def test_engine_equals_greedy_oracle(oracle, page_size, token_budget, kv_tokens, preempts):
+    model, reqs, want = oracle
+    eng = Engine(model, kv_cache_bytes=_kv_bytes(model.config, kv_tokens, page_size),
+                 page_size=page_size, token_budget=token_budget)
+    got = eng.generate(reqs)
+    assert [r.tokens for r in got] == want
+    assert all(r.finish_reason == "length" for r in got)
+    assert (eng.stats.preemptions > 0) == preempts
+    assert eng.store.free_pages() == eng.kv_pages  # every page returned
+    assert eng.stats.generated_tokens == sum(len(w) for w in want)
+    assert 0 < eng.stats.kv_peak_fraction <= 1
+
+
+def test_engine_is_reusable(oracle):
+    model, reqs, want = oracle
+    eng = Engine(model, kv_cache_bytes=_kv_bytes(model.config, 2048, 16))
+    assert [r.tokens for r in eng.generate(reqs[:5])] == want[:5]
+    assert [r.tokens for r in eng.generate(reqs[5:])] == want[5:]
+    assert eng.store.free_pages() == eng.kv_pages
+
+
+@pytest.mark.parametrize("preset", ["tiny-qwen2-moe", "tiny-qwen3-moe"])
+def test_other_families_equal_oracle(preset):
+    model = _model(preset, seed=2)
+    reqs = _requests(model.config, n=6, seed=3, max_gen=8)
+    want = reference.greedy_generate(model, [r.prompt for r in reqs],
+                                     [r.max_new_tokens for r in reqs])
+    eng = Engine(model, kv_cache_bytes=_kv_bytes(model.config, 80, 4), page_size=4)
+    assert [r.tokens for r in eng.generate(reqs)] == want
+
+
+@pytest.mark.parametrize("case", ["mixtral-g2-top2", "qwen3-g4-top2-hd12"])
+def test_engine_equals_hf_generate(hf_checkpoints, case):
+    folder = hf_checkpoints[case]
+    model = mj.load_model(folder)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    rng = np.random.default_rng(4)
+    prompts = [rng.integers(0, model.config.vocab_size, n).tolist() for n in (3, 18, 7)]
+    eng = Engine(model, kv_cache_bytes=_kv_bytes(model.config, 512, 16))
+    got = eng.generate([Request(tuple(p), 12) for p in prompts])
+    for prompt, res in zip(prompts, got, strict=True):
+        with torch.no_grad():
+            out = hf.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=12,
+                              min_new_tokens=12, eos_token_id=None, pad_token_id=0)
+        assert res.tokens == out[0, len(prompt):].tolist()
+
+
+def test_stop_ids_end_a_request_early(oracle):
+    model, reqs, want = oracle
+    i = next(j for j, w in enumerate(want) if len(w) >= 4)
+    stop = want[i][2]
+    r = Request(reqs[i].prompt, reqs[i].max_new_tokens, stop_ids=(stop,))
+    res = Engine(model, kv_cache_bytes=_kv_bytes(model.config, 512, 16)).generate([r])[0]
+    k = want[i].index(stop)
+    assert res.finish_reason == "stop" and res.tokens == want[i][:k + 1]
+
+
+def test_sampling_is_deterministic_and_batch_independent(oracle):
+    model, reqs, _ = oracle
+    sp = SamplingParams(temperature=0.8, top_k=20, top_p=0.9, seed=7)
+    a = Engine(model, kv_cache_bytes=_kv_bytes(model.config, 4096, 16)).generate(reqs, sp)
+    b = Engine(model, kv_cache_bytes=_kv_bytes(model.config, 90, 1), page_size=1,
+               token_budget=32).generate(reqs, sp)
+    c = Engine(model, kv_cache_bytes=_kv_bytes(model.config, 4096, 16)).generate(
+        reqs, SamplingParams(temperature=0.8, top_k=20, top_p=0.9, seed=8))
+    assert [r.tokens for r in a] == [r.tokens for r in b]
+    assert [r.tokens for r in a] != [r.tokens for r in c]
+
+
+def test_bad_requests_are_rejected_individually(oracle):
+    model, reqs, want = oracle
+    eng = Engine(model, kv_cache_bytes=_kv_bytes(model.config, 96, 16))
+    cap = eng.kv_pages * 16
+    bad = [Request((), 4), Request((1, model.config.vocab_size), 4), Request((1, 2), 0),
+           Request((1,) * cap, 2)]
+    got = eng.generate([reqs[0], *bad, reqs[1]])
+    assert got[0].tokens == want[0] and got[5].tokens == want[1]
+    assert [g.finish_reason for g in got[1:5]] == ["rejected"] * 4
+    assert "empty prompt" in got[1].error
+    assert f"token id {model.config.vocab_size} is outside the vocabulary" in got[2].error
+    assert "max_new_tokens must be >= 1" in got[3].error
+    assert "but the whole cache holds" in got[4].error
+    assert eng.store.free_pages() == eng.kv_pages
+
+
+def test_kv_budget_too_small():
+    model = _model()
+    with pytest.raises(ValueError, match="holds no page"):
+        Engine(model, kv_cache_bytes=100)
+    with pytest.raises(ValueError, match="at least 2 are needed"):
+        Engine(model, kv_cache_bytes=_kv_bytes(model.config, 15, 16))
