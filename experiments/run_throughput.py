@@ -10,6 +10,7 @@ greedy decoding by full recompute (no KV cache), the correctness oracle.
 
 from __future__ import annotations
 
+import json
 import time
 
 from absl import app, flags
@@ -18,6 +19,7 @@ import moelens_jax as mj
 from experiments import common
 from moelens_jax import reference, workloads
 from moelens_jax.runtime import Engine, Request
+from moelens_jax.runtime.results_io import generate_resumable
 
 _MODEL = flags.DEFINE_string("model", mj.config.DEFAULT_PRESET, "Preset name or checkpoint folder.")
 _DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"],
@@ -34,6 +36,10 @@ _POLICY = flags.DEFINE_enum("policy", "moe-lens", ["moe-lens"], "Scheduling poli
 _MODE = flags.DEFINE_enum("mode", "engine", ["engine", "reference"],
                           "engine: the MoE-Lens engine; reference: full-recompute oracle.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed for random weights and the workload.")
+_OUT = flags.DEFINE_string("out", None, "Append each finished request to this JSONL file; a "
+                           "rerun skips requests already in it (resume after interruption).")
+_TRACE_OUT = flags.DEFINE_string("trace_out", None, "Write a Chrome/Perfetto trace JSON here.")
+_PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar (stderr).")
 
 
 def main(argv):
@@ -75,12 +81,26 @@ def main(argv):
     else:
         engine = Engine(model, kv_cache_bytes=kv_bytes, page_size=_PAGE_SIZE.value,
                         token_budget=_TOKEN_BUDGET.value, policy=_POLICY.value)
-        engine.generate(reqs[:2], max_new_tokens=2)  # compile the common shapes
-        res = engine.generate(reqs)
+        engine.generate([Request(r.prompt, 2) for r in reqs[:2]])  # compile common shapes
+        if _OUT.value:
+            records, todo = generate_resumable(engine, reqs, _OUT.value,
+                                               progress=_PROGRESS.value)
+            rejected = [r for r in records.values() if r["finish_reason"] == "rejected"]
+            result.update(out=_OUT.value, computed_requests=len(todo),
+                          skipped_requests=len(reqs) - len(todo))
+            if not todo:
+                engine.stats.wall_s = float("nan")
+            prompt_tokens = sum(len(reqs[i].prompt) for i in todo)  # this run's work only
+        else:
+            res = engine.generate(reqs, progress=_PROGRESS.value)
+            rejected = [r.error for r in res if r.finish_reason == "rejected"]
         st = engine.stats
         wall = st.wall_s
         generated = st.generated_tokens
-        rejected = [r.error for r in res if r.finish_reason == "rejected"]
+        if _TRACE_OUT.value:
+            with open(_TRACE_OUT.value, "w") as f:
+                json.dump(st.chrome_trace(), f)
+            result["trace_out"] = _TRACE_OUT.value
         result.update(mode=engine.mode, iterations=st.iterations, preemptions=st.preemptions,
                       kv_peak_fraction=st.kv_peak_fraction,
                       mean_tokens_per_iteration=st.mean_tokens_per_iteration,

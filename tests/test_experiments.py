@@ -59,3 +59,17 @@ def test_bench_cpu_attention_small():
     assert 0 < result["bandwidth_fraction"] < 5
     assert result["max_abs_diff_vs_xla"] < 1e-4  # the kernel and XLA agree on the same data
     assert len(result["thread_scaling"]) == result["threads"]
+
+
+def test_run_throughput_streams_and_resumes(tmp_path):
+    out, trace = tmp_path / "r.jsonl", tmp_path / "trace.json"
+    flags = ["--model=tiny-mixtral", "--num_requests=4", "--prompt_len=10", "--gen_len=3",
+             f"--out={out}", "--progress=false"]
+    result, _ = _run("experiments.run_throughput", *flags, f"--trace_out={trace}")
+    assert result["computed_requests"] == 4 and result["skipped_requests"] == 0
+    lines = out.read_text().splitlines()
+    assert sorted(json.loads(x)["id"] for x in lines) == [0, 1, 2, 3]
+    assert json.loads(trace.read_text())["traceEvents"]
+    again, _ = _run("experiments.run_throughput", *flags)
+    assert again["computed_requests"] == 0 and again["skipped_requests"] == 4
+    assert out.read_text().splitlines() == lines  # nothing recomputed or duplicated

@@ -26,11 +26,12 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm.auto import tqdm
 
 from moelens_jax.kv import PagedKVStore, cpu_decode_attention
 from moelens_jax.model import transformer
@@ -79,6 +80,23 @@ class RunStats:
     @property
     def mean_tokens_per_iteration(self) -> float:
         return self.processed_tokens / max(self.iterations, 1)
+
+    def chrome_trace(self) -> dict:
+        """The run as a Chrome/Perfetto trace (open in ui.perfetto.dev or chrome://tracing):
+        one slice per iteration plus counters for tokens and KV pages."""
+        events = []
+        for i, it in enumerate(self.per_iteration):
+            ts = it["start_s"] * 1e6
+            events.append({"name": f"iteration {i}", "ph": "X", "ts": ts,
+                           "dur": it["wall_s"] * 1e6, "pid": 0, "tid": 0,
+                           "args": {k: v for k, v in it.items()
+                                    if k not in ("start_s", "wall_s")}})
+            events.append({"name": "tokens", "ph": "C", "ts": ts, "pid": 0,
+                           "args": {"prefill": it["prefill_tokens"],
+                                    "decode": it["decode_tokens"]}})
+            events.append({"name": "kv_pages", "ph": "C", "ts": ts, "pid": 0,
+                           "args": {"used": it["pages_used"], "free": it["pages_free"]}})
+        return {"traceEvents": events, "displayTimeUnit": "ms"}
 
 
 def _bucket(n: int, minimum: int = 8) -> int:
@@ -171,13 +189,22 @@ class Engine:
         """Pages available to requests (one is reserved for the padding sequence)."""
         return self.store.num_pages - 1
 
-    def generate(self, requests: Sequence[Request | Sequence[int]], sampling: SamplingParams |
-                 None = None, max_new_tokens: int | None = None) -> list[GenerationResult]:
+    def generate(self, requests: Sequence[Request | Sequence[int]],
+                 sampling: SamplingParams | None = None, max_new_tokens: int | None = None, *,
+                 on_finish: Callable[[GenerationResult], None] | None = None,
+                 progress: bool = False) -> list[GenerationResult]:
         """Generates for every request; results come back in request order.
 
         Requests that can never be served (empty prompt, bad token ids, max_new_tokens < 1,
         prompt + max_new_tokens beyond the whole KV cache) get finish_reason "rejected" with an
         error message; the rest of the batch completes.
+
+        Args:
+          requests: `Request`s, or token-id sequences (then `max_new_tokens` applies, default 16).
+          sampling: greedy by default.
+          on_finish: called with each result as soon as its request finishes (or is rejected),
+            e.g. to stream results to disk.
+          progress: show a progress bar (requests done, generated tokens/s, KV use).
         """
         self._sampling = sampling or SamplingParams()
         reqs = [r if isinstance(r, Request) else Request(tuple(r), max_new_tokens or 16)
@@ -185,6 +212,7 @@ class Engine:
         sched = Scheduler(self.kv_pages, self.page_size, self.token_budget)
         results: list[GenerationResult | None] = [None] * len(reqs)
         tokens: dict[int, list[int]] = {}
+        notify = on_finish or (lambda r: None)
         for i, r in enumerate(reqs):
             try:
                 bad = [t for t in r.prompt if not 0 <= int(t) < self.cfg.vocab_size]
@@ -195,47 +223,68 @@ class Engine:
                 tokens[i] = [int(t) for t in r.prompt]
             except RequestRejected as e:
                 results[i] = GenerationResult(i, [], "rejected", len(r.prompt), error=str(e))
+                notify(results[i])
         stats = RunStats(kv_pages=self.kv_pages,
                          prompt_tokens=sum(len(reqs[i].prompt) for i in tokens))
+        self.stats = stats
+        bar = tqdm(total=len(tokens), disable=not progress, unit="req", desc="generate")
         t0 = time.perf_counter()
-        while not sched.done:
-            plan = sched.schedule()
-            for rid in plan.preempted:
-                self.store.free_sequence(rid)
-            if plan.empty:
-                raise RuntimeError("scheduler made no progress (internal error)")
-            for rid, _ in plan.prefill:
-                self.store.add_sequence(rid)
-            stats.kv_peak_pages = max(stats.kv_peak_pages, sched.used_pages())
-            new = self._run_iteration(plan, tokens)
-            finished = set()
-            for rid, tok in new.items():
-                s = sched.seqs[rid]
-                tokens[rid].append(tok)
-                if tok in reqs[rid].stop_ids:
-                    finished.add(rid)
-                    results[rid] = GenerationResult(rid, [], "stop", s.prompt_len)
-                elif s.generated + 1 >= s.max_new_tokens:
-                    finished.add(rid)
-                    results[rid] = GenerationResult(rid, [], "length", s.prompt_len)
-            sched.complete(plan, finished)
-            for rid in finished:
-                self.store.free_sequence(rid)
-                res = results[rid]
-                res.tokens = tokens[rid][res.prompt_len:]
-                res.preemptions = sched.seqs[rid].preemptions
-            stats.iterations += 1
-            stats.processed_tokens += plan.num_tokens
-            stats.per_iteration.append({
-                "prefill_tokens": sum(n for _, n in plan.prefill),
-                "decode_tokens": len(plan.decode), "preempted": len(plan.preempted),
-                "pages_used": sched.used_pages()})
+        try:
+            while not sched.done:
+                self._step(sched, reqs, tokens, results, stats, notify, t0)
+                bar.update(len(stats.per_iteration[-1]["finished"]))
+                rate = stats.generated_tokens / (time.perf_counter() - t0)
+                bar.set_postfix(gen_tok_s=f"{rate:.1f}",
+                                kv=f"{sched.used_pages() / self.kv_pages:.0%}", refresh=False)
+        finally:
+            bar.close()
+            for rid in tokens:  # an interrupted run must not leak pages
+                if self.store.has_sequence(rid):
+                    self.store.free_sequence(rid)
         stats.wall_s = time.perf_counter() - t0
         stats.preemptions = sched.total_preemptions
-        stats.generated_tokens = sum(len(r.tokens) for r in results if r is not None)
-        self.stats = stats
         assert self.store.free_pages() == self.kv_pages, "KV pages leaked"
         return results
+
+    def _step(self, sched, reqs, tokens, results, stats, notify, t0) -> None:
+        """Schedules and runs one iteration, then finishes what is done."""
+        t_start = time.perf_counter()
+        plan = sched.schedule()
+        for rid in plan.preempted:
+            self.store.free_sequence(rid)
+        if plan.empty:
+            raise RuntimeError("scheduler made no progress (internal error)")
+        for rid, _ in plan.prefill:
+            self.store.add_sequence(rid)
+        stats.kv_peak_pages = max(stats.kv_peak_pages, sched.used_pages())
+        pages_used = sched.used_pages()
+        new = self._run_iteration(plan, tokens)
+        finished = set()
+        for rid, tok in new.items():
+            s = sched.seqs[rid]
+            tokens[rid].append(tok)
+            if tok in reqs[rid].stop_ids:
+                finished.add(rid)
+                results[rid] = GenerationResult(rid, [], "stop", s.prompt_len)
+            elif s.generated + 1 >= s.max_new_tokens:
+                finished.add(rid)
+                results[rid] = GenerationResult(rid, [], "length", s.prompt_len)
+        sched.complete(plan, finished)
+        stats.generated_tokens += len(new)
+        for rid in sorted(finished):
+            self.store.free_sequence(rid)
+            res = results[rid]
+            res.tokens = tokens[rid][res.prompt_len:]
+            res.preemptions = sched.seqs[rid].preemptions
+            notify(res)
+        stats.iterations += 1
+        stats.processed_tokens += plan.num_tokens
+        t_end = time.perf_counter()
+        stats.per_iteration.append({
+            "start_s": t_start - t0, "wall_s": t_end - t_start,
+            "prefill_tokens": sum(n for _, n in plan.prefill), "decode_tokens": len(plan.decode),
+            "preempted": list(plan.preempted), "finished": sorted(finished),
+            "pages_used": pages_used, "pages_free": self.kv_pages - pages_used})
 
     def _run_iteration(self, plan: Plan, tokens: dict[int, list[int]]) -> dict[int, int]:
         """Runs one plan through all layers; returns the sampled token of each sequence."""
