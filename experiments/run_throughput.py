@@ -32,6 +32,12 @@ _GEN_LEN = flags.DEFINE_integer("gen_len", 32, "Tokens generated per request.")
 _KV_CACHE_GB = flags.DEFINE_float("kv_cache_gb", 0.25, "Host KV cache size in GB (1e9 bytes).")
 _PAGE_SIZE = flags.DEFINE_integer("page_size", 16, "Tokens per KV page.")
 _TOKEN_BUDGET = flags.DEFINE_integer("token_budget", 512, "Tokens per iteration (n_real).")
+_DEVICE_LAYERS = flags.DEFINE_integer("device_weight_layers", 2,
+                                      "Decoder layers resident on the device (2 = double buffer).")
+_H2D_LIMIT = flags.DEFINE_float("h2d_limit_gb_per_s", None,
+                                "Cap the host->device weight stream (GB/s), e.g. 19.5 for PCIe.")
+_DEVICE_MEMORY_GB = flags.DEFINE_float("device_memory_gb", None,
+                                       "Device-memory cap for weights (GB); error if exceeded.")
 _POLICY = flags.DEFINE_enum("policy", "moe-lens", ["moe-lens"], "Scheduling policy.")
 _MODE = flags.DEFINE_enum("mode", "engine", ["engine", "reference"],
                           "engine: the MoE-Lens engine; reference: full-recompute oracle.")
@@ -77,10 +83,14 @@ def main(argv):
         wall = time.perf_counter() - t0
         generated = sum(len(o) for o in outs)
         result.update(mode="reference-recompute", iterations=max(r.max_new_tokens for r in reqs),
-                      preemptions=0, kv_peak_fraction=None, mean_tokens_per_iteration=None)
+                      preemptions=0, kv_peak_fraction=None, mean_tokens_per_iteration=None,
+                      h2d_gb_per_s=None)  # the reference keeps the whole model on the device
     else:
+        dev_mem = None if _DEVICE_MEMORY_GB.value is None else int(_DEVICE_MEMORY_GB.value * 1e9)
         engine = Engine(model, kv_cache_bytes=kv_bytes, page_size=_PAGE_SIZE.value,
-                        token_budget=_TOKEN_BUDGET.value, policy=_POLICY.value)
+                        token_budget=_TOKEN_BUDGET.value, policy=_POLICY.value,
+                        device_weight_layers=_DEVICE_LAYERS.value,
+                        h2d_limit_gb_per_s=_H2D_LIMIT.value, device_memory_bytes=dev_mem)
         engine.generate([Request(r.prompt, 2) for r in reqs[:2]])  # compile common shapes
         if _OUT.value:
             records, todo = generate_resumable(engine, reqs, _OUT.value,
@@ -105,16 +115,22 @@ def main(argv):
                       kv_peak_fraction=st.kv_peak_fraction,
                       mean_tokens_per_iteration=st.mean_tokens_per_iteration,
                       rejected=len(rejected), kv_pages=engine.kv_pages,
-                      processed_tokens_incl_recompute=st.processed_tokens)
+                      processed_tokens_incl_recompute=st.processed_tokens,
+                      h2d_gb_per_s=st.h2d_gb_per_s, h2d_bytes=st.h2d_bytes,
+                      device_weight_bytes=engine.device_weight_bytes)
+        if _H2D_LIMIT.value is not None:
+            result["h2d_limit_gb_per_s"] = _H2D_LIMIT.value
+        if dev_mem is not None:
+            result["device_memory_bytes"] = dev_mem
     result.update(
         num_requests=len(reqs), prompt_tokens=prompt_tokens, generated_tokens=generated,
         wall_s=wall, generated_tokens_per_s=generated / wall,
         processed_tokens_per_s=(generated + prompt_tokens) / wall,
-        h2d_gb_per_s=None,  # no weight mover yet: the whole model sits on the device
         flags=settings, machine=common.machine_fingerprint())
     print(common.table([(k, f"{result[k]:.3f}" if isinstance(result[k], float) else result[k])
                         for k in ("mode", "num_requests", "prompt_tokens", "generated_tokens",
-                                  "iterations", "preemptions", "kv_peak_fraction", "wall_s",
+                                  "iterations", "preemptions", "kv_peak_fraction",
+                                  "h2d_gb_per_s", "wall_s",
                                   "generated_tokens_per_s", "processed_tokens_per_s")],
                        "== results =="))
     common.print_json(result)

@@ -30,7 +30,16 @@ def test_run_throughput_engine_mode():
         assert key in result, key
     assert result["processed_tokens_per_s"] > result["generated_tokens_per_s"] > 0
     assert 0 < result["kv_peak_fraction"] <= 1
+    assert result["h2d_gb_per_s"] > 0 and "h2d_limit_gb_per_s" not in result
     assert result["flags"]["seed"] == 7
+
+
+def test_run_throughput_reports_caps():
+    result, _ = _run("experiments.run_throughput", "--model=tiny-mixtral", "--num_requests=2",
+                     "--prompt_len=8", "--gen_len=2", "--h2d_limit_gb_per_s=0.5",
+                     "--device_weight_layers=1", "--device_memory_gb=1", "--progress=false")
+    assert result["h2d_limit_gb_per_s"] == 0.5 and result["device_memory_bytes"] == 10**9
+    assert 0 < result["h2d_gb_per_s"] <= 0.5 * 1.02
 
 
 def test_run_throughput_reference_mode():

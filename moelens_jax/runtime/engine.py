@@ -15,10 +15,12 @@ Logits are computed for the last token of each sequence only. Token counts are p
 power-of-two buckets so a run compiles a handful of shapes; padding rows are masked out of
 prefill attention and point decode attention at a one-token pad sequence.
 
+Weights stay on the host: the `WeightMover` streams each layer's contiguous buffer into a
+device window of `device_weight_layers` layers on its own thread while earlier layers compute
+(optionally capped to a link bandwidth); only embedding, final norm and lm_head stay resident.
+
 Status: serial mode only (stages run one after another; the right default on a CPU-only
-backend, where all stages share the cores); the whole model is placed on the device once
-(`Model.device_weights`). The per-layer weight mover, VSLPipe overlap, telemetry traces and
-resumable output files are not implemented yet.
+backend, where all stages share the cores). VSLPipe overlap is not implemented yet.
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ from tqdm.auto import tqdm
 from moelens_jax.kv import PagedKVStore, cpu_decode_attention
 from moelens_jax.model import transformer
 from moelens_jax.model.model import Model
+from moelens_jax.model.weights import ModelWeights
+from moelens_jax.runtime.mover import WeightMover, resident_bytes
 from moelens_jax.runtime.sampling import SamplingParams, sample
 from moelens_jax.runtime.scheduler import Plan, RequestRejected, Scheduler
 
@@ -71,6 +75,8 @@ class RunStats:
     wall_s: float = 0.0
     kv_peak_pages: int = 0
     kv_pages: int = 0
+    h2d_bytes: int = 0  # weight bytes streamed host -> device in this run
+    h2d_gb_per_s: float | None = None  # achieved over the link's busy time (engine lifetime)
     per_iteration: list[dict] = dataclasses.field(default_factory=list)
 
     @property
@@ -154,11 +160,17 @@ class Engine:
         512 until the performance model supplies it.
       kv_dtype: KV storage dtype (default: the model's dtype).
       policy: "moe-lens" (the only policy implemented so far).
+      device_weight_layers: decoder layers resident on the device at once (2 = double buffer).
+      h2d_limit_gb_per_s: optional cap on the host-to-device weight stream (research knob).
+      device_memory_bytes: optional device-memory cap; the weight window plus resident
+        embedding/lm_head must fit under it.
     """
 
     def __init__(self, model: Model, *, kv_cache_bytes: int, page_size: int = 16,
-                 token_budget: int | None = None, kv_dtype: str | None = None,
-                 policy: str = "moe-lens"):
+                 device_weight_layers: int = 2, token_budget: int | None = None,
+                 kv_dtype: str | None = None, policy: str = "moe-lens",
+                 h2d_limit_gb_per_s: float | None = None,
+                 device_memory_bytes: int | None = None):
         if policy != "moe-lens":
             raise ValueError(f"unknown policy {policy!r}; implemented: 'moe-lens'")
         cfg = model.config
@@ -178,7 +190,19 @@ class Engine:
         for layer in range(cfg.num_layers):
             self.store.append([PAD_SEQ], [1], layer, zero, zero)
         self.mode = "serial"
-        self._weights = model.device_weights()
+        self.mover = WeightMover(model, depth=device_weight_layers,
+                                 h2d_limit_gb_per_s=h2d_limit_gb_per_s)
+        self.h2d_limit_gb_per_s = h2d_limit_gb_per_s
+        self.device_memory_bytes = device_memory_bytes
+        self.device_weight_bytes = resident_bytes(model) + self.mover.device_bytes()
+        if device_memory_bytes is not None and self.device_weight_bytes > device_memory_bytes:
+            raise ValueError(
+                f"device_memory_bytes={device_memory_bytes} is too small: the weight window of "
+                f"{self.mover.depth} layer(s) x {self.mover.layer_bytes} B plus resident "
+                f"embedding/lm_head needs {self.device_weight_bytes} B")
+        w = model.weights
+        self._weights = jax.device_put(ModelWeights(embed=w.embed, layers=(),
+                                                    final_norm=w.final_norm, lm_head=w.lm_head))
         self._fn = _stage_functions(cfg)
         self._decode_attn = jax.jit(
             lambda q, ids, layer: cpu_decode_attention(self.store, q, ids, layer))
@@ -228,6 +252,7 @@ class Engine:
                          prompt_tokens=sum(len(reqs[i].prompt) for i in tokens))
         self.stats = stats
         bar = tqdm(total=len(tokens), disable=not progress, unit="req", desc="generate")
+        h2d_before = self.mover.bytes_moved
         t0 = time.perf_counter()
         try:
             while not sched.done:
@@ -243,6 +268,8 @@ class Engine:
                     self.store.free_sequence(rid)
         stats.wall_s = time.perf_counter() - t0
         stats.preemptions = sched.total_preemptions
+        stats.h2d_bytes = self.mover.bytes_moved - h2d_before
+        stats.h2d_gb_per_s = self.mover.h2d_gb_per_s
         assert self.store.free_pages() == self.kv_pages, "KV pages leaked"
         return results
 
@@ -316,7 +343,8 @@ class Engine:
         ids_np, counts_np = np.array(ids, np.int64), np.array(counts, np.int32)
 
         x = self._fn.embed(self._weights, tok)
-        for layer, lw in enumerate(self._weights.layers):
+        for layer in range(self.cfg.num_layers):
+            lw = self.mover.get(layer)
             q, k, v = self._fn.ga(lw, x, pos_a)
             self.store.append(ids_np, counts_np, layer, np.asarray(k[:n_real]),
                               np.asarray(v[:n_real]))

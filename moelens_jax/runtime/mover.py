@@ -1,0 +1,145 @@
+"""The weight mover: streams each layer's contiguous host buffer to the device on its own thread.
+
+Each decoder layer lives in one contiguous host buffer (`Model.host_layers[i].buffer`); the
+mover copies the whole buffer in one transfer into a device window of `depth` layers
+(double buffering at 2) while earlier layers compute, and unpacks it on the device into typed
+weights (slices + bitcasts, jitted). Embedding, final norm and lm_head stay resident.
+
+For research on small machines the mover takes a link-bandwidth cap (`h2d_limit_gb_per_s`,
+enforced as a token bucket after each transfer) so a CPU box can be put in the regime of a GPU
+behind PCIe. Where the backend offers a `pinned_host` memory kind and the device is not the
+CPU itself, layer buffers are staged there once so every transfer starts from pinned memory.
+
+On the CPU backend `jax.device_put` of an aligned host buffer may alias it instead of copying,
+so an uncapped "transfer" there costs almost nothing and its rate is not a link measurement;
+use the cap to emulate a PCIe link.
+
+Small latency-critical copies (q/k/v to the host, attention outputs back) never wait behind
+weight copies: they are issued by the engine's thread, the mover copies on its own.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import functools
+import threading
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from moelens_jax.model.model import Model
+from moelens_jax.model.weights import LAYER_FIELDS, NP_DTYPES, LayerLayout, LayerWeights
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def unpack_layer(layout: LayerLayout, buf_u8: jax.Array) -> LayerWeights:
+    """Typed `LayerWeights` from a layer's raw uint8 buffer (on whatever device it lives)."""
+    dt = NP_DTYPES[layout.dtype]
+    fields = dict.fromkeys(LAYER_FIELDS)
+    for slot in layout.slots:
+        raw = jax.lax.slice(buf_u8, (slot.offset,), (slot.offset + slot.nbytes,))
+        typed = jax.lax.bitcast_convert_type(raw.reshape(-1, dt.itemsize), jnp.dtype(dt))
+        fields[slot.name] = typed.reshape(slot.shape)
+    return LayerWeights(**fields)
+
+
+class WeightMover:
+    """Keeps a window of `depth` layers on the device, prefetching on a background thread.
+
+    Args:
+      model: its `host_layers` are the source buffers.
+      depth: layers resident on the device at once (>= 1; 2 = double buffering).
+      h2d_limit_gb_per_s: optional cap on the achieved host-to-device rate (GB = 1e9 bytes).
+      device: target device (default: the default device).
+    """
+
+    def __init__(self, model: Model, depth: int = 2, h2d_limit_gb_per_s: float | None = None,
+                 device=None):
+        if depth < 1:
+            raise ValueError(f"device_weight_layers must be >= 1, got {depth}")
+        if h2d_limit_gb_per_s is not None and h2d_limit_gb_per_s <= 0:
+            raise ValueError("h2d_limit_gb_per_s must be positive")
+        self.model = model
+        self.num_layers = len(model.host_layers)
+        self.depth = min(depth, self.num_layers)
+        self.limit = h2d_limit_gb_per_s
+        self.device = device or jax.devices()[0]
+        self.layout = model.host_layers[0].layout
+        self.layer_bytes = self.layout.nbytes
+        kinds = {m.kind for m in self.device.addressable_memories()}
+        self.pinned = self.device.platform != "cpu" and "pinned_host" in kinds
+        if self.pinned:
+            sharding = jax.sharding.SingleDeviceSharding(self.device, memory_kind="pinned_host")
+            self._src = [jax.device_put(l.buffer, sharding) for l in model.host_layers]
+        else:
+            self._src = [l.buffer for l in model.host_layers]
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="weight-mover")
+        self._window: dict[int, concurrent.futures.Future] = {}
+        self._lock = threading.Lock()
+        self._next_free = 0.0  # token bucket: earliest time the link is free again
+        self.bytes_moved = 0
+        self.copy_s = 0.0  # time spent copying
+        self.link_s = 0.0  # time the (possibly capped) link was busy: copy + throttle
+
+    def _copy(self, layer: int) -> LayerWeights:
+        t0 = time.perf_counter()
+        buf = jax.device_put(self._src[layer], self.device)
+        buf.block_until_ready()
+        t1 = time.perf_counter()
+        end = t1
+        if self.limit:
+            start = max(t0, self._next_free)
+            end = max(t1, start + self.layer_bytes / (self.limit * 1e9))
+            self._next_free = end
+            if end > t1:
+                time.sleep(end - t1)
+        weights = unpack_layer(self.layout, buf)
+        jax.block_until_ready(weights)
+        with self._lock:
+            self.bytes_moved += self.layer_bytes
+            self.copy_s += t1 - t0
+            self.link_s += end - t0
+        return weights
+
+    def prefetch(self, layer: int) -> None:
+        """Starts copying `layer` (mod num_layers) unless it is resident or in flight."""
+        layer %= self.num_layers
+        if layer not in self._window:
+            self._window[layer] = self._pool.submit(self._copy, layer)
+
+    def get(self, layer: int) -> LayerWeights:
+        """Layer `layer`'s device weights; prefetches the next depth-1 layers (wrapping)."""
+        ahead = [(layer + i) % self.num_layers for i in range(self.depth)]
+        for stale in [l for l in self._window if l not in ahead]:
+            del self._window[stale]  # outside the window: free its device buffer
+        self.prefetch(layer)
+        for l in ahead[1:]:
+            self.prefetch(l)
+        return self._window[layer].result()
+
+    @property
+    def h2d_gb_per_s(self) -> float | None:
+        """Achieved host-to-device rate over the link's busy time (throttling included)."""
+        return self.bytes_moved / self.link_s / 1e9 if self.link_s else None
+
+    def device_bytes(self) -> int:
+        return self.depth * self.layer_bytes
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+        self._window.clear()
+
+    def __del__(self):
+        try:
+            self._pool.shutdown(wait=False)
+        except Exception:  # interpreter shutdown
+            pass
+
+
+def resident_bytes(model: Model) -> int:
+    """Device bytes of the always-resident weights (embedding, final norm, lm_head)."""
+    w = model.weights
+    arrays = [w.embed, w.final_norm] + ([] if w.lm_head is None else [w.lm_head])
+    return int(sum(np.asarray(a).nbytes for a in arrays))
