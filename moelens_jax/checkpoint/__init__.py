@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from moelens_jax.checkpoint.hf import load_hf
+from moelens_jax.checkpoint.hf import load_hf, save_hf
 from moelens_jax.checkpoint.orbax_io import CONFIG_FILE, load_orbax, save_model
 from moelens_jax.checkpoint.safetensors_io import CheckpointError
 from moelens_jax.config import ConfigError, get_preset, preset_names
@@ -45,4 +45,4 @@ def load_model(path_or_preset, *, dtype: str | None = None, seed: int = 0,
                             f"(presets: {', '.join(preset_names())})")
 
 
-__all__ = ["CheckpointError", "load_hf", "load_model", "load_orbax", "save_model"]
+__all__ = ["CheckpointError", "load_hf", "load_model", "load_orbax", "save_hf", "save_model"]

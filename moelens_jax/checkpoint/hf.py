@@ -18,7 +18,11 @@ import os
 import numpy as np
 from tqdm.auto import tqdm
 
-from moelens_jax.checkpoint.safetensors_io import CheckpointError, SafetensorsFile
+from moelens_jax.checkpoint.safetensors_io import (
+    CheckpointError,
+    SafetensorsFile,
+    write_safetensors,
+)
 from moelens_jax.config import ConfigError, ModelConfig
 from moelens_jax.model.model import Model
 from moelens_jax.model.weights import NP_DTYPES, HostLayer, LayerLayout
@@ -178,3 +182,28 @@ def load_hf(folder: str, dtype: str | None = None, progress: bool = False) -> Mo
                 dst = dst[s.expert]
         dst[...] = src.T if s.transpose else src
     return Model(cfg, layers, rest, source=os.path.abspath(folder))
+
+
+def save_hf(model: Model, folder: str) -> None:
+    """Writes `model` as a HF checkpoint folder (config.json + model.safetensors) that
+    `transformers` and `load_hf` both read; the inverse of `load_hf`, bit for bit."""
+    cfg = model.config.replace(dtype=model.dtype)
+    if os.path.exists(folder) and os.listdir(folder):
+        raise FileExistsError(f"{folder} exists and is not empty")
+    os.makedirs(folder, exist_ok=True)
+    tensors: dict[str, np.ndarray] = {}
+    w = model.weights
+    rest = {"embed": w.embed, "final_norm": w.final_norm, "lm_head": w.lm_head}
+    for s in expected_tensors(cfg):
+        if s.layer is None:
+            src = np.asarray(rest[s.field])
+        else:
+            src = np.asarray(getattr(w.layers[s.layer], s.field))
+            if s.expert is not None:
+                src = src[s.expert]
+        arr = np.ascontiguousarray(src.T if s.transpose else src)
+        assert arr.shape == s.hf_shape, (s.hf_name, arr.shape, s.hf_shape)
+        tensors[s.hf_name] = arr
+    write_safetensors(os.path.join(folder, "model.safetensors"), tensors)
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(cfg.to_hf(), f, indent=2)

@@ -68,3 +68,32 @@ class SafetensorsFile:
         if end == start:
             return np.empty(shape, dt)
         return self._mmap[self._base + start:self._base + end].view(dt).reshape(shape)
+
+
+_DTYPE_TO_ST = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16",
+                np.dtype(ml_dtypes.bfloat16): "BF16"}
+
+
+def write_safetensors(path: str, tensors: dict[str, np.ndarray],
+                      metadata: dict[str, str] | None = None) -> None:
+    """Writes a .safetensors file (bfloat16 included, which safetensors' numpy backend lacks).
+
+    Tensors are written one by one (peak extra memory: one tensor), in name order.
+    """
+    header: dict = {"__metadata__": metadata or {"format": "pt"}}
+    offset = 0
+    names = sorted(tensors)
+    for name in names:
+        t = tensors[name]
+        if t.dtype not in _DTYPE_TO_ST:
+            raise CheckpointError(f"cannot write tensor {name!r} of dtype {t.dtype}")
+        header[name] = {"dtype": _DTYPE_TO_ST[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + t.nbytes]}
+        offset += t.nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # keep the data 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for name in names:
+            f.write(np.ascontiguousarray(tensors[name]).tobytes())

@@ -9,8 +9,9 @@ grouped GEMMs; combine scatters the rows back and sums them with the routing wei
 * ``"ragged"`` — `jax.lax.ragged_dot`, one grouped GEMM per projection. GPU/TPU lower it to real
   grouped GEMMs. XLA:CPU (jax 0.10) lowers it to a dense masked matmul that does E times the
   work (measured 6x slower than "blocked" for 8 experts), so it is not the CPU default.
-* ``"blocked"`` — rows of each expert padded to a multiple of `BLOCK_ROWS`, then a loop over
-  row blocks, each a dense SwiGLU with its expert's weights (padding <= E*(BLOCK_ROWS-1) rows).
+* ``"blocked"`` — rows of each expert padded to a multiple of a block height (<= `BLOCK_ROWS`,
+  sized to the batch), then a loop over row blocks, each a dense SwiGLU with its expert's
+  weights (padding < E blocks).
 * ``"auto"`` (default) — "blocked" when tracing for the CPU backend, else "ragged".
 
 `reference.expert_ffn_loop` is the per-expert loop both are tested against.
@@ -91,11 +92,19 @@ def expert_ffn(w_gate_ehf: jax.Array, w_up_ehf: jax.Array, w_down_efh: jax.Array
 
 
 def expert_ffn_blocked(w_gate_ehf, w_up_ehf, w_down_efh, x_mh, group_sizes_e,
-                       block: int = BLOCK_ROWS) -> jax.Array:
-    """Grouped SwiGLU as a loop over expert-homogeneous row blocks (see module docstring)."""
+                       block: int | None = None) -> jax.Array:
+    """Grouped SwiGLU as a loop over expert-homogeneous row blocks (see module docstring).
+
+    The block height defaults to the expected rows per expert (m / E) rounded up to a power of
+    two, clamped to [8, BLOCK_ROWS]: small batches (decode) waste little padding, large ones
+    get efficient GEMM tiles.
+    """
     with jax.named_scope("expert_gemms_blocked"):
         m, h = x_mh.shape
         E = w_gate_ehf.shape[0]
+        if block is None:
+            per_expert = max(1, -(-m // E))
+            block = min(BLOCK_ROWS, max(8, 1 << (per_expert - 1).bit_length()))
         n_blocks = -(-m // block) + E  # static bound on sum_e ceil(g_e / block)
         ends = jnp.cumsum(group_sizes_e)
         starts = ends - group_sizes_e
