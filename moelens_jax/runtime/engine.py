@@ -4,7 +4,8 @@ Each iteration runs the scheduler's plan as one pass over all layers, every laye
 stages of DESIGN section 3:
 
 * GA (jitted, default device): RMSNorm, QKV, RoPE for every token of the iteration, and causal
-  attention of prefill tokens within their own sequence (segment mask);
+  attention of prefill tokens within their own sequence (block-sparse over 64-row tiles: only
+  tile pairs that share a sequence are computed, merged by log-sum-exp);
 * C (host): the new K/V of every token are appended to the paged C++ store (an eager host call,
   so JAX can never drop or repeat it), then decode tokens attend over their cached tokens with
   the C++ kernel (`cpu_decode_attention`, jitted on the CPU device: XLA FFI there);
@@ -106,7 +107,7 @@ class RunStats:
 
 
 def _bucket(n: int, minimum: int = 8) -> int:
-    return max(minimum, 1 << (max(n, 1) - 1).bit_length())
+    return max(minimum, 1 << (max(int(n), 1) - 1).bit_length())
 
 
 def segment_causal_attention(q_nhd, k_ngd, v_ngd, seg_n, pos_n):
@@ -144,9 +145,63 @@ def _stage_functions(cfg) -> _StageFunctions:
         embed=jax.jit(transformer.embed),
         ga=jax.jit(functools.partial(transformer.pre_attention, cfg)),
         gb=jax.jit(functools.partial(transformer.post_attention, cfg)),
-        prefill_attn=jax.jit(segment_causal_attention),
+        prefill_attn=jax.jit(tiled_prefill_attention),
         place=jax.jit(lambda a, b, start: jax.lax.dynamic_update_slice(a, b, (start, 0, 0))),
         logits=jax.jit(lambda w, x, idx: transformer.logits(cfg, w, x[idx])))
+
+
+TILE = 64  # rows per tile of the block-sparse prefill attention
+
+
+def prefill_tile_pairs(seg: np.ndarray, n_pre: int, n_rows: int, tile: int = TILE) -> np.ndarray:
+    """(query tile, key tile) pairs whose rows can attend (same segment, causal), padded.
+
+    Prefill segments are contiguous runs of rows, so query tile i needs key tiles from the
+    tile holding its first row's segment start up to i. Returns int32 [P_bucket, 3]: query
+    tile, key tile, and 1 for a real pair / 0 for bucket padding (ignored by the attention).
+    """
+    pairs = []
+    starts = np.zeros(n_pre, np.int64)
+    if n_pre:
+        new_seg = np.r_[True, seg[1:n_pre] != seg[:n_pre - 1]]
+        starts = np.maximum.accumulate(np.where(new_seg, np.arange(n_pre), 0))
+    for i in range(-(-n_pre // tile)):
+        for j in range(starts[i * tile] // tile, i + 1):
+            pairs.append((i, j, 1))
+    pairs += [(0, 0, 0)] * (_bucket(len(pairs), 1) - len(pairs))
+    return np.asarray(pairs, np.int32).reshape(-1, 3)
+
+
+def tiled_prefill_attention(q_nhd, k_ngd, v_ngd, seg_n, pos_n, pairs_p3):
+    """`segment_causal_attention` computed only on the listed tile pairs, merged by LSE.
+
+    Costs O(pairs * TILE^2) instead of O(n^2): an iteration of many short prompts touches a
+    thin band around the diagonal.
+    """
+    n, hq, d = q_nhd.shape
+    g = k_ngd.shape[1]
+    s = hq // g
+    nt = n // TILE
+    qt = q_nhd.astype(jnp.float32).reshape(nt, TILE, g, s, d)
+    kt = k_ngd.astype(jnp.float32).reshape(nt, TILE, g, d)
+    vt = v_ngd.astype(jnp.float32).reshape(nt, TILE, g, d)
+    segt, post = seg_n.reshape(nt, TILE), pos_n.reshape(nt, TILE)
+    qi, kj, real = pairs_p3[:, 0], pairs_p3[:, 1], pairs_p3[:, 2] > 0
+    logits = jnp.einsum("ptgsd,pugd->pgstu", qt[qi], kt[kj]) * d ** -0.5
+    sq, sk, pq, pk = segt[qi], segt[kj], post[qi], post[kj]
+    valid = ((sq[:, :, None] == sk[:, None, :]) & (sq[:, :, None] >= 0)
+             & (pk[:, None, :] <= pq[:, :, None]) & real[:, None, None])[:, None, None]
+    logits = jnp.where(valid, logits, -1e30)
+    m = jnp.max(logits, axis=-1)  # [P, g, s, T]
+    p = jnp.where(valid, jnp.exp(logits - m[..., None]), 0.0)
+    l_ = jnp.sum(p, axis=-1)
+    o = jnp.einsum("pgstu,pugd->pgstd", p, vt[kj])
+    big_m = jax.ops.segment_max(m, qi, num_segments=nt)  # [nt, g, s, T]
+    w = jnp.exp(m - big_m[qi])
+    den = jax.ops.segment_sum(l_ * w, qi, num_segments=nt)
+    num = jax.ops.segment_sum(o * w[..., None], qi, num_segments=nt)
+    out = jnp.where(den[..., None] > 0, num / jnp.maximum(den, 1e-30)[..., None], 0.0)
+    return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(n, hq, d)
 
 
 class Engine:
@@ -334,13 +389,14 @@ class Engine:
         n_dec = len(plan.decode)
         n_real = len(rows)
         dec_b = _bucket(n_dec) if n_dec else 0
-        nb = _bucket(n_pre + dec_b)
+        nb = _bucket(n_pre + dec_b, TILE)
         pad = nb - n_real
         tok = jnp.asarray(np.array(rows + [0] * pad, np.int32))
         pos_a = jnp.asarray(np.array(pos + [0] * pad, np.int32))
         seg_a = jnp.asarray(np.array(seg + [-1] * pad, np.int32))
         dec_ids = jnp.asarray(np.array(list(plan.decode) + [PAD_SEQ] * (dec_b - n_dec), np.int32))
         ids_np, counts_np = np.array(ids, np.int64), np.array(counts, np.int32)
+        pairs = jnp.asarray(prefill_tile_pairs(np.array(seg, np.int64), n_pre, nb))
 
         x = self._fn.embed(self._weights, tok)
         for layer in range(self.cfg.num_layers):
@@ -348,7 +404,7 @@ class Engine:
             q, k, v = self._fn.ga(lw, x, pos_a)
             self.store.append(ids_np, counts_np, layer, np.asarray(k[:n_real]),
                               np.asarray(v[:n_real]))
-            attn = self._fn.prefill_attn(q, k, v, seg_a, pos_a)
+            attn = self._fn.prefill_attn(q, k, v, seg_a, pos_a, pairs)
             if n_dec:
                 dec = self._decode_attn(q[n_pre:n_pre + dec_b], dec_ids, layer)
                 attn = self._fn.place(attn, dec, n_pre)
