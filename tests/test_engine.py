@@ -227,3 +227,12 @@ def test_tiled_prefill_attention_equals_dense_segment_attention(seed):
         reference.assert_close(got, want, atol=1e-5, name=f"tiled prefill attention {lens}")
         real = pairs[pairs[:, 2] > 0]
         assert len({tuple(p) for p in real}) == len(real)  # no pair counted twice
+
+
+def test_public_api_contract():
+    """DESIGN section 6: the research API names users depend on."""
+    assert mj.Engine is Engine and mj.Request is Request and mj.SamplingParams is SamplingParams
+    import inspect
+    params = inspect.signature(mj.Engine).parameters
+    assert params["page_size"].default == 16 and params["policy"].default == "moe-lens"
+    assert params["kv_cache_bytes"].kind is inspect.Parameter.KEYWORD_ONLY
