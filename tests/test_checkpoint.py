@@ -229,3 +229,9 @@ def test_save_hf_writes_bf16(tmp_path):
                for a, b in zip(model.host_layers, back.host_layers, strict=True))
     with pytest.raises(FileExistsError):
         save_hf(model, str(tmp_path / "hf"))
+
+
+def test_corrupt_tokenizer_is_a_clear_error(ckpt):
+    (ckpt / "tokenizer.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="unreadable tokenizer"):
+        mj.load_model(ckpt)

@@ -236,3 +236,28 @@ def test_public_api_contract():
     params = inspect.signature(mj.Engine).parameters
     assert params["page_size"].default == 16 and params["policy"].default == "moe-lens"
     assert params["kv_cache_bytes"].kind is inspect.Parameter.KEYWORD_ONLY
+
+
+def test_text_prompts_with_the_checkpoint_tokenizer(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from moelens_jax.checkpoint import save_hf
+    model = _model()
+    folder = tmp_path / "ck"
+    save_hf(model, str(folder))
+    vocab = {f"w{i}": i for i in range(model.config.vocab_size)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(folder / "tokenizer.json"))
+    loaded = mj.load_model(folder)
+    assert loaded.encode("w5 w17 w3") == [5, 17, 3]
+    eng = Engine(loaded, kv_cache_bytes=_kv_bytes(loaded.config, 512, 16))
+    streamed = []
+    text_res, ids_res = eng.generate(["w5 w17 w3", Request((5, 17, 3), 6)],
+                                     max_new_tokens=6, on_finish=streamed.append)
+    assert text_res.tokens == ids_res.tokens
+    assert text_res.text == " ".join(f"w{t}" for t in text_res.tokens)
+    assert ids_res.text is None
+    assert any(r.text == text_res.text for r in streamed)
+    with pytest.raises(ValueError, match="text prompts need a tokenizer"):
+        Engine(model, kv_cache_bytes=_kv_bytes(model.config, 512, 16)).generate(["w1 w2"])

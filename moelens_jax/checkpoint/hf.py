@@ -181,7 +181,15 @@ def load_hf(folder: str, dtype: str | None = None, progress: bool = False) -> Mo
             if s.expert is not None:
                 dst = dst[s.expert]
         dst[...] = src.T if s.transpose else src
-    return Model(cfg, layers, rest, source=os.path.abspath(folder))
+    model = Model(cfg, layers, rest, source=os.path.abspath(folder))
+    tok_path = os.path.join(folder, "tokenizer.json")
+    if os.path.isfile(tok_path):
+        from tokenizers import Tokenizer
+        try:
+            model.tokenizer = Tokenizer.from_file(tok_path)
+        except Exception as e:  # the tokenizers library raises a bare Exception
+            raise CheckpointError(f"{tok_path}: unreadable tokenizer ({e})") from e
+    return model
 
 
 def save_hf(model: Model, folder: str) -> None:

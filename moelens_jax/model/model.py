@@ -58,6 +58,7 @@ class Model:
         self.host_layers = host_layers
         self.weights = assemble(host_layers, rest)
         self.source = source
+        self.tokenizer = None  # a `tokenizers.Tokenizer` when the checkpoint ships one
         self._device_weights = None
 
     @property
@@ -89,6 +90,18 @@ class Model:
                 "its forward pass is not implemented")
         tokens = check_tokens(tokens_bt, self.config.vocab_size)
         return _forward_jit(self.config, self.device_weights(), tokens)
+
+    def encode(self, text: str) -> list[int]:
+        """Text -> token ids with the checkpoint's tokenizer.json."""
+        if self.tokenizer is None:
+            raise ValueError("text prompts need a tokenizer: this model was loaded from "
+                             f"{self.source or 'a preset'} without a tokenizer.json")
+        return list(self.tokenizer.encode(text).ids)
+
+    def decode(self, tokens: list[int]) -> str:
+        if self.tokenizer is None:
+            raise ValueError("decoding needs a tokenizer (no tokenizer.json was loaded)")
+        return self.tokenizer.decode(list(tokens))
 
     def save(self, path) -> None:
         """Writes an orbax checkpoint folder that `load_model(path)` restores bit-identically."""

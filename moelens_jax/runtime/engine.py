@@ -49,9 +49,10 @@ PAD_SEQ = -1  # a one-token sequence in the store that padding rows of decode at
 
 @dataclasses.dataclass(frozen=True)
 class Request:
-    """A token-id prompt and how many tokens to generate."""
+    """A prompt (token ids, or text when the model has a tokenizer) and how many tokens to
+    generate."""
 
-    prompt: tuple[int, ...]
+    prompt: tuple[int, ...] | str
     max_new_tokens: int
     stop_ids: tuple[int, ...] = ()
 
@@ -64,6 +65,7 @@ class GenerationResult:
     prompt_len: int
     error: str | None = None
     preemptions: int = 0
+    text: str | None = None  # decoded output, for text prompts
 
 
 @dataclasses.dataclass
@@ -279,15 +281,29 @@ class Engine:
         error message; the rest of the batch completes.
 
         Args:
-          requests: `Request`s, or token-id sequences (then `max_new_tokens` applies, default 16).
+          requests: `Request`s, token-id sequences or strings (then `max_new_tokens` applies,
+            default 16). Text needs a model loaded with a tokenizer.json; its results carry the
+            decoded `text` too.
           sampling: greedy by default.
           on_finish: called with each result as soon as its request finishes (or is rejected),
             e.g. to stream results to disk.
           progress: show a progress bar (requests done, generated tokens/s, KV use).
         """
         self._sampling = sampling or SamplingParams()
-        reqs = [r if isinstance(r, Request) else Request(tuple(r), max_new_tokens or 16)
+        reqs = [r if isinstance(r, Request) else
+                Request(r if isinstance(r, str) else tuple(r), max_new_tokens or 16)
                 for r in requests]
+        is_text = [isinstance(r.prompt, str) for r in reqs]
+        if any(is_text):
+            reqs = [dataclasses.replace(r, prompt=tuple(self.model.encode(r.prompt)))
+                    if t else r for r, t in zip(reqs, is_text, strict=True)]
+        if any(is_text) and on_finish is not None:
+            user_cb = on_finish
+
+            def on_finish(res):  # noqa: F811 - add text before handing the result on
+                if is_text[res.index] and res.tokens:
+                    res.text = self.model.decode(res.tokens)
+                user_cb(res)
         sched = Scheduler(self.kv_pages, self.page_size, self.token_budget)
         results: list[GenerationResult | None] = [None] * len(reqs)
         tokens: dict[int, list[int]] = {}
@@ -326,6 +342,9 @@ class Engine:
         stats.h2d_bytes = self.mover.bytes_moved - h2d_before
         stats.h2d_gb_per_s = self.mover.h2d_gb_per_s
         assert self.store.free_pages() == self.kv_pages, "KV pages leaked"
+        for res, text in zip(results, is_text, strict=True):
+            if text and res.tokens and res.text is None:
+                res.text = self.model.decode(res.tokens)
         return results
 
     def _step(self, sched, reqs, tokens, results, stats, notify, t0) -> None:

@@ -54,7 +54,9 @@ def generate_resumable(engine: Engine, requests: Sequence[Request], path: str, *
             rec = {"id": todo[res.index], "tokens": res.tokens,
                    "finish_reason": res.finish_reason, "prompt_len": res.prompt_len,
                    "error": res.error}
-            if decode is not None and res.tokens:
+            if res.text is not None:
+                rec["text"] = res.text
+            elif decode is not None and res.tokens:
                 rec["text"] = decode(res.tokens)
             f.write(json.dumps(rec) + "\n")
             f.flush()
