@@ -4,8 +4,9 @@
 //
 // Ops provides: kLanes; kHasF16; Vec; Zero(); LoadF(const float*); Load(Tag, const uint8_t*)
 // converting the storage type to float32 lanes; Set1(float); Fma(a, b, c) = a*b + c;
-// Mul/Add/Sub(a, b); Exp(Vec) (float32-accurate); Store(float*, Vec); Sum(Vec) (horizontal
-// add); Prefetch(const void*).
+// Mul/Add/Sub/Min/Max(a, b); Round (to nearest integer), Pow2 (2^n for integral n); Exp(Vec)
+// (float32-accurate, usually CephesExp); Store(float*, Vec); Sum(Vec) (horizontal add);
+// Prefetch(const void*).
 #pragma once
 
 #include <algorithm>
@@ -17,6 +18,25 @@
 
 namespace moelens {
 namespace kernel {
+
+// Cephes-style expf for any Ops: range reduction x = n ln2 + r (|r| <= ln2/2), a degree-6
+// polynomial, 2^n from the exponent bits (Ops::Round, Ops::Pow2). Relative error ~1e-7 on
+// [-87.3, 88.3]; inputs are clamped to that range.
+template <class Ops>
+inline typename Ops::Vec CephesExp(typename Ops::Vec x) {
+  using Vec = typename Ops::Vec;
+  x = Ops::Min(Ops::Max(x, Ops::Set1(-87.3f)), Ops::Set1(88.3f));
+  const Vec n = Ops::Round(Ops::Mul(x, Ops::Set1(1.44269504088896341f)));
+  Vec r = Ops::Fma(n, Ops::Set1(-0.693359375f), x);
+  r = Ops::Fma(n, Ops::Set1(2.12194440e-4f), r);
+  Vec y = Ops::Set1(1.9875691500e-4f);
+  for (float c : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f,
+                  5.0000001201e-1f}) {
+    y = Ops::Fma(y, r, Ops::Set1(c));
+  }
+  y = Ops::Fma(y, Ops::Mul(r, r), Ops::Add(r, Ops::Set1(1.f)));
+  return Ops::Mul(y, Ops::Pow2(n));
+}
 
 struct TagBf16 {};
 struct TagF16 {};
@@ -64,7 +84,8 @@ inline void AccumulateValues(float* out, const uint8_t* vb, int d, int64_t elem,
     for (int i = 0; i < S; ++i) o[w][i] = Ops::LoadF(out + i * d + c + w * VL);
   for (int t = 0; t < ntok; ++t) {
     Vec vv[CC];
-    for (int w = 0; w < CC; ++w) vv[w] = Ops::Load(Tag{}, vb + (int64_t(t) * d + c + w * VL) * elem);
+    const uint8_t* row = vb + (int64_t(t) * d + c) * elem;
+    for (int w = 0; w < CC; ++w) vv[w] = Ops::Load(Tag{}, row + int64_t(w) * VL * elem);
     for (int i = 0; i < S; ++i) {
       const Vec pv = Ops::Set1(p[i][t]);
       for (int w = 0; w < CC; ++w) o[w][i] = Ops::Fma(pv, vv[w], o[w][i]);
