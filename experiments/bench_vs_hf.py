@@ -70,8 +70,8 @@ def main(argv):
 
     model = mj.load_model(_MODEL.value, dtype=_DTYPE.value, seed=_SEED.value)
     cfg = model.config
-    reqs = [Request(r.prompt, r.max_new_tokens) for r in workloads.synthetic(
-        _NUM_REQUESTS.value, _PROMPT_LEN.value, _GEN_LEN.value, cfg.vocab_size, seed=_SEED.value)]
+    reqs = workloads.synthetic(_NUM_REQUESTS.value, _PROMPT_LEN.value, _GEN_LEN.value,
+                               cfg.vocab_size, seed=_SEED.value)
     prompt_tokens = sum(len(r.prompt) for r in reqs)
     generated = len(reqs) * _GEN_LEN.value
     print(common.table([

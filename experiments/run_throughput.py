@@ -55,8 +55,8 @@ def main(argv):
     model = mj.load_model(_MODEL.value, dtype=_DTYPE.value, seed=_SEED.value, progress=True)
     load_s = time.perf_counter() - t0
     cfg = model.config
-    reqs = [Request(r.prompt, r.max_new_tokens) for r in workloads.synthetic(
-        _NUM_REQUESTS.value, _PROMPT_LEN.value, _GEN_LEN.value, cfg.vocab_size, seed=_SEED.value)]
+    reqs = workloads.synthetic(_NUM_REQUESTS.value, _PROMPT_LEN.value, _GEN_LEN.value,
+                               cfg.vocab_size, seed=_SEED.value)
     prompt_tokens = sum(len(r.prompt) for r in reqs)
     kv_bytes = int(_KV_CACHE_GB.value * 1e9)
     kv_per_token = cfg.kv_bytes_per_token()

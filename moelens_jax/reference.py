@@ -4,6 +4,8 @@
   `ragged_dot`), drop-in for `moe.expert_ffn`.
 * `moe_block_dense`: the whole MoE block computing every expert for every token and weighting
   by a dense [n, E] routing matrix (no sorting, no dispatch).
+* `segment_causal_attention`: prefill attention of packed sequences as one dense n x n masked
+  matrix, the reference for the engine's block-sparse tiled version.
 * `greedy_generate`: greedy decoding by full recompute with `transformer.forward` each step
   (no KV cache): the oracle for the engine.
 * `assert_close`: the one shared, dtype-aware comparison (finiteness first; reports max and RMS
@@ -53,6 +55,24 @@ def moe_block_dense(cfg: ModelConfig, lw, x_nh):
     if cfg.shared_expert_intermediate_size:
         out = out + moe.shared_expert(lw, x_nh)
     return out
+
+
+def segment_causal_attention(q_nhd, k_ngd, v_ngd, seg_n, pos_n):
+    """Causal attention of each row over earlier rows of its own segment (seg >= 0).
+
+    Rows with seg < 0 (decode and padding rows) get zeros.
+    """
+    n, hq, d = q_nhd.shape
+    g = k_ngd.shape[1]
+    s = hq // g
+    q = q_nhd.astype(jnp.float32).reshape(n, g, s, d)
+    logits = jnp.einsum("ngsd,mgd->gsnm", q, k_ngd.astype(jnp.float32)) * d ** -0.5
+    valid = ((seg_n[:, None] == seg_n[None, :]) & (seg_n[:, None] >= 0)
+             & (pos_n[None, :] <= pos_n[:, None]))
+    logits = jnp.where(valid, logits, -1e30)
+    probs = jax.nn.softmax(logits, axis=-1) * valid
+    out = jnp.einsum("gsnm,mgd->ngsd", probs, v_ngd.astype(jnp.float32))
+    return out.reshape(n, hq, d)
 
 
 @functools.partial(jax.jit, static_argnums=(0,))

@@ -8,15 +8,9 @@ are uniform over the vocabulary: with random weights only the lengths matter for
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 
-
-@dataclasses.dataclass(frozen=True)
-class Request:
-    prompt: tuple[int, ...]
-    max_new_tokens: int
+from moelens_jax.runtime.engine import Request
 
 
 def synthetic(num_requests: int, prompt_mean: float, gen_len: int, vocab_size: int,

@@ -199,11 +199,11 @@ def test_tiled_prefill_attention_equals_dense_segment_attention(seed):
     rows, pair counts that need bucket padding."""
     import jax.numpy as jnp
 
+    from moelens_jax.reference import segment_causal_attention
     from moelens_jax.runtime.engine import (
         TILE,
         _bucket,
         prefill_tile_pairs,
-        segment_causal_attention,
         tiled_prefill_attention,
     )
     rng = np.random.default_rng(seed)

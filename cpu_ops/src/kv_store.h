@@ -90,7 +90,7 @@ class KvStore {
   std::vector<int32_t> PageTable(int64_t seq_id) const;
 
   // Pages that must be newly allocated so that every sequence i can hold counts[i] more tokens
-  // (at the layer with the most tokens cached). Sequences may repeat? No: ids must be unique.
+  // (at the layer with the most tokens cached).
   int64_t PagesNeeded(const int64_t* seq_ids, const int32_t* counts, int64_t n) const;
 
   // Appends counts[i] tokens for seq_ids[i] at `layer`. `k` and `v` are

@@ -70,8 +70,7 @@ class SafetensorsFile:
         return self._mmap[self._base + start:self._base + end].view(dt).reshape(shape)
 
 
-_DTYPE_TO_ST = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16",
-                np.dtype(ml_dtypes.bfloat16): "BF16"}
+_DTYPE_TO_ST = {dt: name for name, dt in SUPPORTED_DTYPES.items()}
 
 
 def write_safetensors(path: str, tensors: dict[str, np.ndarray],

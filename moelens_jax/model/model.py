@@ -7,7 +7,7 @@ import functools
 import jax
 import numpy as np
 
-from moelens_jax.config import ModelConfig
+from moelens_jax.config import ConfigError, ModelConfig
 from moelens_jax.model import transformer
 from moelens_jax.model.weights import HostLayer, ModelWeights, assemble, weights_nbytes
 
@@ -85,9 +85,9 @@ class Model:
           TokenError: if `tokens_bt` is not a non-empty integer [B, T] array of valid ids.
         """
         if not self.config.runnable:
-            raise NotImplementedError(
+            raise ConfigError(
                 f"family {self.config.family!r} is shape-only (used by the performance model); "
-                "its forward pass is not implemented")
+                "it has no forward pass")
         tokens = check_tokens(tokens_bt, self.config.vocab_size)
         return _forward_jit(self.config, self.device_weights(), tokens)
 

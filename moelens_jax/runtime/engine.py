@@ -112,46 +112,6 @@ def _bucket(n: int, minimum: int = 8) -> int:
     return max(minimum, 1 << (max(int(n), 1) - 1).bit_length())
 
 
-def segment_causal_attention(q_nhd, k_ngd, v_ngd, seg_n, pos_n):
-    """Causal attention of each row over earlier rows of its own segment (seg >= 0).
-
-    Rows with seg < 0 (decode and padding rows) get zeros.
-    """
-    n, hq, d = q_nhd.shape
-    g = k_ngd.shape[1]
-    s = hq // g
-    q = q_nhd.astype(jnp.float32).reshape(n, g, s, d)
-    logits = jnp.einsum("ngsd,mgd->gsnm", q, k_ngd.astype(jnp.float32)) * d ** -0.5
-    valid = ((seg_n[:, None] == seg_n[None, :]) & (seg_n[:, None] >= 0)
-             & (pos_n[None, :] <= pos_n[:, None]))
-    logits = jnp.where(valid, logits, -1e30)
-    probs = jax.nn.softmax(logits, axis=-1) * valid
-    out = jnp.einsum("gsnm,mgd->ngsd", probs, v_ngd.astype(jnp.float32))
-    return out.reshape(n, hq, d)
-
-
-@dataclasses.dataclass(frozen=True)
-class _StageFunctions:
-    embed: object
-    ga: object
-    gb: object
-    prefill_attn: object
-    place: object
-    logits: object
-
-
-@functools.lru_cache(maxsize=16)
-def _stage_functions(cfg) -> _StageFunctions:
-    """Jitted device stages, shared by every engine of one config (compiles are reused)."""
-    return _StageFunctions(
-        embed=jax.jit(transformer.embed),
-        ga=jax.jit(functools.partial(transformer.pre_attention, cfg)),
-        gb=jax.jit(functools.partial(transformer.post_attention, cfg)),
-        prefill_attn=jax.jit(tiled_prefill_attention),
-        place=jax.jit(lambda a, b, start: jax.lax.dynamic_update_slice(a, b, (start, 0, 0))),
-        logits=jax.jit(lambda w, x, idx: transformer.logits(cfg, w, x[idx])))
-
-
 TILE = 64  # rows per tile of the block-sparse prefill attention
 
 
@@ -175,7 +135,8 @@ def prefill_tile_pairs(seg: np.ndarray, n_pre: int, n_rows: int, tile: int = TIL
 
 
 def tiled_prefill_attention(q_nhd, k_ngd, v_ngd, seg_n, pos_n, pairs_p3):
-    """`segment_causal_attention` computed only on the listed tile pairs, merged by LSE.
+    """`reference.segment_causal_attention` computed only on the listed tile pairs, merged by
+    LSE.
 
     Costs O(pairs * TILE^2) instead of O(n^2): an iteration of many short prompts touches a
     thin band around the diagonal.
@@ -204,6 +165,28 @@ def tiled_prefill_attention(q_nhd, k_ngd, v_ngd, seg_n, pos_n, pairs_p3):
     num = jax.ops.segment_sum(o * w[..., None], qi, num_segments=nt)
     out = jnp.where(den[..., None] > 0, num / jnp.maximum(den, 1e-30)[..., None], 0.0)
     return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(n, hq, d)
+
+
+@dataclasses.dataclass(frozen=True)
+class _StageFunctions:
+    embed: object
+    ga: object
+    gb: object
+    prefill_attn: object
+    place: object
+    logits: object
+
+
+@functools.lru_cache(maxsize=16)
+def _stage_functions(cfg) -> _StageFunctions:
+    """Jitted device stages, shared by every engine of one config (compiles are reused)."""
+    return _StageFunctions(
+        embed=jax.jit(transformer.embed),
+        ga=jax.jit(functools.partial(transformer.pre_attention, cfg)),
+        gb=jax.jit(functools.partial(transformer.post_attention, cfg)),
+        prefill_attn=jax.jit(tiled_prefill_attention),
+        place=jax.jit(lambda a, b, start: jax.lax.dynamic_update_slice(a, b, (start, 0, 0))),
+        logits=jax.jit(lambda w, x, idx: transformer.logits(cfg, w, x[idx])))
 
 
 class Engine:
@@ -297,17 +280,15 @@ class Engine:
         if any(is_text):
             reqs = [dataclasses.replace(r, prompt=tuple(self.model.encode(r.prompt)))
                     if t else r for r, t in zip(reqs, is_text, strict=True)]
-        if any(is_text) and on_finish is not None:
-            user_cb = on_finish
+        def notify(res: GenerationResult) -> None:
+            if is_text[res.index] and res.tokens:
+                res.text = self.model.decode(res.tokens)
+            if on_finish is not None:
+                on_finish(res)
 
-            def on_finish(res):  # noqa: F811 - add text before handing the result on
-                if is_text[res.index] and res.tokens:
-                    res.text = self.model.decode(res.tokens)
-                user_cb(res)
         sched = Scheduler(self.kv_pages, self.page_size, self.token_budget)
         results: list[GenerationResult | None] = [None] * len(reqs)
         tokens: dict[int, list[int]] = {}
-        notify = on_finish or (lambda r: None)
         for i, r in enumerate(reqs):
             try:
                 bad = [t for t in r.prompt if not 0 <= int(t) < self.cfg.vocab_size]
@@ -342,9 +323,6 @@ class Engine:
         stats.h2d_bytes = self.mover.bytes_moved - h2d_before
         stats.h2d_gb_per_s = self.mover.h2d_gb_per_s
         assert self.store.free_pages() == self.kv_pages, "KV pages leaked"
-        for res, text in zip(results, is_text, strict=True):
-            if text and res.tokens and res.text is None:
-                res.text = self.model.decode(res.tokens)
         return results
 
     def _step(self, sched, reqs, tokens, results, stats, notify, t0) -> None:
@@ -357,27 +335,23 @@ class Engine:
             raise RuntimeError("scheduler made no progress (internal error)")
         for rid, _ in plan.prefill:
             self.store.add_sequence(rid)
-        stats.kv_peak_pages = max(stats.kv_peak_pages, sched.used_pages())
         pages_used = sched.used_pages()
+        stats.kv_peak_pages = max(stats.kv_peak_pages, pages_used)
         new = self._run_iteration(plan, tokens)
-        finished = set()
+        stopped = set()
         for rid, tok in new.items():
-            s = sched.seqs[rid]
             tokens[rid].append(tok)
             if tok in reqs[rid].stop_ids:
-                finished.add(rid)
-                results[rid] = GenerationResult(rid, [], "stop", s.prompt_len)
-            elif s.generated + 1 >= s.max_new_tokens:
-                finished.add(rid)
-                results[rid] = GenerationResult(rid, [], "length", s.prompt_len)
-        sched.complete(plan, finished)
+                stopped.add(rid)
+        finished = sched.complete(plan, stopped)
         stats.generated_tokens += len(new)
         for rid in sorted(finished):
             self.store.free_sequence(rid)
-            res = results[rid]
-            res.tokens = tokens[rid][res.prompt_len:]
-            res.preemptions = sched.seqs[rid].preemptions
-            notify(res)
+            s = sched.seqs[rid]
+            results[rid] = GenerationResult(
+                rid, tokens[rid][s.prompt_len:], "stop" if rid in stopped else "length",
+                s.prompt_len, preemptions=s.preemptions)
+            notify(results[rid])
         stats.iterations += 1
         stats.processed_tokens += plan.num_tokens
         t_end = time.perf_counter()
@@ -421,8 +395,9 @@ class Engine:
         for layer in range(self.cfg.num_layers):
             lw = self.mover.get(layer)
             q, k, v = self._fn.ga(lw, x, pos_a)
-            self.store.append(ids_np, counts_np, layer, np.asarray(k[:n_real]),
-                              np.asarray(v[:n_real]))
+            # Slice on the host: a device-side k[:n_real] would dispatch an op per layer.
+            self.store.append(ids_np, counts_np, layer, np.asarray(k)[:n_real],
+                              np.asarray(v)[:n_real])
             attn = self._fn.prefill_attn(q, k, v, seg_a, pos_a, pairs)
             if n_dec:
                 dec = self._decode_attn(q[n_pre:n_pre + dec_b], dec_ids, layer)

@@ -39,7 +39,6 @@ class SeqState:
     generated: int = 0  # tokens generated so far
     cached: int = 0  # tokens whose K/V are in the cache
     pages: int = 0  # pages held
-    admitted_at: int = -1  # admission counter (recency for preemption)
     preemptions: int = 0
 
     @property
@@ -86,8 +85,7 @@ class Scheduler:
         self.free_pages = num_pages
         self.seqs: dict[int, SeqState] = {}
         self.waiting: collections.deque[int] = collections.deque()
-        self.running: list[int] = []  # admission order, oldest first
-        self._admissions = 0
+        self.running: list[int] = []  # admission order, oldest first (preemption takes the last)
         self.total_preemptions = 0
 
     @property
@@ -164,20 +162,22 @@ class Scheduler:
             self.waiting.popleft()
             self.free_pages -= need
             s.pages += need
-            s.admitted_at = self._admissions
-            self._admissions += 1
             self.running.append(s.rid)
             prefill.append((s.rid, n))
             budget -= n
         return Plan(tuple(prefill), tuple(decode), tuple(preempted))
 
-    def complete(self, plan: Plan, finished: set[int] | frozenset[int] = frozenset()) -> None:
+    def complete(self, plan: Plan, stopped: set[int] | frozenset[int] = frozenset()) -> set[int]:
         """Records that `plan` ran: each processed sequence cached its tokens and generated one.
 
         Args:
-          finished: rids that are done after this iteration (max tokens or a stop token); their
-            pages are freed at once. A sequence at max_new_tokens is finished regardless.
+          stopped: rids that hit a stop token this iteration.
+
+        Returns:
+          The rids finished after this iteration (stopped, or at max_new_tokens); their pages
+          are freed at once.
         """
+        finished = set()
         for rid, n in plan.prefill:
             self.seqs[rid].cached = n
         for rid in plan.decode:
@@ -185,10 +185,12 @@ class Scheduler:
         for rid in [r for r, _ in plan.prefill] + list(plan.decode):
             s = self.seqs[rid]
             s.generated += 1
-            if rid in finished or s.generated >= s.max_new_tokens:
+            if rid in stopped or s.generated >= s.max_new_tokens:
                 self.running.remove(rid)
                 self.free_pages += s.pages
                 s.pages = 0
+                finished.add(rid)
+        return finished
 
     def used_pages(self) -> int:
         return self.num_pages - self.free_pages
