@@ -10,6 +10,7 @@ greedy decoding by full recompute (no KV cache), the correctness oracle.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 
@@ -31,7 +32,13 @@ _PROMPT_LEN = flags.DEFINE_integer("prompt_len", 98, "Mean prompt length (log-no
 _GEN_LEN = flags.DEFINE_integer("gen_len", 32, "Tokens generated per request.")
 _KV_CACHE_GB = flags.DEFINE_float("kv_cache_gb", 0.25, "Host KV cache size in GB (1e9 bytes).")
 _PAGE_SIZE = flags.DEFINE_integer("page_size", 16, "Tokens per KV page.")
-_TOKEN_BUDGET = flags.DEFINE_integer("token_budget", 512, "Tokens per iteration (n_real).")
+_TOKEN_BUDGET = flags.DEFINE_integer(
+    "token_budget", None, "Tokens per iteration (n_real); default: the performance model's "
+    "choice when this machine has a cached calibration (experiments.calibrate), else 512.")
+_PIPELINE = flags.DEFINE_enum("pipeline", "auto", ["auto", "serial", "vslpipe"],
+                              "Executor: auto = serial on a CPU-only backend, else vslpipe.")
+_PREDICT = flags.DEFINE_bool("predict", False, "Also predict this run with the performance "
+                             "model (calibrates this machine once, ~1 min, then cached).")
 _DEVICE_LAYERS = flags.DEFINE_integer("device_weight_layers", 2,
                                       "Decoder layers resident on the device (2 = double buffer).")
 _H2D_LIMIT = flags.DEFINE_float("h2d_limit_gb_per_s", None,
@@ -90,7 +97,8 @@ def main(argv):
         engine = Engine(model, kv_cache_bytes=kv_bytes, page_size=_PAGE_SIZE.value,
                         token_budget=_TOKEN_BUDGET.value, policy=_POLICY.value,
                         device_weight_layers=_DEVICE_LAYERS.value,
-                        h2d_limit_gb_per_s=_H2D_LIMIT.value, device_memory_bytes=dev_mem)
+                        h2d_limit_gb_per_s=_H2D_LIMIT.value, device_memory_bytes=dev_mem,
+                        pipeline=_PIPELINE.value, record_stages=bool(_TRACE_OUT.value))
         engine.generate([Request(r.prompt, 2) for r in reqs[:2]])  # compile common shapes
         if _OUT.value:
             records, todo = generate_resumable(engine, reqs, _OUT.value,
@@ -117,7 +125,21 @@ def main(argv):
                       rejected=len(rejected), kv_pages=engine.kv_pages,
                       processed_tokens_incl_recompute=st.processed_tokens,
                       h2d_gb_per_s=st.h2d_gb_per_s, h2d_bytes=st.h2d_bytes,
-                      device_weight_bytes=engine.device_weight_bytes)
+                      device_weight_bytes=engine.device_weight_bytes,
+                      token_budget=engine.token_budget,
+                      token_budget_source=engine.token_budget_source,
+                      stage_seconds=st.stage_seconds())
+        if _PREDICT.value:
+            from moelens_jax import perf
+            hw = perf.calibrate(model)
+            if _H2D_LIMIT.value is not None:
+                hw = dataclasses.replace(hw, h2d_bytes_per_s=_H2D_LIMIT.value * 1e9)
+            pred = perf.predict(cfg, hw, perf.Workload.from_requests(reqs), kv_bytes,
+                                page_size=_PAGE_SIZE.value, token_budget=engine.token_budget)
+            measured = st.generated_tokens / st.wall_s
+            result.update(predicted_generated_tokens_per_s=pred.generated_tokens_per_s,
+                          prediction_accuracy=1 - abs(pred.generated_tokens_per_s - measured)
+                          / measured)
         if _H2D_LIMIT.value is not None:
             result["h2d_limit_gb_per_s"] = _H2D_LIMIT.value
         if dev_mem is not None:
@@ -131,7 +153,10 @@ def main(argv):
                         for k in ("mode", "num_requests", "prompt_tokens", "generated_tokens",
                                   "iterations", "preemptions", "kv_peak_fraction",
                                   "h2d_gb_per_s", "wall_s",
-                                  "generated_tokens_per_s", "processed_tokens_per_s")],
+                                  "generated_tokens_per_s", "processed_tokens_per_s")]
+                       + [(k, f"{result[k]:.3f}") for k in ("predicted_generated_tokens_per_s",
+                                                            "prediction_accuracy")
+                          if k in result],
                        "== results =="))
     common.print_json(result)
 

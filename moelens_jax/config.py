@@ -404,3 +404,13 @@ def get_preset(name: str) -> ModelConfig:
         return _PRESETS[name]
     except KeyError:
         raise ConfigError(f"unknown preset {name!r}; presets: {', '.join(_PRESETS)}") from None
+
+
+def resolve_config(name_or_path: str | os.PathLike) -> ModelConfig:
+    """A preset by name, or the config.json of a HF checkpoint folder (no weights loaded)."""
+    if str(name_or_path) in _PRESETS:
+        return _PRESETS[str(name_or_path)]
+    if os.path.isdir(name_or_path):
+        return ModelConfig.from_hf(name_or_path)
+    raise ConfigError(f"{name_or_path!r} is neither a preset ({', '.join(_PRESETS)}) nor a "
+                      "checkpoint folder")

@@ -43,6 +43,7 @@ def oracle():
     return model, reqs, want
 
 
+@pytest.mark.parametrize("pipeline", ["serial", "vslpipe"])
 @pytest.mark.parametrize("page_size,token_budget,kv_tokens,preempts", [
     (16, 512, 4096, False),   # everything fits
     (1, 512, 4096, False),    # one token per page
@@ -50,17 +51,29 @@ def oracle():
     (16, 512, 96, True),      # tiny cache: preemption and recomputation
     (1, 64, 90, True),
 ])
-def test_engine_equals_greedy_oracle(oracle, page_size, token_budget, kv_tokens, preempts):
+def test_engine_equals_greedy_oracle(oracle, page_size, token_budget, kv_tokens, preempts,
+                                     pipeline):
     model, reqs, want = oracle
     eng = Engine(model, kv_cache_bytes=_kv_bytes(model.config, kv_tokens, page_size),
-                 page_size=page_size, token_budget=token_budget)
+                 page_size=page_size, token_budget=token_budget, pipeline=pipeline,
+                 record_stages=True)
     got = eng.generate(reqs)
+    assert eng.mode == eng.stats.mode == pipeline
     assert [r.tokens for r in got] == want
     assert all(r.finish_reason == "length" for r in got)
     assert (eng.stats.preemptions > 0) == preempts
     assert eng.store.free_pages() == eng.kv_pages  # every page returned
     assert eng.stats.generated_tokens == sum(len(w) for w in want)
     assert 0 < eng.stats.kv_peak_fraction <= 1
+    # Telemetry: every layer of every iteration ran each stage; the trace holds them.
+    L = model.config.num_layers
+    stages = {(st, layer) for st, layer, *_ in eng.stats.stage_events}
+    assert stages >= {(st, layer) for st in ("C", "GB") for layer in range(L)}
+    assert all(it["c_s"] > 0 and it["gb_s"] > 0 for it in eng.stats.per_iteration)
+    names = {e["name"] for e in eng.stats.chrome_trace()["traceEvents"]}
+    assert {"C L0", "GB L0", "iteration 0"} <= names
+    groups = {g for _, _, g, *_ in eng.stats.stage_events}
+    assert groups == ({0, 1} if pipeline == "vslpipe" else {0})  # two groups did interleave
 
 
 def test_engine_is_reusable(oracle):
@@ -210,17 +223,18 @@ def test_tiled_prefill_attention_equals_dense_segment_attention(seed):
     for _ in range(25):
         lens = [int(x) for x in rng.integers(1, 140, rng.integers(1, 6))]
         n_pre = sum(lens)
-        n = _bucket(n_pre + int(rng.integers(0, 40)), TILE)
+        lead = int(rng.integers(0, 40))  # decode rows come first in an engine group
+        n = _bucket(lead + n_pre + int(rng.integers(0, 40)), TILE)
         seg = np.full(n, -1)
         pos = np.zeros(n, np.int64)
-        row = 0
+        row = lead
         for k, ln in enumerate(lens):
             seg[row:row + ln], pos[row:row + ln] = k, np.arange(ln)
             row += ln
         q = rng.standard_normal((n, 8, 16)).astype(np.float32)
         k_ = rng.standard_normal((n, 2, 16)).astype(np.float32)
         v = rng.standard_normal((n, 2, 16)).astype(np.float32)
-        pairs = prefill_tile_pairs(seg, n_pre, n)
+        pairs = prefill_tile_pairs(seg)
         got = tiled_prefill_attention(q, k_, v, jnp.asarray(seg), jnp.asarray(pos),
                                       jnp.asarray(pairs))
         want = segment_causal_attention(q, k_, v, jnp.asarray(seg), jnp.asarray(pos))

@@ -82,3 +82,47 @@ def test_run_throughput_streams_and_resumes(tmp_path):
     again, _ = _run("experiments.run_throughput", *flags)
     assert again["computed_requests"] == 0 and again["skipped_requests"] == 4
     assert out.read_text().splitlines() == lines  # nothing recomputed or duplicated
+
+
+def test_run_throughput_vslpipe_with_prediction(tmp_path):
+    env_cache = {"MOELENS_CACHE": str(tmp_path)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "experiments.run_throughput", "--model=tiny-mixtral",
+         "--num_requests=6", "--prompt_len=10", "--gen_len=4", "--pipeline=vslpipe",
+         "--predict", "--progress=false", f"--trace_out={tmp_path / 't.json'}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, **env_cache})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["mode"] == "vslpipe" and result["generated_tokens"] == 24
+    assert result["predicted_generated_tokens_per_s"] > 0
+    assert result["prediction_accuracy"] <= 1
+    assert set(result["stage_seconds"]) == {"GA", "C", "GB", "IO"}
+    names = {e.get("args", {}).get("name") for e in
+             json.loads((tmp_path / "t.json").read_text())["traceEvents"]}
+    assert {"C group 0", "C group 1"} <= names  # the two VSLPipe groups have their own tracks
+    assert any(p.name.startswith("calibration-") for p in tmp_path.iterdir())  # cached
+
+
+def test_predict_paper_setting():
+    result, stdout = _run("experiments.predict", "--model=mixtral-8x7b", "--hardware=a40",
+                          "--kv_cache_gb=70", "--prompt_len=98", "--gen_len=32",
+                          "--num_requests=4000")
+    assert "== predict ==" in stdout
+    for key in ("tokens_to_saturate", "pme", "kv_tokens", "stage1_processed_tokens_per_s",
+                "stage1_generated_tokens_per_s", "stage2_generated_tokens_per_s", "binding"):
+        assert key in result, key
+    assert abs(result["pme"] - 0.0356) < 1e-4 and result["binding"] == "kv_capacity"
+    assert 0 < result["stage2_generated_tokens_per_s"] <= result["stage1_generated_tokens_per_s"]
+
+
+def test_validate_model_quick(tmp_path):
+    png = tmp_path / "v.png"
+    proc = subprocess.run(
+        [sys.executable, "-m", "experiments.validate_model", "--quick",
+         "--presets=tiny-qwen3-moe", f"--plot_out={png}"], cwd=ROOT, capture_output=True,
+        text=True, timeout=600, env={**os.environ, "MOELENS_CACHE": str(tmp_path)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["n_configs"] == 2 and len(result["configs"]) == 2
+    assert result["min_accuracy"] <= result["mean_accuracy"] <= 1
+    assert png.read_bytes()[:4] == b"\x89PNG"

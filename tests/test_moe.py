@@ -1,4 +1,4 @@
-"""The expert paths (ragged_dot and blocked) against per-expert references, fp32 and bf16."""
+"""The expert paths (ragged_dot, blocked, capacity) against per-expert references, fp32 and bf16."""
 
 from __future__ import annotations
 
@@ -25,17 +25,48 @@ def _layer_and_tokens(preset, dtype, n=37, seed=0):
     return model.config, lw, x
 
 
-@pytest.mark.parametrize("impl", ["ragged", "blocked"])
+def _fast(lw, disp, impl):
+    cap = moe.capacity_bucket(int(disp.group_sizes_e.max())) if impl == "capacity" else None
+    return moe.expert_ffn(lw.w_gate, lw.w_up, lw.w_down, disp.x_mh, disp.group_sizes_e, impl,
+                          capacity=cap)
+
+
+@pytest.mark.parametrize("impl", ["ragged", "blocked", "capacity"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("preset", ["tiny-mixtral", "tiny-qwen2-moe", "tiny-qwen3-moe"])
 def test_expert_paths_match_expert_loop(preset, dtype, impl):
     cfg, lw, x = _layer_and_tokens(preset, dtype, n=301)  # > 2 row blocks for some experts
     routing = moe.route(cfg, lw.router, x)
     disp = moe.dispatch(routing, x, cfg.num_experts)
-    fast = moe.expert_ffn(lw.w_gate, lw.w_up, lw.w_down, disp.x_mh, disp.group_sizes_e, impl)
+    fast = _fast(lw, disp, impl)
     slow = reference.expert_ffn_loop(lw.w_gate, lw.w_up, lw.w_down, disp.x_mh,
                                      disp.group_sizes_e)
     reference.assert_close(fast, slow, rel_l2=REL_L2[dtype], name="expert rows")
+
+
+@pytest.mark.parametrize("impl", ["ragged", "blocked", "capacity"])
+@pytest.mark.parametrize("preset", ["tiny-mixtral", "tiny-qwen2-moe"])
+def test_masked_tokens_are_dropped_from_the_experts(preset, impl):
+    """Padding rows (token mask False) get no routed-expert output; real rows are unchanged."""
+    cfg, lw, x = _layer_and_tokens(preset, "float32", n=64, seed=5)
+    mask = np.random.default_rng(0).random(64) < 0.6
+    routing = moe.route(cfg, lw.router, x)
+    disp = moe.dispatch(routing, x, cfg.num_experts, jnp.asarray(mask))
+    assert int(disp.group_sizes_e.sum()) == mask.sum() * cfg.num_experts_per_tok
+    ffn = lambda *a: _fast(lw, disp, impl)  # noqa: E731  (same rows as `a`)
+    got = np.asarray(moe.moe_block(cfg, lw, x, ffn, token_mask_n=jnp.asarray(mask)))
+    want = np.asarray(reference.moe_block_dense(cfg, lw, x))
+    reference.assert_close(got[mask], want[mask], rel_l2=REL_L2["float32"], name="real rows")
+    routed_only = got[~mask] - (np.asarray(moe.shared_expert(lw, x))[~mask]
+                                if cfg.shared_expert_intermediate_size else 0.0)
+    np.testing.assert_allclose(routed_only, 0.0, atol=1e-6)
+
+
+def test_capacity_bucket_is_small_and_sufficient():
+    sizes = [moe.capacity_bucket(c) for c in range(0, 5000)]
+    assert all(s >= max(c, 8) and s % 8 == 0 and s <= max(8, 1.25 * c + 8)
+               for c, s in enumerate(sizes))
+    assert len(set(sizes[64:4096])) <= 4 * 6 + 1  # ~4 sizes per octave
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -74,14 +105,14 @@ def test_route_probabilities(preset, normalised):
     assert all(len(set(row)) == cfg.num_experts_per_tok for row in e)
 
 
-@pytest.mark.parametrize("impl", ["ragged", "blocked"])
+@pytest.mark.parametrize("impl", ["ragged", "blocked", "capacity"])
 def test_expert_path_with_an_empty_expert(impl):
     """Experts that receive no tokens (group size 0) must not disturb the others."""
     cfg, lw, x = _layer_and_tokens("tiny-qwen3-moe", "float32", n=3)
     routing = moe.route(cfg, lw.router, x)
     disp = moe.dispatch(routing, x, cfg.num_experts)
     assert int((disp.group_sizes_e == 0).sum()) > 0
-    fast = moe.expert_ffn(lw.w_gate, lw.w_up, lw.w_down, disp.x_mh, disp.group_sizes_e, impl)
+    fast = _fast(lw, disp, impl)
     slow = reference.expert_ffn_loop(lw.w_gate, lw.w_up, lw.w_down, disp.x_mh,
                                      disp.group_sizes_e)
     reference.assert_close(fast, slow, rel_l2=REL_L2["float32"])
@@ -103,3 +134,5 @@ def test_unknown_expert_impl():
     cfg, lw, x = _layer_and_tokens("tiny-mixtral", "float32", n=4)
     with pytest.raises(ValueError, match="unknown expert implementation"):
         moe.expert_ffn(lw.w_gate, lw.w_up, lw.w_down, x, jnp.array([4, 0, 0, 0]), "magic")
+    with pytest.raises(ValueError, match="needs a static capacity"):
+        moe.expert_ffn(lw.w_gate, lw.w_up, lw.w_down, x, jnp.array([4, 0, 0, 0]), "capacity")

@@ -12,6 +12,13 @@ grouped GEMMs; combine scatters the rows back and sums them with the routing wei
 * ``"blocked"`` — rows of each expert padded to a multiple of a block height (<= `BLOCK_ROWS`,
   sized to the batch), then a loop over row blocks, each a dense SwiGLU with its expert's
   weights (padding < E blocks).
+* ``"capacity"`` — each expert's rows go to its slot of an [E, capacity, h] buffer and every
+  projection is ONE batched GEMM over the stacked expert weights (no weight copies; the
+  fastest CPU path, doing 1.0-1.25x the FLOPs of the routed rows; measured 1.3-2x faster
+  than a per-expert loop of dense GEMMs inside the GB computation on XLA:CPU). The capacity
+  is a static shape, so the caller must know the largest group size: the engine reads the
+  group sizes back to the host between routing and the expert GEMMs (`capacity_bucket`),
+  which is cheap on a CPU backend where the host runs the stages anyway.
 * ``"auto"`` (default) — "blocked" when tracing for the CPU backend, else "ragged".
 
 `reference.expert_ffn_loop` is the per-expert loop both are tested against.
@@ -50,18 +57,26 @@ def route(cfg: ModelConfig, router_he: jax.Array, x_nh: jax.Array) -> Routing:
         return Routing(top_p, top_e.astype(jnp.int32))
 
 
-def dispatch(routing: Routing, x_nh: jax.Array, num_experts: int) -> Dispatch:
-    """Sorts the (token, expert) pairs by expert (stable, so ties keep token order)."""
+def dispatch(routing: Routing, x_nh: jax.Array, num_experts: int,
+             token_mask_n: jax.Array | None = None) -> Dispatch:
+    """Sorts the (token, expert) pairs by expert (stable, so ties keep token order).
+
+    With `token_mask_n` (bool [n]), masked-out tokens (batch padding) are dropped: their pairs
+    sort last, outside every group (sum(group_sizes) = k * mask.sum()), and every expert path
+    gives them zero output, so they cost no expert GEMM rows under "capacity".
+    """
     with jax.named_scope("dispatch"):
         n, k = routing.experts_nk.shape
         flat_e = routing.experts_nk.reshape(-1)
+        if token_mask_n is not None:
+            flat_e = jnp.where(jnp.repeat(token_mask_n, k), flat_e, num_experts)
         order = jnp.argsort(flat_e, stable=True)
         x_mh = jnp.take(x_nh, order // k, axis=0)
         group_sizes = jnp.bincount(flat_e, length=num_experts).astype(jnp.int32)
         return Dispatch(x_mh, group_sizes, order)
 
 
-EXPERT_IMPLS = ("auto", "ragged", "blocked")
+EXPERT_IMPLS = ("auto", "ragged", "blocked", "capacity")
 BLOCK_ROWS = 128
 
 
@@ -71,13 +86,15 @@ def _swiglu(x_th, w_gate_hf, w_up_hf, w_down_fh):
 
 
 def expert_ffn(w_gate_ehf: jax.Array, w_up_ehf: jax.Array, w_down_efh: jax.Array,
-               x_mh: jax.Array, group_sizes_e: jax.Array, impl: str = "auto") -> jax.Array:
+               x_mh: jax.Array, group_sizes_e: jax.Array, impl: str = "auto",
+               capacity: int | None = None) -> jax.Array:
     """SwiGLU FFN of every expert over its contiguous rows (rows sorted by expert).
 
     Args:
       w_gate_ehf, w_up_ehf: [E, h, f]; w_down_efh: [E, f, h].
       x_mh: [m, h] rows sorted by expert; group_sizes_e: [E] rows per expert (sum = m).
       impl: one of `EXPERT_IMPLS`.
+      capacity: static rows per expert for "capacity" (>= the largest group size).
 
     Returns:
       [m, h] float32.
@@ -88,6 +105,11 @@ def expert_ffn(w_gate_ehf: jax.Array, w_up_ehf: jax.Array, w_down_efh: jax.Array
         return expert_ffn_ragged(w_gate_ehf, w_up_ehf, w_down_efh, x_mh, group_sizes_e)
     if impl == "blocked":
         return expert_ffn_blocked(w_gate_ehf, w_up_ehf, w_down_efh, x_mh, group_sizes_e)
+    if impl == "capacity":
+        if capacity is None:
+            raise ValueError('impl="capacity" needs a static capacity (see capacity_bucket)')
+        return expert_ffn_capacity(w_gate_ehf, w_up_ehf, w_down_efh, x_mh, group_sizes_e,
+                                   capacity)
     raise ValueError(f"unknown expert implementation {impl!r}; choose from {EXPERT_IMPLS}")
 
 
@@ -112,9 +134,10 @@ def expert_ffn_blocked(w_gate_ehf, w_up_ehf, w_down_efh, x_mh, group_sizes_e,
         p_ends = jnp.cumsum(padded)
         p_starts = p_ends - padded
         rows = jnp.arange(m)
-        row_expert = jnp.searchsorted(ends, rows, side="right")
-        dest = p_starts[row_expert] + rows - starts[row_expert]
-        xp = jnp.zeros((n_blocks * block, h), x_mh.dtype).at[dest].set(x_mh)
+        row_expert = jnp.searchsorted(ends, rows, side="right")  # E for dropped rows
+        e_c = jnp.minimum(row_expert, E - 1)
+        dest = jnp.where(row_expert < E, p_starts[e_c] + rows - starts[e_c], n_blocks * block)
+        xp = jnp.zeros((n_blocks * block, h), x_mh.dtype).at[dest].set(x_mh, mode="drop")
         block_start = jnp.arange(n_blocks) * block
         block_expert = jnp.minimum(jnp.searchsorted(p_ends, block_start, side="right"), E - 1)
         used = block_start < p_ends[-1]
@@ -128,7 +151,40 @@ def expert_ffn_blocked(w_gate_ehf, w_up_ehf, w_down_efh, x_mh, group_sizes_e,
                 lambda xb: jnp.zeros((block, out_h), jnp.float32), xb)
 
         yp = jax.lax.map(one_block, jnp.arange(n_blocks))
-        return yp.reshape(-1, out_h)[dest]
+        return yp.reshape(-1, out_h).at[dest].get(mode="fill", fill_value=0.0)
+
+
+def capacity_bucket(max_group_size: int) -> int:
+    """Static capacity for `max_group_size` rows: a multiple of 8, at most ~4 sizes per
+    octave (<= 25% padding), so a long run compiles few shapes."""
+    c = max(8, int(max_group_size))
+    step = max(8, 1 << max(0, c.bit_length() - 3))
+    return -(-c // step) * step
+
+
+def expert_ffn_capacity(w_gate_ehf, w_up_ehf, w_down_efh, x_mh, group_sizes_e,
+                        capacity: int) -> jax.Array:
+    """Grouped SwiGLU as batched GEMMs over [E, capacity, h] (see module docstring).
+
+    Rows of a group beyond `capacity` would be lost, so the caller guarantees
+    capacity >= max(group_sizes_e); rows past sum(group_sizes_e) (dropped padding) get zeros.
+    """
+    with jax.named_scope("expert_gemms_capacity"):
+        m, h = x_mh.shape
+        E = w_gate_ehf.shape[0]
+        ends = jnp.cumsum(group_sizes_e)
+        starts = ends - group_sizes_e
+        rows = jnp.arange(m)
+        row_expert = jnp.searchsorted(ends, rows, side="right")  # E for dropped rows
+        dest = row_expert * capacity + rows - starts[jnp.minimum(row_expert, E - 1)]
+        dt = w_gate_ehf.dtype
+        xp = (jnp.zeros((E * capacity, h), dt).at[dest].set(x_mh.astype(dt), mode="drop")
+              .reshape(E, capacity, h))
+        g = jnp.einsum("ewh,ehf->ewf", xp, w_gate_ehf, preferred_element_type=jnp.float32)
+        u = jnp.einsum("ewh,ehf->ewf", xp, w_up_ehf, preferred_element_type=jnp.float32)
+        a = (jax.nn.silu(g) * u).astype(w_down_efh.dtype)
+        y = jnp.einsum("ewf,efh->ewh", a, w_down_efh, preferred_element_type=jnp.float32)
+        return y.reshape(E * capacity, -1).at[dest].get(mode="fill", fill_value=0.0)
 
 
 def expert_ffn_ragged(w_gate_ehf, w_up_ehf, w_down_efh, x_mh, group_sizes_e) -> jax.Array:
@@ -160,11 +216,18 @@ def shared_expert(lw, x_nh: jax.Array) -> jax.Array:
         return jax.nn.sigmoid(linear(x_nh, lw.shared_expert_gate)) * y
 
 
-def moe_block(cfg: ModelConfig, lw, x_nh: jax.Array, ffn=expert_ffn) -> jax.Array:
-    """Routed experts (+ shared expert) for tokens x[n, h] (already normalised); float32 out."""
+def moe_block(cfg: ModelConfig, lw, x_nh: jax.Array, ffn=expert_ffn,
+              routing: Routing | None = None,
+              token_mask_n: jax.Array | None = None) -> jax.Array:
+    """Routed experts (+ shared expert) for tokens x[n, h] (already normalised); float32 out.
+
+    `routing` may be precomputed (the engine routes first to size the "capacity" path);
+    `token_mask_n` drops padding tokens from the routed experts (see `dispatch`).
+    """
     with jax.named_scope("moe"):
-        routing = route(cfg, lw.router, x_nh)
-        disp = dispatch(routing, x_nh, cfg.num_experts)
+        if routing is None:
+            routing = route(cfg, lw.router, x_nh)
+        disp = dispatch(routing, x_nh, cfg.num_experts, token_mask_n)
         y = ffn(lw.w_gate, lw.w_up, lw.w_down, disp.x_mh, disp.group_sizes_e)
         out = combine(routing, disp, y)
         if cfg.shared_expert_intermediate_size:

@@ -40,12 +40,30 @@ def post_attention(cfg: ModelConfig, lw: LayerWeights, x_nh: jax.Array,
                    attn_nqd: jax.Array, expert_ffn=moe.expert_ffn) -> jax.Array:
     """GB: O projection + residual, then RMSNorm -> MoE -> residual. Shapes [..., h]."""
     with jax.named_scope("post_attention"):
-        lead = x_nh.shape[:-1]
-        attn = attn_nqd.reshape(*lead, cfg.q_size)
-        x = x_nh + linear(attn, lw.wo)
-        xn = rms_norm(x, lw.ffn_norm, cfg.rms_norm_eps).reshape(-1, cfg.hidden_size)
-        y = moe.moe_block(cfg, lw, xn, expert_ffn)
-        return x + y.reshape(x.shape)
+        x, xn, routing = attention_out_and_route(cfg, lw, x_nh, attn_nqd)
+        return experts_residual(cfg, lw, x, xn, routing, expert_ffn)
+
+
+def attention_out_and_route(cfg: ModelConfig, lw: LayerWeights, x_nh: jax.Array,
+                            attn_nqd: jax.Array):
+    """First half of GB: O projection + residual, RMSNorm, router.
+
+    Returns (x [..., h] residual stream, xn [n, h] normalised, `moe.Routing` over the n rows).
+    """
+    lead = x_nh.shape[:-1]
+    x = x_nh + linear(attn_nqd.reshape(*lead, cfg.q_size), lw.wo)
+    xn = rms_norm(x, lw.ffn_norm, cfg.rms_norm_eps).reshape(-1, cfg.hidden_size)
+    return x, xn, moe.route(cfg, lw.router, xn)
+
+
+def experts_residual(cfg: ModelConfig, lw: LayerWeights, x: jax.Array, xn_nh: jax.Array,
+                     routing: moe.Routing, expert_ffn=moe.expert_ffn,
+                     token_mask_n: jax.Array | None = None) -> jax.Array:
+    """Second half of GB: experts (+ shared expert) over routed rows, residual.
+
+    `token_mask_n` (bool [n]) drops padding rows from the routed experts (zero output)."""
+    y = moe.moe_block(cfg, lw, xn_nh, expert_ffn, routing=routing, token_mask_n=token_mask_n)
+    return x + y.reshape(x.shape)
 
 
 def logits(cfg: ModelConfig, weights: ModelWeights, x_nh: jax.Array) -> jax.Array:

@@ -10,7 +10,9 @@ stages of DESIGN section 3:
   so JAX can never drop or repeat it), then decode tokens attend over their cached tokens with
   the C++ kernel (`cpu_decode_attention`, jitted on the CPU device: XLA FFI there);
 * GB (jitted, default device): O projection, residual, norm, router, experts over prefill and
-  decode tokens together, residual.
+  decode tokens together, residual. On a CPU backend GB is two computations: the router's
+  choices come back to the host to size the "capacity" expert GEMMs (moe.py); elsewhere one
+  computation with `ragged_dot`.
 
 Logits are computed for the last token of each sequence only. Token counts are padded to
 power-of-two buckets so a run compiles a handful of shapes; padding rows are masked out of
@@ -20,12 +22,15 @@ Weights stay on the host: the `WeightMover` streams each layer's contiguous buff
 device window of `device_weight_layers` layers on its own thread while earlier layers compute
 (optionally capped to a link bandwidth); only embedding, final norm and lm_head stay resident.
 
-Status: serial mode only (stages run one after another; the right default on a CPU-only
-backend, where all stages share the cores). VSLPipe overlap is not implemented yet.
+Two executors (`pipeline=`): "serial" runs and times each stage in turn (the default on a
+CPU-only backend, where every stage shares the same cores); "vslpipe" splits the iteration's
+sequences into two groups and interleaves them so one group's host stage overlaps the other's
+device stages (see `Engine._layers_vslpipe`). Both give the same tokens.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import time
@@ -37,7 +42,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from moelens_jax.kv import PagedKVStore, cpu_decode_attention
-from moelens_jax.model import transformer
+from moelens_jax.model import moe, transformer
 from moelens_jax.model.model import Model
 from moelens_jax.model.weights import ModelWeights
 from moelens_jax.runtime.mover import WeightMover, resident_bytes
@@ -80,7 +85,18 @@ class RunStats:
     kv_pages: int = 0
     h2d_bytes: int = 0  # weight bytes streamed host -> device in this run
     h2d_gb_per_s: float | None = None  # achieved over the link's busy time (engine lifetime)
+    mode: str = "serial"  # the pipeline that ran ("serial" or "vslpipe")
+    # One dict per iteration: start_s, wall_s, prefill/decode tokens, prefill_seqs,
+    # kv_tokens_read (cached tokens the decode attention read, per layer), padded_rows,
+    # preempted/finished ids, pages used/free, and wall seconds per stage ga_s, c_s, gb_s,
+    # io_s (summed over layers).
     per_iteration: list[dict] = dataclasses.field(default_factory=list)
+    # (stage, layer, group, start_s, dur_s) per stage interval when the engine records them.
+    stage_events: list[tuple] = dataclasses.field(default_factory=list)
+
+    def stage_seconds(self) -> dict[str, float]:
+        """Total wall seconds per stage over the run (GA, C, GB, IO)."""
+        return {k: sum(it[f"{k.lower()}_s"] for it in self.per_iteration) for k in STAGES}
 
     @property
     def kv_peak_fraction(self) -> float:
@@ -92,8 +108,21 @@ class RunStats:
 
     def chrome_trace(self) -> dict:
         """The run as a Chrome/Perfetto trace (open in ui.perfetto.dev or chrome://tracing):
-        one slice per iteration plus counters for tokens and KV pages."""
-        events = []
+        one slice per iteration plus counters for tokens and KV pages, and, when the engine
+        recorded stages, one slice per stage interval on a track per stage and group."""
+        tracks = {}
+        events = [{"name": "thread_name", "ph": "M", "pid": 0, "tid": 0,
+                   "args": {"name": f"iterations ({self.mode})"}}]
+        for stage, layer, group, start, dur in self.stage_events:
+            key = (stage, group if stage != "IO" else 0)
+            if key not in tracks:
+                tracks[key] = len(tracks) + 1
+                label = stage if stage == "IO" else f"{stage} group {group}"
+                events.append({"name": "thread_name", "ph": "M", "pid": 0,
+                               "tid": tracks[key], "args": {"name": label}})
+            events.append({"name": f"{stage} L{layer}", "ph": "X", "ts": start * 1e6,
+                           "dur": dur * 1e6, "pid": 0, "tid": tracks[key],
+                           "args": {"layer": layer, "group": group}})
         for i, it in enumerate(self.per_iteration):
             ts = it["start_s"] * 1e6
             events.append({"name": f"iteration {i}", "ph": "X", "ts": ts,
@@ -115,21 +144,23 @@ def _bucket(n: int, minimum: int = 8) -> int:
 TILE = 64  # rows per tile of the block-sparse prefill attention
 
 
-def prefill_tile_pairs(seg: np.ndarray, n_pre: int, n_rows: int, tile: int = TILE) -> np.ndarray:
+def prefill_tile_pairs(seg: np.ndarray, tile: int = TILE) -> np.ndarray:
     """(query tile, key tile) pairs whose rows can attend (same segment, causal), padded.
 
-    Prefill segments are contiguous runs of rows, so query tile i needs key tiles from the
-    tile holding its first row's segment start up to i. Returns int32 [P_bucket, 3]: query
-    tile, key tile, and 1 for a real pair / 0 for bucket padding (ignored by the attention).
+    `seg[r]` is the prefill segment of row r (-1 for decode and padding rows); each segment is
+    a contiguous run of rows, so query tile i needs key tiles from the one holding the start of
+    its first prefill row's segment up to i. Returns int32 [P_bucket, 3]: query tile, key tile,
+    and 1 for a real pair / 0 for bucket padding (ignored by the attention).
     """
+    seg = np.asarray(seg)
+    is_pre = seg >= 0
+    new_seg = is_pre & np.r_[True, seg[1:] != seg[:-1]]
+    starts = np.maximum.accumulate(np.where(new_seg, np.arange(len(seg)), 0))
     pairs = []
-    starts = np.zeros(n_pre, np.int64)
-    if n_pre:
-        new_seg = np.r_[True, seg[1:n_pre] != seg[:n_pre - 1]]
-        starts = np.maximum.accumulate(np.where(new_seg, np.arange(n_pre), 0))
-    for i in range(-(-n_pre // tile)):
-        for j in range(starts[i * tile] // tile, i + 1):
-            pairs.append((i, j, 1))
+    for i in range(len(seg) // tile):
+        rows = np.flatnonzero(is_pre[i * tile:(i + 1) * tile])
+        if len(rows):
+            pairs += [(i, j, 1) for j in range(starts[i * tile + rows[0]] // tile, i + 1)]
     pairs += [(0, 0, 0)] * (_bucket(len(pairs), 1) - len(pairs))
     return np.asarray(pairs, np.int32).reshape(-1, 3)
 
@@ -139,7 +170,7 @@ def tiled_prefill_attention(q_nhd, k_ngd, v_ngd, seg_n, pos_n, pairs_p3):
     LSE.
 
     Costs O(pairs * TILE^2) instead of O(n^2): an iteration of many short prompts touches a
-    thin band around the diagonal.
+    thin band around the diagonal. Rows with seg < 0 get zeros.
     """
     n, hq, d = q_nhd.shape
     g = k_ngd.shape[1]
@@ -167,26 +198,154 @@ def tiled_prefill_attention(q_nhd, k_ngd, v_ngd, seg_n, pos_n, pairs_p3):
     return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(n, hq, d)
 
 
+def _ga(cfg, lw, x_nh, pos_n, seg_n, pairs_p3):
+    """GA: QKV + RoPE for every row, causal attention of the prefill rows (zeros elsewhere)."""
+    q, k, v = transformer.pre_attention(cfg, lw, x_nh, pos_n)
+    return q, k, v, tiled_prefill_attention(q, k, v, seg_n, pos_n, pairs_p3)
+
+
+def _gb_experts(cfg, lw, x_nh, xn_nh, routing, mask_n, capacity: int):
+    ffn = functools.partial(moe.expert_ffn, impl="capacity", capacity=capacity)
+    return transformer.experts_residual(cfg, lw, x_nh, xn_nh, routing, ffn, mask_n)
+
+
+def _gb_fused(cfg, lw, x_nh, attn_nqd, mask_n):
+    """Whole GB in one computation (accelerators: "ragged" experts need no host round trip)."""
+    x, xn, routing = transformer.attention_out_and_route(cfg, lw, x_nh, attn_nqd)
+    return transformer.experts_residual(cfg, lw, x, xn, routing, token_mask_n=mask_n)
+
+
 @dataclasses.dataclass(frozen=True)
 class _StageFunctions:
     embed: object
     ga: object
-    gb: object
-    prefill_attn: object
     place: object
+    gb_route: object
+    gb_experts: object
+    gb_fused: object
     logits: object
 
 
 @functools.lru_cache(maxsize=16)
 def _stage_functions(cfg) -> _StageFunctions:
     """Jitted device stages, shared by every engine of one config (compiles are reused)."""
+    p = functools.partial
     return _StageFunctions(
         embed=jax.jit(transformer.embed),
-        ga=jax.jit(functools.partial(transformer.pre_attention, cfg)),
-        gb=jax.jit(functools.partial(transformer.post_attention, cfg)),
-        prefill_attn=jax.jit(tiled_prefill_attention),
-        place=jax.jit(lambda a, b, start: jax.lax.dynamic_update_slice(a, b, (start, 0, 0))),
+        ga=jax.jit(p(_ga, cfg)),
+        place=jax.jit(lambda attn, dec: attn.at[:dec.shape[0]].set(dec.astype(attn.dtype))),
+        gb_route=jax.jit(p(transformer.attention_out_and_route, cfg)),
+        gb_experts=jax.jit(p(_gb_experts, cfg), static_argnames="capacity"),
+        gb_fused=jax.jit(p(_gb_fused, cfg)),
         logits=jax.jit(lambda w, x, idx: transformer.logits(cfg, w, x[idx])))
+
+
+@dataclasses.dataclass
+class _Group:
+    """One group of an iteration's tokens laid out for the stages.
+
+    Rows: decode tokens first (their queries are q[:dec_b]), padding to dec_b, then every
+    prefill sequence's tokens, then padding to nb (a multiple of TILE).
+    """
+
+    seqs: list[int]  # sequence ids in row order
+    last_rows: list[int]  # row of each sequence's last token (its logits row)
+    counts_np: np.ndarray  # int32 rows per sequence, for the KV append
+    real_rows: np.ndarray  # rows holding real tokens, in append order
+    mask_np: np.ndarray  # bool [nb]: real rows
+    n_dec: int
+    dec_b: int
+    tok: jax.Array
+    pos: jax.Array
+    seg: jax.Array
+    pairs: jax.Array
+    dec_ids: jax.Array
+    mask: jax.Array
+
+
+def padded_rows(n_prefill_tokens: int, n_decode: int) -> int:
+    """Rows one group of the engine computes for these tokens (bucket padding included)."""
+    dec_b = _bucket(n_decode) if n_decode else 0
+    return _bucket(dec_b + n_prefill_tokens, TILE)
+
+
+def logit_rows(n_seqs: int) -> int:
+    """Rows the lm_head computes for `n_seqs` sequences (bucket padding included)."""
+    return _bucket(n_seqs, 1)
+
+
+def _build_group(decode: Sequence[int], prefill: Sequence[tuple[int, int]],
+                 tokens: dict[int, list[int]]) -> _Group:
+    n_dec = len(decode)
+    dec_b = _bucket(n_dec) if n_dec else 0
+    rows = [tokens[rid][-1] for rid in decode] + [0] * (dec_b - n_dec)
+    pos = [len(tokens[rid]) - 1 for rid in decode] + [0] * (dec_b - n_dec)
+    seg = [-1] * dec_b
+    last = list(range(n_dec))
+    for k, (rid, n) in enumerate(prefill):
+        rows += tokens[rid][:n]
+        pos += range(n)
+        seg += [k] * n
+        last.append(len(rows) - 1)
+    nb = _bucket(len(rows), TILE)
+    pad = nb - len(rows)
+    mask = np.zeros(nb, bool)
+    mask[:n_dec] = True
+    mask[dec_b:len(rows)] = True
+    seg_np = np.array(seg + [-1] * pad, np.int32)
+    host = jax.devices("cpu")[0]
+    return _Group(
+        seqs=list(decode) + [rid for rid, _ in prefill], last_rows=last,
+        counts_np=np.array([1] * n_dec + [n for _, n in prefill], np.int32),
+        real_rows=np.flatnonzero(mask), mask_np=mask, n_dec=n_dec, dec_b=dec_b,
+        tok=jnp.asarray(np.array(rows + [0] * pad, np.int32)),
+        pos=jnp.asarray(np.array(pos + [0] * pad, np.int32)),
+        seg=jnp.asarray(seg_np), pairs=jnp.asarray(prefill_tile_pairs(seg_np)),
+        dec_ids=jax.device_put(
+            np.array(list(decode) + [PAD_SEQ] * (dec_b - n_dec), np.int32), host),
+        mask=jnp.asarray(mask))
+
+
+def split_plan(plan: Plan) -> tuple[tuple[list[int], list[tuple[int, int]]], ...]:
+    """VSLPipe's two groups: decode sequences alternate (so both groups carry host attention),
+    prefill sequences go to the group with fewer tokens. One group if either would be empty."""
+    groups = (([], []), ([], []))
+    load = [0, 0]
+    for i, rid in enumerate(plan.decode):
+        groups[i % 2][0].append(rid)
+        load[i % 2] += 1
+    for rid, n in plan.prefill:
+        g = 0 if load[0] <= load[1] else 1
+        groups[g][1].append((rid, n))
+        load[g] += n
+    if min(load) == 0:
+        return ((list(plan.decode), list(plan.prefill)),)
+    return groups
+
+
+PIPELINES = ("auto", "serial", "vslpipe")
+STAGES = ("GA", "C", "GB", "IO")
+
+
+class _StageClock:
+    """Wall time per stage (GA, C, GB, IO) for one iteration, summed; with `keep`, also every
+    interval as (stage, layer, group, start_s, dur_s) for the trace."""
+
+    def __init__(self, t0: float, keep: bool):
+        self.t0, self.keep = t0, keep
+        self.sums = dict.fromkeys(STAGES, 0.0)
+        self.events: list[tuple] = []
+
+    @contextlib.contextmanager
+    def __call__(self, stage: str, layer: int, group: int):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            end = time.perf_counter()
+            self.sums[stage] += end - start
+            if self.keep:
+                self.events.append((stage, layer, group, start - self.t0, end - start))
 
 
 class Engine:
@@ -196,27 +355,43 @@ class Engine:
       model: a loaded `Model`.
       kv_cache_bytes: host memory for the paged KV cache.
       page_size: tokens per KV page.
-      token_budget: tokens per iteration that prefill admission fills up to (n_real); default
-        512 until the performance model supplies it.
+      token_budget: tokens per iteration that prefill admission fills up to (n_real); by
+        default the performance model's choice (`perf.default_token_budget`) when this
+        machine has a cached calibration for the model's shape, else 512
+        (`engine.token_budget_source` says which).
       kv_dtype: KV storage dtype (default: the model's dtype).
       policy: "moe-lens" (the only policy implemented so far).
       device_weight_layers: decoder layers resident on the device at once (2 = double buffer).
       h2d_limit_gb_per_s: optional cap on the host-to-device weight stream (research knob).
       device_memory_bytes: optional device-memory cap; the weight window plus resident
         embedding/lm_head must fit under it.
+      pipeline: "serial" (stages one after another, each timed), "vslpipe" (two token groups
+        interleaved so one group's host attention overlaps the other's device stages), or
+        "auto": serial on a CPU-only backend (host and "device" share the cores, so overlap
+        only adds contention), vslpipe elsewhere. `engine.mode` says which runs.
+      record_stages: keep every per-layer stage interval for `RunStats.chrome_trace`
+        (per-iteration sums are always kept).
     """
 
     def __init__(self, model: Model, *, kv_cache_bytes: int, page_size: int = 16,
                  device_weight_layers: int = 2, token_budget: int | None = None,
                  kv_dtype: str | None = None, policy: str = "moe-lens",
                  h2d_limit_gb_per_s: float | None = None,
-                 device_memory_bytes: int | None = None):
+                 device_memory_bytes: int | None = None, pipeline: str = "auto",
+                 record_stages: bool = False):
         if policy != "moe-lens":
             raise ValueError(f"unknown policy {policy!r}; implemented: 'moe-lens'")
         cfg = model.config
         self.model, self.cfg = model, cfg
         self.page_size = page_size
-        self.token_budget = token_budget or 512
+        self.token_budget, self.token_budget_source = token_budget, "given"
+        if token_budget is None:
+            from moelens_jax import perf  # perf imports the runtime: import late
+            hw = perf.cached(cfg)
+            self.token_budget = perf.default_token_budget(cfg, hw) if hw else 512
+            self.token_budget_source = (f"perf model ({hw.name})" if hw else
+                                        "default 512 (no calibration cached; "
+                                        "python -m experiments.calibrate)")
         if self.token_budget < 1:
             raise ValueError("token_budget must be >= 1")
         self.store = PagedKVStore.for_model(cfg, kv_cache_bytes, page_size=page_size,
@@ -229,7 +404,15 @@ class Engine:
         self.store.add_sequence(PAD_SEQ)
         for layer in range(cfg.num_layers):
             self.store.append([PAD_SEQ], [1], layer, zero, zero)
-        self.mode = "serial"
+        if pipeline not in PIPELINES:
+            raise ValueError(f"pipeline must be one of {PIPELINES}, got {pipeline!r}")
+        self.on_cpu = jax.default_backend() == "cpu"
+        if pipeline == "auto":
+            pipeline = "serial" if self.on_cpu else "vslpipe"
+        if pipeline == "vslpipe" and device_weight_layers < 2:
+            raise ValueError("pipeline='vslpipe' needs device_weight_layers >= 2")
+        self.mode = pipeline
+        self.record_stages = record_stages
         self.mover = WeightMover(model, depth=device_weight_layers,
                                  h2d_limit_gb_per_s=h2d_limit_gb_per_s)
         self.h2d_limit_gb_per_s = h2d_limit_gb_per_s
@@ -244,6 +427,10 @@ class Engine:
         self._weights = jax.device_put(ModelWeights(embed=w.embed, layers=(),
                                                     final_norm=w.final_norm, lm_head=w.lm_head))
         self._fn = _stage_functions(cfg)
+        # Stage C is jitted on the CPU device (inputs are committed there), so on a GPU machine
+        # the callback never sits on the GPU stream.
+        self._host = jax.devices("cpu")[0]
+        self._device = jax.devices()[0]
         self._decode_attn = jax.jit(
             lambda q, ids, layer: cpu_decode_attention(self.store, q, ids, layer))
         self.stats = RunStats()
@@ -300,7 +487,7 @@ class Engine:
             except RequestRejected as e:
                 results[i] = GenerationResult(i, [], "rejected", len(r.prompt), error=str(e))
                 notify(results[i])
-        stats = RunStats(kv_pages=self.kv_pages,
+        stats = RunStats(kv_pages=self.kv_pages, mode=self.mode,
                          prompt_tokens=sum(len(reqs[i].prompt) for i in tokens))
         self.stats = stats
         bar = tqdm(total=len(tokens), disable=not progress, unit="req", desc="generate")
@@ -337,7 +524,9 @@ class Engine:
             self.store.add_sequence(rid)
         pages_used = sched.used_pages()
         stats.kv_peak_pages = max(stats.kv_peak_pages, pages_used)
-        new = self._run_iteration(plan, tokens)
+        kv_read = sum(sched.seqs[rid].total for rid in plan.decode)  # tokens decode attends to
+        clock = _StageClock(t0, self.record_stages)
+        new = self._run_iteration(plan, tokens, clock)
         stopped = set()
         for rid, tok in new.items():
             tokens[rid].append(tok)
@@ -358,53 +547,106 @@ class Engine:
         stats.per_iteration.append({
             "start_s": t_start - t0, "wall_s": t_end - t_start,
             "prefill_tokens": sum(n for _, n in plan.prefill), "decode_tokens": len(plan.decode),
+            "prefill_seqs": len(plan.prefill), "kv_tokens_read": kv_read,
+            "padded_rows": padded_rows(sum(n for _, n in plan.prefill), len(plan.decode)),
+            "logit_rows": logit_rows(len(plan.prefill) + len(plan.decode)),
             "preempted": list(plan.preempted), "finished": sorted(finished),
-            "pages_used": pages_used, "pages_free": self.kv_pages - pages_used})
+            "pages_used": pages_used, "pages_free": self.kv_pages - pages_used,
+            **{f"{k.lower()}_s": v for k, v in clock.sums.items()}})
+        stats.stage_events += clock.events
 
-    def _run_iteration(self, plan: Plan, tokens: dict[int, list[int]]) -> dict[int, int]:
+    def _run_iteration(self, plan: Plan, tokens: dict[int, list[int]],
+                       clock: _StageClock) -> dict[int, int]:
         """Runs one plan through all layers; returns the sampled token of each sequence."""
-        ids, counts, rows, pos, seg, last = [], [], [], [], [], []
-        for k, (rid, n) in enumerate(plan.prefill):
-            ids.append(rid)
-            counts.append(n)
-            rows += tokens[rid][:n]
-            pos += range(n)
-            seg += [k] * n
-            last.append(len(rows) - 1)
-        n_pre = len(rows)
-        for rid in plan.decode:
-            ids.append(rid)
-            counts.append(1)
-            rows.append(tokens[rid][-1])
-            pos.append(len(tokens[rid]) - 1)
-            seg.append(-1)
-            last.append(len(rows) - 1)
-        n_dec = len(plan.decode)
-        n_real = len(rows)
-        dec_b = _bucket(n_dec) if n_dec else 0
-        nb = _bucket(n_pre + dec_b, TILE)
-        pad = nb - n_real
-        tok = jnp.asarray(np.array(rows + [0] * pad, np.int32))
-        pos_a = jnp.asarray(np.array(pos + [0] * pad, np.int32))
-        seg_a = jnp.asarray(np.array(seg + [-1] * pad, np.int32))
-        dec_ids = jnp.asarray(np.array(list(plan.decode) + [PAD_SEQ] * (dec_b - n_dec), np.int32))
-        ids_np, counts_np = np.array(ids, np.int64), np.array(counts, np.int32)
-        pairs = jnp.asarray(prefill_tile_pairs(np.array(seg, np.int64), n_pre, nb))
+        parts = (split_plan(plan) if self.mode == "vslpipe"
+                 else ((list(plan.decode), list(plan.prefill)),))
+        groups = [_build_group(d, p, tokens) for d, p in parts]
+        xs = [self._fn.embed(self._weights, g.tok) for g in groups]
+        if len(groups) == 1 or self.mode == "serial":
+            self._layers_serial(groups, xs, clock)
+        else:
+            self._layers_vslpipe(groups, xs, clock)
+        new = {}
+        for g, x in zip(groups, xs, strict=True):
+            idx = np.array(g.last_rows + [0] * (logit_rows(len(g.last_rows)) - len(g.last_rows)),
+                           np.int32)
+            logits = np.asarray(self._fn.logits(self._weights, x, jnp.asarray(idx)))
+            # Keyed by the position of the token being generated: independent of batching.
+            new.update({rid: sample(logits[j], self._sampling, rid, len(tokens[rid]))
+                        for j, rid in enumerate(g.seqs)})
+        return new
 
-        x = self._fn.embed(self._weights, tok)
+    def _layer(self, layer: int, clock: _StageClock, prefetch: bool = True):
+        with clock("IO", layer, 0):  # time spent waiting for the weight stream
+            return self.mover.get(layer, prefetch=prefetch)
+
+    def _ga(self, lw, g: _Group, x):
+        return self._fn.ga(lw, x, g.pos, g.seg, g.pairs)
+
+    def _host_stage(self, g: _Group, layer: int, ga_out):
+        """C: append the group's new K/V to the paged store, decode attention on the host.
+
+        Returns the group's attention output: prefill rows from GA, decode rows from the host
+        kernel placed into rows [0, dec_b)."""
+        q, k, v, attn = ga_out
+        k_h, v_h = np.asarray(k), np.asarray(v)  # waits for GA (a true dependency)
+        self.store.append(np.asarray(g.seqs, np.int64), g.counts_np, layer,
+                          k_h[g.real_rows], v_h[g.real_rows])
+        if not g.dec_b:
+            return attn
+        q_dec = jax.device_put(q[:g.dec_b], self._host)
+        dec = self._decode_attn(q_dec, g.dec_ids, layer).block_until_ready()
+        return self._fn.place(attn, jax.device_put(dec, self._device))
+
+    def _gb(self, lw, g: _Group, x, attn):
+        if not self.on_cpu:
+            return self._fn.gb_fused(lw, x, attn, g.mask)
+        # CPU: route first, read the group sizes back (cheap here: host and device are the
+        # same cores) and run the experts as batched GEMMs at that capacity.
+        x2, xn, routing = self._fn.gb_route(lw, x, attn)
+        chosen = np.asarray(routing.experts_nk)[g.mask_np]
+        top = int(np.bincount(chosen.ravel(), minlength=self.cfg.num_experts).max())
+        return self._fn.gb_experts(lw, x2, xn, routing, g.mask,
+                                   capacity=moe.capacity_bucket(top))
+
+    def _layers_serial(self, groups, xs, clock: _StageClock) -> None:
+        """Stages one after another, each waited for (and so timed exactly)."""
         for layer in range(self.cfg.num_layers):
-            lw = self.mover.get(layer)
-            q, k, v = self._fn.ga(lw, x, pos_a)
-            # Slice on the host: a device-side k[:n_real] would dispatch an op per layer.
-            self.store.append(ids_np, counts_np, layer, np.asarray(k)[:n_real],
-                              np.asarray(v)[:n_real])
-            attn = self._fn.prefill_attn(q, k, v, seg_a, pos_a, pairs)
-            if n_dec:
-                dec = self._decode_attn(q[n_pre:n_pre + dec_b], dec_ids, layer)
-                attn = self._fn.place(attn, dec, n_pre)
-            x = self._fn.gb(lw, x, attn)
-        idx = np.array(last + [0] * (_bucket(len(last), 1) - len(last)), np.int32)
-        logits = np.asarray(self._fn.logits(self._weights, x, jnp.asarray(idx)))
-        # Keyed by the position of the token being generated: independent of batching.
-        return {rid: sample(logits[j], self._sampling, rid, len(tokens[rid]))
-                for j, rid in enumerate(ids)}
+            lw = self._layer(layer, clock)
+            for gi, g in enumerate(groups):
+                with clock("GA", layer, gi):
+                    ga_out = jax.block_until_ready(self._ga(lw, g, xs[gi]))
+                with clock("C", layer, gi):
+                    attn = self._host_stage(g, layer, ga_out)
+                with clock("GB", layer, gi):
+                    xs[gi] = jax.block_until_ready(self._gb(lw, g, xs[gi], attn))
+
+    def _layers_vslpipe(self, groups, xs, clock: _StageClock) -> None:
+        """VSLPipe over two groups A, B. Device work is only dispatched (JAX async dispatch);
+        the host blocks only on true dependencies (a group's K/V before its C stage). Device
+        order per layer l: GB_A(l), GA_A(l+1), GB_B(l), GA_B(l+1), so C_B(l) runs on the host
+        while the device computes GB_A(l)/GA_A(l+1), and C_A(l+1) while it computes
+        GB_B(l)/GA_B(l+1). Layer l+1's weights are fetched without evicting layer l (still
+        used by GB_B(l)); layer l+2's copy waits until GB_B(l) has run.
+
+        Recorded intervals here are host-side: "C" (host attention and K/V append) and "GB"
+        (GB dispatch; on a CPU backend this includes waiting for the router), so the trace
+        shows what the host did while device work was queued.
+        """
+        num_layers = self.cfg.num_layers
+        lw = self._layer(0, clock)
+        gas = [self._ga(lw, g, x) for g, x in zip(groups, xs, strict=True)]
+        for layer in range(num_layers):
+            nxt = None
+            for gi, g in enumerate(groups):
+                with clock("C", layer, gi):
+                    attn = self._host_stage(g, layer, gas[gi])
+                with clock("GB", layer, gi):
+                    xs[gi] = self._gb(lw, g, xs[gi], attn)
+                if layer + 1 < num_layers:
+                    if nxt is None:
+                        nxt = self._layer(layer + 1, clock, prefetch=False)
+                    gas[gi] = self._ga(nxt, g, xs[gi])
+            if nxt is not None:
+                self.mover.prefetch_ahead(layer + 1, after=xs[-1])
+                lw = nxt

@@ -83,7 +83,9 @@ class WeightMover:
         self.copy_s = 0.0  # time spent copying
         self.link_s = 0.0  # time the (possibly capped) link was busy: copy + throttle
 
-    def _copy(self, layer: int) -> LayerWeights:
+    def _copy(self, layer: int, after=None) -> LayerWeights:
+        if after is not None:  # the slot's previous layer is still in use until `after` is ready
+            jax.block_until_ready(after)
         t0 = time.perf_counter()
         buf = jax.device_put(self._src[layer], self.device)
         buf.block_until_ready()
@@ -103,21 +105,30 @@ class WeightMover:
             self.link_s += end - t0
         return weights
 
-    def prefetch(self, layer: int) -> None:
-        """Starts copying `layer` (mod num_layers) unless it is resident or in flight."""
+    def prefetch(self, layer: int, after=None) -> None:
+        """Starts copying `layer` (mod num_layers) unless it is resident or in flight; with
+        `after` (arrays), the copy first waits until they are computed (the buffer it
+        replaces is in use until then)."""
         layer %= self.num_layers
         if layer not in self._window:
-            self._window[layer] = self._pool.submit(self._copy, layer)
+            self._window[layer] = self._pool.submit(self._copy, layer, after)
 
-    def get(self, layer: int) -> LayerWeights:
-        """Layer `layer`'s device weights; prefetches the next depth-1 layers (wrapping)."""
+    def get(self, layer: int, prefetch: bool = True) -> LayerWeights:
+        """Layer `layer`'s device weights. Drops layers outside the window [layer, layer+depth)
+        and, with `prefetch`, starts copying the next depth-1 layers (wrapping); without it
+        the caller starts them later with `prefetch_ahead`."""
         ahead = [(layer + i) % self.num_layers for i in range(self.depth)]
         for stale in [l for l in self._window if l not in ahead]:
             del self._window[stale]  # outside the window: free its device buffer
         self.prefetch(layer)
-        for l in ahead[1:]:
-            self.prefetch(l)
+        if prefetch:
+            self.prefetch_ahead(layer)
         return self._window[layer].result()
+
+    def prefetch_ahead(self, layer: int, after=None) -> None:
+        """Prefetches layers layer+1 .. layer+depth-1 (see `prefetch` for `after`)."""
+        for i in range(1, self.depth):
+            self.prefetch(layer + i, after)
 
     @property
     def h2d_gb_per_s(self) -> float | None:

@@ -1,0 +1,126 @@
+"""Stage 2 of the performance model: what the engine achieves, by running the engine's own
+`Scheduler` in simulation with calibrated costs (one scheduler, two uses).
+
+The simulation feeds the workload to a real `Scheduler` sized exactly as the engine sizes it
+(pages from the KV bytes, one page reserved for padding), and charges each planned iteration
+
+  t_dev  = L * (layer_fixed_s + 2 * active_params_per_layer * n / gemm_flops
+                + padded_row_s * rows)   (rows: n padded to the engine's shape buckets)
+           + head_s_per_seq * logits rows   (lm_head + sampling; sequences, bucketed)
+  t_host = L * (attn_fixed_s + attn_s_per_token * n
+           + kv_tokens_read * kv_bytes_per_token_per_layer / cpu_attn_bytes_per_s)
+  t_io   = streamed weight bytes / h2d_bytes_per_s
+
+  t_iter = iteration_fixed_s + max(t_io, t_dev + t_host)   if shared_cores (CPU-only machine)
+           iteration_fixed_s + max(t_io, t_dev, t_host)    otherwise (VSLPipe overlaps them)
+
+so ramp-up (prefill-only iterations), drain (a decode-only tail that still pays t_io), partly
+filled last pages and preemptions are exactly those the scheduler produces.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from moelens_jax.config import ModelConfig
+from moelens_jax.perf.hardware import HardwareSpec
+from moelens_jax.perf.stage1 import Workload
+from moelens_jax.runtime.engine import logit_rows, padded_rows
+from moelens_jax.runtime.scheduler import RequestRejected, Scheduler
+
+DEFAULT_TOKEN_BUDGET = 512  # the engine's default when neither the caller nor a policy sets one
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage2Result:
+    generated_tokens_per_s: float
+    processed_tokens_per_s: float
+    total_s: float
+    iterations: int
+    preemptions: int
+    rejected: int
+    mean_tokens_per_iteration: float
+    kv_peak_fraction: float
+    kv_use: tuple[float, ...]  # used fraction of the pages per iteration
+    seconds_by_term: dict  # summed t_dev, t_host, t_io, fixed over the run
+
+    def as_dict(self, with_series: bool = False) -> dict:
+        d = dataclasses.asdict(self)
+        if not with_series:
+            d.pop("kv_use")
+        return d
+
+
+def iteration_seconds(cfg: ModelConfig, hw: HardwareSpec, n_tokens: int, n_seqs: int,
+                      kv_tokens_read: int, kv_dtype: str | None = None,
+                      rows: int | None = None) -> dict:
+    """Cost terms of one iteration (see module docstring); key "total" is t_iter."""
+    rows = n_tokens if rows is None else rows
+    L = cfg.num_layers
+    per_layer_kv = cfg.kv_bytes_per_token(kv_dtype) / L
+    head = hw.head_s_per_seq or 2.0 * cfg.vocab_size * cfg.hidden_size / hw.gemm_flops
+    t_dev = L * (hw.layer_fixed_s + 2.0 * cfg.active_params_per_layer * n_tokens
+                 / hw.gemm_flops + hw.padded_row_s * rows) + head * n_seqs
+    t_host = L * (hw.attn_fixed_s + hw.attn_s_per_token * n_tokens
+                  + kv_tokens_read * per_layer_kv / hw.cpu_attn_bytes_per_s)
+    t_io = L * cfg.weight_bytes_per_layer / hw.h2d_bytes_per_s
+    busy = max(t_io, t_dev + t_host) if hw.shared_cores else max(t_io, t_dev, t_host)
+    return {"dev": t_dev, "host": t_host, "io": t_io, "fixed": hw.iteration_fixed_s,
+            "total": hw.iteration_fixed_s + busy}
+
+
+def engine_pages(cfg: ModelConfig, kv_cache_bytes: float, page_size: int,
+                 kv_dtype: str | None = None) -> int:
+    """KV pages the engine gives requests: floor(bytes / page bytes) minus the padding page."""
+    return int(kv_cache_bytes // (page_size * cfg.kv_bytes_per_token(kv_dtype))) - 1
+
+
+def predict(cfg: ModelConfig, hw: HardwareSpec, workload: Workload, kv_cache_bytes: float, *,
+            page_size: int = 16, token_budget: int | None = None,
+            kv_dtype: str | None = None) -> Stage2Result:
+    """Predicted throughput of the engine on `workload` (every request, in order).
+
+    Args:
+      cfg: model shape; hw: rates (a preset or `calibrate()`).
+      workload: prompt/generation lengths per request (`Workload.fixed(p, g, K)` for K
+        identical requests).
+      kv_cache_bytes, page_size, token_budget, kv_dtype: as given to the `Engine`.
+    """
+    num_pages = engine_pages(cfg, kv_cache_bytes, page_size, kv_dtype)
+    if num_pages < 1:
+        raise ValueError(f"kv_cache_bytes={kv_cache_bytes} holds no usable KV page")
+    sched = Scheduler(num_pages, page_size, token_budget or DEFAULT_TOKEN_BUDGET)
+    rejected = 0
+    for rid, (p, g) in enumerate(zip(workload.prompt_lens, workload.gen_lens, strict=True)):
+        try:
+            sched.add(rid, p, g)
+        except RequestRejected:
+            rejected += 1
+    total = 0.0
+    terms = dict.fromkeys(("dev", "host", "io", "fixed"), 0.0)
+    generated = processed = iterations = 0
+    kv_use = []
+    while not sched.done:
+        plan = sched.schedule()
+        if plan.empty:
+            raise RuntimeError("scheduler made no progress in simulation")
+        kv_read = sum(sched.seqs[rid].total for rid in plan.decode)
+        n_seqs = len(plan.prefill) + len(plan.decode)
+        rows = padded_rows(plan.num_tokens - len(plan.decode), len(plan.decode))
+        cost = iteration_seconds(cfg, hw, plan.num_tokens, logit_rows(n_seqs), kv_read, kv_dtype,
+                                 rows)
+        kv_use.append(sched.used_pages() / num_pages)
+        sched.complete(plan, set())
+        total += cost["total"]
+        for k in terms:
+            terms[k] += cost[k]
+        generated += n_seqs
+        processed += plan.num_tokens
+        iterations += 1
+    return Stage2Result(
+        generated_tokens_per_s=generated / total if total else 0.0,
+        processed_tokens_per_s=processed / total if total else 0.0,
+        total_s=total, iterations=iterations, preemptions=sched.total_preemptions,
+        rejected=rejected, mean_tokens_per_iteration=processed / max(iterations, 1),
+        kv_peak_fraction=max(kv_use, default=0.0), kv_use=tuple(kv_use),
+        seconds_by_term=terms)

@@ -1,0 +1,125 @@
+"""The performance model: the paper's published numbers, limits, and Stage 2 vs Stage 1."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from moelens_jax import perf
+from moelens_jax.config import get_preset
+from moelens_jax.perf import Workload
+
+MIXTRAL = get_preset("mixtral-8x7b")
+A40 = perf.get_hardware("a40")
+
+
+def test_paper_saturation_tokens_and_table2():
+    """Paper: ~19.2k tokens saturate an A40 (150 TFLOP/s over a 32 GB/s link) with Mixtral;
+    Table 2 KV sizes (GB) at sequence 256 / 512 for A40, L40, A100 within 2%."""
+    tokens, _ = perf.paper_table2(MIXTRAL, 150, 32, 256)
+    assert tokens == pytest.approx(19200, rel=1e-9)
+    want = {150: (614, 1228), 181: (741, 1482), 312: (1277, 2554)}
+    for tflops, (kv256, kv512) in want.items():
+        assert perf.paper_table2(MIXTRAL, tflops, 32, 256)[1] == pytest.approx(kv256, rel=0.02)
+        assert perf.paper_table2(MIXTRAL, tflops, 32, 512)[1] == pytest.approx(kv512, rel=0.02)
+    hw32 = dataclasses.replace(A40, h2d_bytes_per_s=32e9)
+    approx = perf.tokens_to_saturate_approx(MIXTRAL, hw32)
+    assert approx == pytest.approx(150e12 / 32e9 * 4)  # decimal units: 18750
+    # The exact form counts attention projections too, so it saturates a bit earlier (bf16).
+    assert 0.8 * approx < perf.tokens_to_saturate(MIXTRAL, hw32) < approx
+
+
+def test_pme_and_overlap_factor():
+    assert perf.pme(98, 32) == pytest.approx(0.0356, abs=5e-5)
+    assert perf.overlap_factor(Workload.fixed(98, 256)) == pytest.approx(1.57, abs=5e-3)
+    mixed = Workload((98, 926), (32, 128))  # ratio of sums, not mean of ratios
+    want = (98 + 32 + 926 + 128) / (32 * (2 * 98 + 32) / 2 + 128 * (2 * 926 + 128) / 2)
+    assert perf.workload_pme(mixed) == pytest.approx(want)
+    assert perf.workload_pme(Workload.fixed(98, 32, 5)) == pytest.approx(perf.pme(98, 32))
+
+
+def test_stage1_monotone_and_turning_point():
+    w = Workload.fixed(98, 32)
+    caps = [10e9, 30e9, 70e9, 150e9, 400e9, 1000e9]
+    t = [perf.stage1(MIXTRAL, A40, w, kv).processed_tokens_per_s for kv in caps]
+    assert all(b >= a for a, b in zip(t, t[1:], strict=False))
+    r_small, r_big = perf.stage1(MIXTRAL, A40, w, 10e9), perf.stage1(MIXTRAL, A40, w, 1000e9)
+    assert r_small.binding == "kv_capacity" and r_big.binding != "kv_capacity"
+    assert r_big.processed_tokens_per_s == pytest.approx(
+        min(r_big.bound_gpu_tokens_per_s, r_big.bound_cpu_attn_tokens_per_s))
+    tp = r_small.turning_point_kv_bytes
+    assert perf.stage1(MIXTRAL, A40, w, 0.9 * tp).binding == "kv_capacity"
+    assert perf.stage1(MIXTRAL, A40, w, 1.1 * tp).binding != "kv_capacity"
+    # Longer generation at a fixed prompt lowers the (generated and processed) bound.
+    g = [perf.stage1(MIXTRAL, A40, Workload.fixed(98, gl), 70e9).processed_tokens_per_s
+         for gl in (32, 64, 128, 256)]
+    assert all(b < a for a, b in zip(g, g[1:], strict=False))
+
+
+def test_stage2_below_stage1_and_converges():
+    w1 = perf.stage1(MIXTRAL, A40, Workload.fixed(98, 32), 20e9)
+    ratios = []
+    for k in (2000, 8000, 32000):
+        s2 = perf.predict(MIXTRAL, A40, Workload.fixed(98, 32, k), 20e9, token_budget=32768)
+        ratios.append(s2.generated_tokens_per_s / w1.generated_tokens_per_s)
+        assert s2.rejected == 0 and s2.kv_peak_fraction > 0.9
+    assert all(r <= 1.02 for r in ratios)
+    assert ratios[0] < ratios[1] < ratios[2] and ratios[2] > 0.85
+
+
+def test_stage2_hand_computed_case():
+    """Two requests (p=4, g=2) on a synthetic machine where each iteration costs 1 s of
+    weight streaming (everything else free): iteration 1 prefills both (8 tokens, 2
+    generated), iteration 2 decodes both -> 4 tokens in 2 s."""
+    cfg = get_preset("tiny-mixtral")
+    hw = perf.HardwareSpec(
+        name="synthetic", gemm_flops=1e30, device_memory_bytes=1e9,
+        h2d_bytes_per_s=cfg.num_layers * cfg.weight_bytes_per_layer, d2h_bytes_per_s=1e9,
+        host_memory_bandwidth=1e30, cpu_attn_bytes_per_s=1e30)
+    kv = 64 * cfg.kv_bytes_per_token()
+    a = perf.predict(cfg, hw, Workload.fixed(4, 2, 2), kv, page_size=4)
+    assert (a.iterations, a.total_s, a.generated_tokens_per_s) == (2, pytest.approx(2.0),
+                                                                    pytest.approx(2.0))
+    assert a.processed_tokens_per_s == pytest.approx((8 + 2) / 2.0)
+    b = perf.predict(cfg, hw, Workload.fixed(4, 2, 2), kv, page_size=4)
+    assert a == b  # deterministic
+
+
+def test_hardware_presets_and_errors():
+    assert set(perf.PRESETS) >= {"a40", "l4", "t4", "a100", "h100", "h200"}
+    assert all(hw.source for hw in perf.PRESETS.values())
+    assert A40.gemm_flops == 150e12 and A40.h2d_bytes_per_s == 19.5e9
+    with pytest.raises(ValueError, match="unknown hardware"):
+        perf.get_hardware("tpu-v9")
+    with pytest.raises(ValueError, match="gemm_flops must be positive"):
+        dataclasses.replace(A40, gemm_flops=0)
+    assert perf.HardwareSpec.from_json(A40.to_json()) == A40
+    assert 64 <= perf.default_token_budget(MIXTRAL, A40) <= 32768
+
+
+def test_calibration_fit_recovers_known_costs():
+    """fit_engine_costs on synthetic per-iteration records built from known coefficients."""
+    from moelens_jax.perf.calibrate import fit_engine_costs
+
+    cfg = get_preset("tiny-mixtral")
+    L = cfg.num_layers
+    a, b, c, h0, r0, rs = 2e-3, 1e-5, 2e-6, 5e-4, 1e-2, 3e-4
+    recs = []
+    for i in range(60):
+        n_pre, n_dec, kv = (i * 37) % 300, (i * 11) % 64, (i * 997) % 20000
+        rows = 64 * (1 + (n_pre + n_dec) // 64)
+        per_kv = kv * cfg.kv_bytes_per_token() / L / 1e9
+        dev = L * (a + b * (n_pre + n_dec) + c * rows)
+        host = L * (h0 + per_kv)
+        seqs = n_dec + i % 5
+        recs.append({"prefill_tokens": n_pre, "decode_tokens": n_dec, "logit_rows": seqs,
+                     "kv_tokens_read": kv, "padded_rows": rows, "ga_s": dev / 2,
+                     "gb_s": dev / 2, "c_s": host, "wall_s": dev + host + r0 + rs * seqs})
+    fit = fit_engine_costs(cfg, recs)
+    assert fit["layer_fixed_s"] == pytest.approx(a, rel=1e-6)
+    assert fit["padded_row_s"] == pytest.approx(c, rel=1e-6)
+    assert fit["gemm_flops"] == pytest.approx(2 * cfg.active_params_per_layer / b, rel=1e-6)
+    assert fit["cpu_attn_bytes_per_s"] == pytest.approx(1e9, rel=1e-6)
+    assert fit["iteration_fixed_s"] == pytest.approx(r0, rel=1e-6)
+    assert fit["head_s_per_seq"] == pytest.approx(rs, rel=1e-6)
