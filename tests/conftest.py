@@ -34,6 +34,13 @@ HF_CASES = {
 }
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_calibration_cache(tmp_path_factory):
+    """Engines pick their default token budget from a cached calibration: keep tests from
+    seeing the user's cache (~/.cache/moelens_jax) so every run starts from the same state."""
+    os.environ["MOELENS_CACHE"] = str(tmp_path_factory.mktemp("moelens_cache"))
+
+
 def hf_model(family: str, seed: int = 0, **overrides):
     """A tiny random HF model of `family` (float32, weights ~N(0, 0.1) so routing is decisive)."""
     import torch

@@ -7,7 +7,15 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def cache_env(tmp_path_factory):
+    """One calibration cache for this module's runs (calibrating costs ~30 s per model)."""
+    return {**os.environ, "MOELENS_CACHE": str(tmp_path_factory.mktemp("calibration"))}
 
 
 def _run(module: str, *flags: str) -> tuple[dict, str]:
@@ -84,13 +92,12 @@ def test_run_throughput_streams_and_resumes(tmp_path):
     assert out.read_text().splitlines() == lines  # nothing recomputed or duplicated
 
 
-def test_run_throughput_vslpipe_with_prediction(tmp_path):
-    env_cache = {"MOELENS_CACHE": str(tmp_path)}
+def test_run_throughput_vslpipe_with_prediction(tmp_path, cache_env):
     proc = subprocess.run(
         [sys.executable, "-m", "experiments.run_throughput", "--model=tiny-mixtral",
          "--num_requests=6", "--prompt_len=10", "--gen_len=4", "--pipeline=vslpipe",
          "--predict", "--progress=false", f"--trace_out={tmp_path / 't.json'}"],
-        cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, **env_cache})
+        cwd=ROOT, capture_output=True, text=True, timeout=600, env=cache_env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["mode"] == "vslpipe" and result["generated_tokens"] == 24
@@ -100,7 +107,8 @@ def test_run_throughput_vslpipe_with_prediction(tmp_path):
     names = {e.get("args", {}).get("name") for e in
              json.loads((tmp_path / "t.json").read_text())["traceEvents"]}
     assert {"C group 0", "C group 1"} <= names  # the two VSLPipe groups have their own tracks
-    assert any(p.name.startswith("calibration-") for p in tmp_path.iterdir())  # cached
+    cached = os.listdir(cache_env["MOELENS_CACHE"])
+    assert any(p.startswith("calibration-") for p in cached)
 
 
 def test_predict_paper_setting():
@@ -115,14 +123,48 @@ def test_predict_paper_setting():
     assert 0 < result["stage2_generated_tokens_per_s"] <= result["stage1_generated_tokens_per_s"]
 
 
-def test_validate_model_quick(tmp_path):
+def test_validate_model_quick(tmp_path, cache_env):
     png = tmp_path / "v.png"
     proc = subprocess.run(
         [sys.executable, "-m", "experiments.validate_model", "--quick",
          "--presets=tiny-qwen3-moe", f"--plot_out={png}"], cwd=ROOT, capture_output=True,
-        text=True, timeout=600, env={**os.environ, "MOELENS_CACHE": str(tmp_path)})
+        text=True, timeout=600, env=cache_env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["n_configs"] == 2 and len(result["configs"]) == 2
     assert result["min_accuracy"] <= result["mean_accuracy"] <= 1
     assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_compare_policies_small(cache_env):
+    proc = subprocess.run(
+        [sys.executable, "-m", "experiments.compare_policies", "--model=tiny-mixtral",
+         "--workloads=mtbench", "--num_requests=6"], cwd=ROOT, capture_output=True, text=True,
+        timeout=600, env=cache_env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    (row,) = result["workloads"]
+    for key in ("moe_lens_generated_tokens_per_s", "moe_lightning_generated_tokens_per_s",
+                "speedup", "predicted_speedup"):
+        assert row[key] > 0, key
+    assert row["identical_tokens"]  # same greedy tokens under both policies
+    assert row["moe_lightning"]["preemptions"] == 0
+    assert result["mean_speedup"] == row["speedup"]
+
+
+def test_reproduce_paper_reduced(tmp_path, cache_env):
+    out = tmp_path / "paper"
+    proc = subprocess.run(
+        [sys.executable, "-m", "experiments.reproduce_paper", f"--out={out}", "--reduced"],
+        cwd=ROOT, capture_output=True, text=True, timeout=900, env=cache_env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    for png in ("table2.png", "fig3a.png", "fig3b.png", "headline.png", "measured.png",
+                "accuracy.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG", png
+    data = json.loads((out / "results.json").read_text())
+    assert {"table2", "fig3a", "fig3b", "headline", "measured", "accuracy", "seed",
+            "hardware_fingerprint"} <= set(data)
+    assert abs(data["table2"][0]["tokens_to_saturate"] - 19200) < 1e-6
+    assert "Predicted" in (out / "REPORT.md").read_text()
+    assert result["predicted_mean_speedup"] > 0

@@ -123,3 +123,21 @@ def test_calibration_fit_recovers_known_costs():
     assert fit["cpu_attn_bytes_per_s"] == pytest.approx(1e9, rel=1e-6)
     assert fit["iteration_fixed_s"] == pytest.approx(r0, rel=1e-6)
     assert fit["head_s_per_seq"] == pytest.approx(rs, rel=1e-6)
+
+
+def test_moe_lightning_policy_and_prediction():
+    """HRM picks the largest batch whose reservation fits; Stage 2 of the static policy on the
+    same machine is slower than MoE-Lens when KV capacity binds (the paper's regime)."""
+    w, kv = Workload.fixed(98, 128), 10e9
+    lp = perf.lightning_policy(MIXTRAL, A40, w, kv, device_memory_bytes=24e9)
+    per_seq = (98 + 128) * MIXTRAL.kv_bytes_per_token()
+    assert lp.batch_size == int(kv // per_seq) and lp.kv_reserved_bytes <= kv
+    assert lp.binding == "comm" and lp.hrm_generated_tokens_per_s > 0
+    k = 3 * lp.batch_size
+    lens = perf.predict(MIXTRAL, A40, Workload.fixed(98, 128, k), kv, token_budget=32768)
+    light = perf.predict(MIXTRAL, A40, Workload.fixed(98, 128, k), kv, token_budget=32768,
+                         policy="moe-lightning", max_batch=lp.batch_size)
+    assert light.preemptions == 0
+    assert lens.generated_tokens_per_s > 1.2 * light.generated_tokens_per_s
+    with pytest.raises(ValueError, match="cannot hold one reserved sequence"):
+        perf.lightning_policy(MIXTRAL, A40, w, 1e6)

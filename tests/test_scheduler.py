@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from moelens_jax.runtime import RequestRejected, Scheduler
+from moelens_jax.runtime.scheduler import StaticBatchScheduler, make_scheduler
 
 
 def drive(sched: Scheduler, max_iters: int = 10_000):
@@ -100,3 +101,54 @@ def test_random_workloads_finish_with_consistent_accounting(seed):
         assert len(set(plan.decode)) == len(plan.decode)
     assert all(st.generated == st.max_new_tokens for st in s.seqs.values())
     assert s.free_pages == pages
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_static_batches_follow_moe_lightning_packing(seed):
+    """Algorithm 2: longest prompts first, each batch's KV reservation for prompt +
+    generation fits the cache, nothing admitted mid-batch, whole batch prefilled before any
+    decode, never a preemption; all requests finish with every page returned."""
+    rng = np.random.default_rng(seed)
+    pages, ps = int(rng.integers(10, 40)), int(rng.choice([1, 4, 16]))
+    max_batch = None if seed % 2 else int(rng.integers(1, 6))
+    s = StaticBatchScheduler(pages, ps, int(rng.integers(8, 200)), max_batch=max_batch)
+    lens = {}
+    for rid in range(30):
+        p, g = int(rng.integers(1, 60)), int(rng.integers(1, 30))
+        try:
+            s.add(rid, p, g)
+            lens[rid] = (p, g)
+        except RequestRejected:
+            assert p + g - 1 > pages * ps
+    plans = drive(s)
+    assert s.total_preemptions == 0 and s.free_pages == pages
+    assert sorted(r for b in s.batches for r in b) == sorted(lens)
+    for batch, reserved in zip(s.batches, s.reserved_pages, strict=True):
+        assert reserved == sum(-(-(lens[r][0] + lens[r][1] - 1) // ps) for r in batch)
+        assert reserved <= pages and (max_batch is None or len(batch) <= max_batch)
+        prompts = [lens[r][0] for r in batch]
+        assert prompts == sorted(prompts, reverse=True)
+    # Plans touch one batch at a time (batch index never goes back), and within a batch all
+    # prefill-only plans come before the decode-only plans.
+    batch_of = {r: k for k, b in enumerate(s.batches) for r in b}
+    last_batch, decoding = 0, False
+    for plan in plans:
+        rids = [r for r, _ in plan.prefill] + list(plan.decode)
+        ks = {batch_of[r] for r in rids}
+        assert len(ks) == 1, "a plan mixes batches"
+        k = ks.pop()
+        assert k >= last_batch, "a finished batch came back"
+        if k > last_batch:
+            last_batch, decoding = k, False
+        assert not (plan.prefill and plan.decode)
+        if plan.decode:
+            decoding = True
+        else:
+            assert not decoding, "prefill after the batch started decoding"
+
+
+def test_make_scheduler_policies():
+    assert type(make_scheduler("moe-lens", 4, 16, 64)) is Scheduler
+    assert type(make_scheduler("moe-lightning", 4, 16, 64)) is StaticBatchScheduler
+    with pytest.raises(ValueError, match="unknown policy"):
+        make_scheduler("vllm", 4, 16, 64)

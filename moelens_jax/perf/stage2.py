@@ -1,5 +1,6 @@
 """Stage 2 of the performance model: what the engine achieves, by running the engine's own
-`Scheduler` in simulation with calibrated costs (one scheduler, two uses).
+scheduler (`Scheduler`, or `StaticBatchScheduler` for the MoE-Lightning policy) in simulation
+with calibrated costs (one scheduler, two uses).
 
 The simulation feeds the workload to a real `Scheduler` sized exactly as the engine sizes it
 (pages from the KV bytes, one page reserved for padding), and charges each planned iteration
@@ -26,7 +27,7 @@ from moelens_jax.config import ModelConfig
 from moelens_jax.perf.hardware import HardwareSpec
 from moelens_jax.perf.stage1 import Workload
 from moelens_jax.runtime.engine import logit_rows, padded_rows
-from moelens_jax.runtime.scheduler import RequestRejected, Scheduler
+from moelens_jax.runtime.scheduler import RequestRejected, make_scheduler
 
 DEFAULT_TOKEN_BUDGET = 512  # the engine's default when neither the caller nor a policy sets one
 
@@ -77,19 +78,22 @@ def engine_pages(cfg: ModelConfig, kv_cache_bytes: float, page_size: int,
 
 def predict(cfg: ModelConfig, hw: HardwareSpec, workload: Workload, kv_cache_bytes: float, *,
             page_size: int = 16, token_budget: int | None = None,
-            kv_dtype: str | None = None) -> Stage2Result:
+            kv_dtype: str | None = None, policy: str = "moe-lens",
+            max_batch: int | None = None) -> Stage2Result:
     """Predicted throughput of the engine on `workload` (every request, in order).
 
     Args:
       cfg: model shape; hw: rates (a preset or `calibrate()`).
       workload: prompt/generation lengths per request (`Workload.fixed(p, g, K)` for K
         identical requests).
-      kv_cache_bytes, page_size, token_budget, kv_dtype: as given to the `Engine`.
+      kv_cache_bytes, page_size, token_budget, kv_dtype, policy, max_batch: as given to
+        the `Engine` ("moe-lightning" simulates its static batches).
     """
     num_pages = engine_pages(cfg, kv_cache_bytes, page_size, kv_dtype)
     if num_pages < 1:
         raise ValueError(f"kv_cache_bytes={kv_cache_bytes} holds no usable KV page")
-    sched = Scheduler(num_pages, page_size, token_budget or DEFAULT_TOKEN_BUDGET)
+    sched = make_scheduler(policy, num_pages, page_size, token_budget or DEFAULT_TOKEN_BUDGET,
+                           max_batch)
     rejected = 0
     for rid, (p, g) in enumerate(zip(workload.prompt_lens, workload.gen_lens, strict=True)):
         try:

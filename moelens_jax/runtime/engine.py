@@ -47,7 +47,7 @@ from moelens_jax.model.model import Model
 from moelens_jax.model.weights import ModelWeights
 from moelens_jax.runtime.mover import WeightMover, resident_bytes
 from moelens_jax.runtime.sampling import SamplingParams, sample
-from moelens_jax.runtime.scheduler import Plan, RequestRejected, Scheduler
+from moelens_jax.runtime.scheduler import POLICIES, Plan, RequestRejected, make_scheduler
 
 PAD_SEQ = -1  # a one-token sequence in the store that padding rows of decode attention read
 
@@ -360,7 +360,10 @@ class Engine:
         machine has a cached calibration for the model's shape, else 512
         (`engine.token_budget_source` says which).
       kv_dtype: KV storage dtype (default: the model's dtype).
-      policy: "moe-lens" (the only policy implemented so far).
+      policy: "moe-lens" (continuous admission, KV paged as tokens arrive) or
+        "moe-lightning" (its static batches with KV reserved for prompt + generation; see
+        `scheduler.StaticBatchScheduler`), on the same kernels.
+      max_batch: "moe-lightning" batch size N (default: what the KV reservation allows).
       device_weight_layers: decoder layers resident on the device at once (2 = double buffer).
       h2d_limit_gb_per_s: optional cap on the host-to-device weight stream (research knob).
       device_memory_bytes: optional device-memory cap; the weight window plus resident
@@ -378,9 +381,10 @@ class Engine:
                  kv_dtype: str | None = None, policy: str = "moe-lens",
                  h2d_limit_gb_per_s: float | None = None,
                  device_memory_bytes: int | None = None, pipeline: str = "auto",
-                 record_stages: bool = False):
-        if policy != "moe-lens":
-            raise ValueError(f"unknown policy {policy!r}; implemented: 'moe-lens'")
+                 record_stages: bool = False, max_batch: int | None = None):
+        if policy not in POLICIES:
+            raise ValueError(f"unknown policy {policy!r}; choose from {POLICIES}")
+        self.policy, self.max_batch = policy, max_batch
         cfg = model.config
         self.model, self.cfg = model, cfg
         self.page_size = page_size
@@ -473,7 +477,8 @@ class Engine:
             if on_finish is not None:
                 on_finish(res)
 
-        sched = Scheduler(self.kv_pages, self.page_size, self.token_budget)
+        sched = make_scheduler(self.policy, self.kv_pages, self.page_size, self.token_budget,
+                               self.max_batch)
         results: list[GenerationResult | None] = [None] * len(reqs)
         tokens: dict[int, list[int]] = {}
         for i, r in enumerate(reqs):

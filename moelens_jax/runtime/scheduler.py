@@ -194,3 +194,96 @@ class Scheduler:
 
     def used_pages(self) -> int:
         return self.num_pages - self.free_pages
+
+
+class StaticBatchScheduler(Scheduler):
+    """MoE-Lightning's schedule (its Algorithm 2 and `batch_forward_step`) on the same engine.
+
+    Requests are taken longest prompt first; a batch admits each request whose KV reservation
+    for prompt + max_new_tokens still fits the cache (and at most `max_batch` of them), deferring
+    the others to a later batch. The whole batch is prefilled (in iterations of at most
+    `token_budget` tokens), then decoded until every member finishes; nothing is admitted
+    mid-batch, and because KV is reserved up front nothing is ever preempted. Pages are still
+    allocated as tokens arrive (so the C++ store sees the same calls), but admission is bounded
+    by the reservation. Micro-batches (mu) only shape the accelerator pipeline, not the
+    schedule, so they do not appear here.
+
+    Args:
+      num_pages, page_size, token_budget: as `Scheduler`.
+      max_batch: N, the batch size chosen by the policy search (None: what the KV reservation
+        allows).
+    """
+
+    def __init__(self, num_pages: int, page_size: int, token_budget: int,
+                 max_batch: int | None = None):
+        super().__init__(num_pages, page_size, token_budget)
+        if max_batch is not None and max_batch < 1:
+            raise ValueError("max_batch must be >= 1")
+        self.max_batch = max_batch
+        self.to_prefill: collections.deque[int] = collections.deque()
+        self.batches: list[tuple[int, ...]] = []  # every batch formed, in order
+        self.reserved_pages: list[int] = []  # the reservation of each batch
+
+    @property
+    def done(self) -> bool:
+        return super().done and not self.to_prefill
+
+    def reservation(self, rid: int) -> int:
+        s = self.seqs[rid]
+        return self.pages_for(s.prompt_len + s.max_new_tokens - 1)
+
+    def _form_batch(self) -> None:
+        order = sorted(self.waiting, key=lambda r: -self.seqs[r].prompt_len)  # stable
+        chosen, reserved = [], 0
+        for rid in order:
+            if self.max_batch is not None and len(chosen) == self.max_batch:
+                break
+            need = self.reservation(rid)
+            if reserved + need <= self.num_pages:
+                chosen.append(rid)
+                reserved += need
+        for rid in chosen:
+            self.waiting.remove(rid)
+        self.to_prefill.extend(chosen)
+        self.batches.append(tuple(chosen))
+        self.reserved_pages.append(reserved)
+
+    def schedule(self) -> Plan:
+        if not self.running and not self.to_prefill:
+            self._form_batch()
+        if self.to_prefill:  # prefill phase: prefill-only iterations
+            prefill, budget = [], self.token_budget
+            while self.to_prefill:
+                s = self.seqs[self.to_prefill[0]]
+                if s.total > budget and prefill:
+                    break
+                self.to_prefill.popleft()
+                need = self._grow(s, s.total)
+                self.free_pages -= need
+                s.pages += need
+                self.running.append(s.rid)
+                prefill.append((s.rid, s.total))
+                budget -= s.total
+            return Plan(tuple(prefill), (), ())
+        decode = []
+        for rid in self.running:  # decode phase: the whole batch, no admissions
+            s = self.seqs[rid]
+            need = self._grow(s, s.total)
+            self.free_pages -= need
+            s.pages += need
+            decode.append(rid)
+        return Plan((), tuple(decode), ())
+
+
+POLICIES = ("moe-lens", "moe-lightning")
+
+
+def make_scheduler(policy: str, num_pages: int, page_size: int, token_budget: int,
+                   max_batch: int | None = None) -> Scheduler:
+    """The scheduler of a policy: "moe-lens" (continuous admission, paging as tokens arrive)
+    or "moe-lightning" (static batches with KV reserved for prompt + generation)."""
+    if policy == "moe-lens":
+        return Scheduler(num_pages, page_size, token_budget)
+    if policy == "moe-lightning":
+        return StaticBatchScheduler(num_pages, page_size, token_budget, max_batch)
+    raise ValueError(f"unknown policy {policy!r}; choose from {POLICIES}")
