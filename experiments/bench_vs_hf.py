@@ -32,7 +32,9 @@ _NUM_REQUESTS = flags.DEFINE_integer("num_requests", 32, "Requests.")
 _PROMPT_LEN = flags.DEFINE_integer("prompt_len", 98, "Mean prompt length (log-normal).")
 _GEN_LEN = flags.DEFINE_integer("gen_len", 32, "Tokens generated per request.")
 _KV_CACHE_GB = flags.DEFINE_float("kv_cache_gb", 0.5, "Engine KV cache (GB).")
-_TOKEN_BUDGET = flags.DEFINE_integer("token_budget", 512, "Engine tokens per iteration.")
+_TOKEN_BUDGET = flags.DEFINE_integer(
+    "token_budget", 2048, "Engine tokens per iteration (2048 measured ~20% faster than 512 "
+    "at 256 requests on the dev machine).")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed for weights and workload.")
 
 

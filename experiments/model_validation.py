@@ -63,11 +63,12 @@ def plot(rows, path):
         sel = [r for r in rows if r["model"] == name]
         ax.scatter([r["measured_generated_tokens_per_s"] for r in sel],
                    [r["predicted_generated_tokens_per_s"] for r in sel], label=name)
-    hi = max(max(r["measured_generated_tokens_per_s"], r["predicted_generated_tokens_per_s"])
-             for r in rows) * 1.1
-    ax.plot([0, hi], [0, hi], "k--", lw=1, label="exact")
-    ax.set(xlabel="measured generated tok/s", ylabel="Stage 2 predicted tok/s",
-           xlim=(0, hi), ylim=(0, hi), title="Stage 2 vs the engine (this machine)")
+    vals = [v for r in rows for v in (r["measured_generated_tokens_per_s"],
+                                      r["predicted_generated_tokens_per_s"])]
+    lo, hi = min(vals) / 1.3, max(vals) * 1.3
+    ax.plot([lo, hi], [lo, hi], "k--", lw=1, label="exact")
+    ax.set(xlabel="measured generated tok/s", ylabel="Stage 2 predicted tok/s", xscale="log",
+           yscale="log", xlim=(lo, hi), ylim=(lo, hi), title="Stage 2 vs the engine (this machine)")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path)

@@ -165,7 +165,7 @@ def measured(out, reduced, seed):
                                       os.path.join(out, "accuracy.png"))
     else:
         model = mj.load_model(mj.config.DEFAULT_PRESET, seed=seed)
-        cmp = policy_comparison.compare(model, list(policy_comparison.SCALES), 32, seed=seed)
+        cmp = policy_comparison.compare(model, list(policy_comparison.SCALES), 48, seed=seed)
         val = model_validation.validate(["small-mixtral", "tiny-qwen3-moe"], model_validation.GRID,
                                       seed, os.path.join(out, "accuracy.png"))
     plt = _plt()

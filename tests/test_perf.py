@@ -78,12 +78,18 @@ def test_stage2_hand_computed_case():
         h2d_bytes_per_s=cfg.num_layers * cfg.weight_bytes_per_layer, d2h_bytes_per_s=1e9,
         host_memory_bandwidth=1e30, cpu_attn_bytes_per_s=1e30)
     kv = 64 * cfg.kv_bytes_per_token()
-    a = perf.predict(cfg, hw, Workload.fixed(4, 2, 2), kv, page_size=4)
+    a = perf.predict(cfg, hw, Workload.fixed(4, 2, 2), kv, page_size=4,
+                     device_weight_layers=1)  # streamed: tiny-mixtral has only 2 layers
     assert (a.iterations, a.total_s, a.generated_tokens_per_s) == (2, pytest.approx(2.0),
                                                                     pytest.approx(2.0))
     assert a.processed_tokens_per_s == pytest.approx((8 + 2) / 2.0)
-    b = perf.predict(cfg, hw, Workload.fixed(4, 2, 2), kv, page_size=4)
+    b = perf.predict(cfg, hw, Workload.fixed(4, 2, 2), kv, page_size=4,
+                     device_weight_layers=1)
     assert a == b  # deterministic
+    # A weight window holding every layer streams nothing: the iterations cost nothing here.
+    resident = perf.predict(cfg, hw, Workload.fixed(4, 2, 2), kv, page_size=4,
+                            device_weight_layers=cfg.num_layers)
+    assert resident.total_s == pytest.approx(0.0, abs=1e-9)
 
 
 def test_hardware_presets_and_errors():

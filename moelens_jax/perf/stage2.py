@@ -54,8 +54,10 @@ class Stage2Result:
 
 def iteration_seconds(cfg: ModelConfig, hw: HardwareSpec, n_tokens: int, n_seqs: int,
                       kv_tokens_read: int, kv_dtype: str | None = None,
-                      rows: int | None = None) -> dict:
-    """Cost terms of one iteration (see module docstring); key "total" is t_iter."""
+                      rows: int | None = None, device_weight_layers: int = 2) -> dict:
+    """Cost terms of one iteration (see module docstring); key "total" is t_iter. With
+    `device_weight_layers` >= the layer count the mover's window holds the whole model, so
+    nothing is streamed after the first pass (t_io = 0)."""
     rows = n_tokens if rows is None else rows
     L = cfg.num_layers
     per_layer_kv = cfg.kv_bytes_per_token(kv_dtype) / L
@@ -64,7 +66,8 @@ def iteration_seconds(cfg: ModelConfig, hw: HardwareSpec, n_tokens: int, n_seqs:
                  / hw.gemm_flops + hw.padded_row_s * rows) + head * n_seqs
     t_host = L * (hw.attn_fixed_s + hw.attn_s_per_token * n_tokens
                   + kv_tokens_read * per_layer_kv / hw.cpu_attn_bytes_per_s)
-    t_io = L * cfg.weight_bytes_per_layer / hw.h2d_bytes_per_s
+    streamed = 0 if device_weight_layers >= L else L * cfg.weight_bytes_per_layer
+    t_io = streamed / hw.h2d_bytes_per_s
     busy = max(t_io, t_dev + t_host) if hw.shared_cores else max(t_io, t_dev, t_host)
     return {"dev": t_dev, "host": t_host, "io": t_io, "fixed": hw.iteration_fixed_s,
             "total": hw.iteration_fixed_s + busy}
@@ -79,15 +82,16 @@ def engine_pages(cfg: ModelConfig, kv_cache_bytes: float, page_size: int,
 def predict(cfg: ModelConfig, hw: HardwareSpec, workload: Workload, kv_cache_bytes: float, *,
             page_size: int = 16, token_budget: int | None = None,
             kv_dtype: str | None = None, policy: str = "moe-lens",
-            max_batch: int | None = None) -> Stage2Result:
+            max_batch: int | None = None, device_weight_layers: int = 2) -> Stage2Result:
     """Predicted throughput of the engine on `workload` (every request, in order).
 
     Args:
       cfg: model shape; hw: rates (a preset or `calibrate()`).
       workload: prompt/generation lengths per request (`Workload.fixed(p, g, K)` for K
         identical requests).
-      kv_cache_bytes, page_size, token_budget, kv_dtype, policy, max_batch: as given to
-        the `Engine` ("moe-lightning" simulates its static batches).
+      kv_cache_bytes, page_size, token_budget, kv_dtype, policy, max_batch,
+        device_weight_layers: as given to the `Engine` ("moe-lightning" simulates its static
+        batches).
     """
     num_pages = engine_pages(cfg, kv_cache_bytes, page_size, kv_dtype)
     if num_pages < 1:
@@ -112,7 +116,7 @@ def predict(cfg: ModelConfig, hw: HardwareSpec, workload: Workload, kv_cache_byt
         n_seqs = len(plan.prefill) + len(plan.decode)
         rows = padded_rows(plan.num_tokens - len(plan.decode), len(plan.decode))
         cost = iteration_seconds(cfg, hw, plan.num_tokens, logit_rows(n_seqs), kv_read, kv_dtype,
-                                 rows)
+                                 rows, device_weight_layers)
         kv_use.append(sched.used_pages() / num_pages)
         sched.complete(plan, set())
         total += cost["total"]

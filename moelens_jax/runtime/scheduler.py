@@ -123,7 +123,10 @@ class Scheduler:
 
     def _preempt(self, rid: int) -> None:
         s = self.seqs[rid]
-        self.running.remove(rid)
+        if self.running and self.running[-1] == rid:
+            self.running.pop()  # the usual victim: the most recently admitted
+        else:
+            self.running.remove(rid)
         self.free_pages += s.pages
         s.pages, s.cached = 0, 0
         s.preemptions += 1
@@ -137,13 +140,15 @@ class Scheduler:
             rid = self.running[i]
             s = self.seqs[rid]
             need = self._grow(s, s.total)
+            preempted_self = False
             while need > self.free_pages:
                 victim = self.running[-1]
                 self._preempt(victim)
                 preempted.append(victim)
                 if victim == rid:
+                    preempted_self = True
                     break
-            if rid not in self.running:
+            if preempted_self:
                 break  # it preempted itself: everything after it is gone too
             self.free_pages -= need
             s.pages += need
@@ -186,10 +191,11 @@ class Scheduler:
             s = self.seqs[rid]
             s.generated += 1
             if rid in stopped or s.generated >= s.max_new_tokens:
-                self.running.remove(rid)
                 self.free_pages += s.pages
                 s.pages = 0
                 finished.add(rid)
+        if finished:  # one pass, not list.remove per sequence (O(n^2) at paper scale)
+            self.running = [r for r in self.running if r not in finished]
         return finished
 
     def used_pages(self) -> int:
