@@ -82,7 +82,8 @@ def test_stage2_hand_computed_case():
                      device_weight_layers=1)  # streamed: tiny-mixtral has only 2 layers
     assert (a.iterations, a.total_s, a.generated_tokens_per_s) == (2, pytest.approx(2.0),
                                                                     pytest.approx(2.0))
-    assert a.processed_tokens_per_s == pytest.approx((8 + 2) / 2.0)
+    assert a.processed_tokens_per_s == pytest.approx(2 * (4 + 2) / 2.0)  # paper: p + g each
+    assert a.computed_tokens == 8 + 2  # two prefills of 4, then two decode tokens
     b = perf.predict(cfg, hw, Workload.fixed(4, 2, 2), kv, page_size=4,
                      device_weight_layers=1)
     assert a == b  # deterministic

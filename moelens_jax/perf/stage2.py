@@ -35,8 +35,9 @@ DEFAULT_TOKEN_BUDGET = 512  # the engine's default when neither the caller nor a
 @dataclasses.dataclass(frozen=True)
 class Stage2Result:
     generated_tokens_per_s: float
-    processed_tokens_per_s: float
+    processed_tokens_per_s: float  # (prompt + generated) of served requests / time
     total_s: float
+    computed_tokens: int  # tokens run through the layers, recomputation after preemption incl.
     iterations: int
     preemptions: int
     rejected: int
@@ -98,10 +99,11 @@ def predict(cfg: ModelConfig, hw: HardwareSpec, workload: Workload, kv_cache_byt
         raise ValueError(f"kv_cache_bytes={kv_cache_bytes} holds no usable KV page")
     sched = make_scheduler(policy, num_pages, page_size, token_budget or DEFAULT_TOKEN_BUDGET,
                            max_batch)
-    rejected = 0
+    rejected = useful = 0
     for rid, (p, g) in enumerate(zip(workload.prompt_lens, workload.gen_lens, strict=True)):
         try:
             sched.add(rid, p, g)
+            useful += p + g
         except RequestRejected:
             rejected += 1
     total = 0.0
@@ -127,8 +129,9 @@ def predict(cfg: ModelConfig, hw: HardwareSpec, workload: Workload, kv_cache_byt
         iterations += 1
     return Stage2Result(
         generated_tokens_per_s=generated / total if total else 0.0,
-        processed_tokens_per_s=processed / total if total else 0.0,
-        total_s=total, iterations=iterations, preemptions=sched.total_preemptions,
+        processed_tokens_per_s=useful / total if total else 0.0,
+        total_s=total, computed_tokens=processed, iterations=iterations,
+        preemptions=sched.total_preemptions,
         rejected=rejected, mean_tokens_per_iteration=processed / max(iterations, 1),
         kv_peak_fraction=max(kv_use, default=0.0), kv_use=tuple(kv_use),
         seconds_by_term=terms)
