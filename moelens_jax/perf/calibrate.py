@@ -58,13 +58,12 @@ def measure_h2d(model, min_bytes: int) -> float:
 
     mover = WeightMover(model, depth=1)
     mover.get(0)  # warm-up (compiles the unpack)
-    mover.copy_s, mover.bytes_moved, moved, layer = 0.0, 0, 0, 1
-    while moved < min_bytes or layer <= mover.num_layers:
+    bytes0, secs0, layer = mover.bytes_moved, mover.copy_s, 1
+    while mover.bytes_moved - bytes0 < min_bytes or layer <= mover.num_layers:
         mover.get(layer % mover.num_layers)
-        moved += mover.layer_bytes
         layer += 1
     mover.close()
-    return mover.bytes_moved / mover.copy_s
+    return (mover.bytes_moved - bytes0) / (mover.copy_s - secs0)
 
 
 def measure_host_bandwidth(nbytes: int = 256 << 20, repeats: int = 5) -> float:

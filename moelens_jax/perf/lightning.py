@@ -9,7 +9,8 @@ GPU memory holding a double buffer of one layer plus the micro-batch's activatio
 
 Simplifications, stated: one average prompt s and generation n (its solver's inputs); no
 partial weight or KV residency on the GPU (r_w = r_c = 0: our engine streams every layer);
-N searched over every feasible value rather than by MILP. Its throughput formula ignores
+N taken as the largest feasible value (throughput N / T(N) never decreases in N here), not
+found by MILP. Its throughput formula ignores
 prefill, as the paper's solver does; Stage 2 with `policy="moe-lightning"` charges prefill too.
 """
 
@@ -64,15 +65,13 @@ def lightning_policy(cfg: ModelConfig, hw: HardwareSpec, workload: Workload,
         terms = {"comm": comm, "cpu_attention": t_cpu, "gpu": t_gpu}
         return max(terms.values()), max(terms, key=terms.get)
 
-    def throughput(batch):
-        t, _ = layer_time(batch)
-        return batch * n / (t * max(n - 1, 1) * L)
-
-    best = max(range(1, n_kv + 1), key=lambda b: (throughput(b), -b)) if n_kv < 4096 else \
-        n_kv  # N / max(c, a N + b) never decreases in N: the largest feasible N wins
+    # Every term of T is constant or affine in N, so N / T(N) never decreases: HRM's "largest
+    # balance point that fits in memory" is the largest N the KV reservation allows.
+    best = n_kv
     t, binding = layer_time(best)
     mu = min(best, mu_max)
     return LightningPolicy(batch_size=best, micro_batch=mu,
                            num_micro_batches=math.ceil(best / mu), layer_decode_s=t,
-                           hrm_generated_tokens_per_s=throughput(best), binding=binding,
+                           hrm_generated_tokens_per_s=best * n / (t * max(n - 1, 1) * L),
+                           binding=binding,
                            kv_reserved_bytes=best * (s + n) * kvb)

@@ -27,9 +27,7 @@ from moelens_jax.config import ModelConfig
 from moelens_jax.perf.hardware import HardwareSpec
 from moelens_jax.perf.stage1 import Workload
 from moelens_jax.runtime.engine import logit_rows, padded_rows
-from moelens_jax.runtime.scheduler import RequestRejected, make_scheduler
-
-DEFAULT_TOKEN_BUDGET = 512  # the engine's default when neither the caller nor a policy sets one
+from moelens_jax.runtime.scheduler import DEFAULT_TOKEN_BUDGET, RequestRejected, make_scheduler
 
 
 @dataclasses.dataclass(frozen=True)

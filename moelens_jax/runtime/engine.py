@@ -47,7 +47,13 @@ from moelens_jax.model.model import Model
 from moelens_jax.model.weights import ModelWeights
 from moelens_jax.runtime.mover import WeightMover, resident_bytes
 from moelens_jax.runtime.sampling import SamplingParams, sample
-from moelens_jax.runtime.scheduler import POLICIES, Plan, RequestRejected, make_scheduler
+from moelens_jax.runtime.scheduler import (
+    DEFAULT_TOKEN_BUDGET,
+    POLICIES,
+    Plan,
+    RequestRejected,
+    make_scheduler,
+)
 
 PAD_SEQ = -1  # a one-token sequence in the store that padding rows of decode attention read
 
@@ -249,11 +255,11 @@ class _Group:
     """
 
     seqs: list[int]  # sequence ids in row order
+    seqs_np: np.ndarray  # the same as int64, for the per-layer K/V append
     last_rows: list[int]  # row of each sequence's last token (its logits row)
     counts_np: np.ndarray  # int32 rows per sequence, for the KV append
     real_rows: np.ndarray  # rows holding real tokens, in append order
     mask_np: np.ndarray  # bool [nb]: real rows
-    n_dec: int
     dec_b: int
     tok: jax.Array
     pos: jax.Array
@@ -287,17 +293,18 @@ def _build_group(decode: Sequence[int], prefill: Sequence[tuple[int, int]],
         pos += range(n)
         seg += [k] * n
         last.append(len(rows) - 1)
-    nb = _bucket(len(rows), TILE)
+    nb = padded_rows(len(rows) - dec_b, n_dec)  # the rule Stage 2 charges for, too
     pad = nb - len(rows)
     mask = np.zeros(nb, bool)
     mask[:n_dec] = True
     mask[dec_b:len(rows)] = True
     seg_np = np.array(seg + [-1] * pad, np.int32)
     host = jax.devices("cpu")[0]
+    seqs = list(decode) + [rid for rid, _ in prefill]
     return _Group(
-        seqs=list(decode) + [rid for rid, _ in prefill], last_rows=last,
+        seqs=seqs, seqs_np=np.asarray(seqs, np.int64), last_rows=last,
         counts_np=np.array([1] * n_dec + [n for _, n in prefill], np.int32),
-        real_rows=np.flatnonzero(mask), mask_np=mask, n_dec=n_dec, dec_b=dec_b,
+        real_rows=np.flatnonzero(mask), mask_np=mask, dec_b=dec_b,
         tok=jnp.asarray(np.array(rows + [0] * pad, np.int32)),
         pos=jnp.asarray(np.array(pos + [0] * pad, np.int32)),
         seg=jnp.asarray(seg_np), pairs=jnp.asarray(prefill_tile_pairs(seg_np)),
@@ -385,6 +392,13 @@ class Engine:
         if policy not in POLICIES:
             raise ValueError(f"unknown policy {policy!r}; choose from {POLICIES}")
         self.policy, self.max_batch = policy, max_batch
+        if pipeline not in PIPELINES:
+            raise ValueError(f"pipeline must be one of {PIPELINES}, got {pipeline!r}")
+        self.on_cpu = jax.default_backend() == "cpu"
+        if pipeline == "auto":
+            pipeline = "serial" if self.on_cpu else "vslpipe"
+        if pipeline == "vslpipe" and device_weight_layers < 2:
+            raise ValueError("pipeline='vslpipe' needs device_weight_layers >= 2")
         cfg = model.config
         self.model, self.cfg = model, cfg
         self.page_size = page_size
@@ -392,10 +406,11 @@ class Engine:
         if token_budget is None:
             from moelens_jax import perf  # perf imports the runtime: import late
             hw = perf.cached(cfg)
-            self.token_budget = perf.default_token_budget(cfg, hw) if hw else 512
+            self.token_budget = (perf.default_token_budget(cfg, hw) if hw
+                                 else DEFAULT_TOKEN_BUDGET)
             self.token_budget_source = (f"perf model ({hw.name})" if hw else
-                                        "default 512 (no calibration cached; "
-                                        "python -m experiments.calibrate)")
+                                        f"default {DEFAULT_TOKEN_BUDGET} (no calibration "
+                                        "cached; python -m experiments.calibrate)")
         if self.token_budget < 1:
             raise ValueError("token_budget must be >= 1")
         self.store = PagedKVStore.for_model(cfg, kv_cache_bytes, page_size=page_size,
@@ -408,13 +423,6 @@ class Engine:
         self.store.add_sequence(PAD_SEQ)
         for layer in range(cfg.num_layers):
             self.store.append([PAD_SEQ], [1], layer, zero, zero)
-        if pipeline not in PIPELINES:
-            raise ValueError(f"pipeline must be one of {PIPELINES}, got {pipeline!r}")
-        self.on_cpu = jax.default_backend() == "cpu"
-        if pipeline == "auto":
-            pipeline = "serial" if self.on_cpu else "vslpipe"
-        if pipeline == "vslpipe" and device_weight_layers < 2:
-            raise ValueError("pipeline='vslpipe' needs device_weight_layers >= 2")
         self.mode = pipeline
         self.record_stages = record_stages
         self.mover = WeightMover(model, depth=device_weight_layers,
@@ -595,7 +603,7 @@ class Engine:
         kernel placed into rows [0, dec_b)."""
         q, k, v, attn = ga_out
         k_h, v_h = np.asarray(k), np.asarray(v)  # waits for GA (a true dependency)
-        self.store.append(np.asarray(g.seqs, np.int64), g.counts_np, layer,
+        self.store.append(g.seqs_np, g.counts_np, layer,
                           k_h[g.real_rows], v_h[g.real_rows])
         if not g.dec_b:
             return attn

@@ -26,6 +26,8 @@ from __future__ import annotations
 import collections
 import dataclasses
 
+DEFAULT_TOKEN_BUDGET = 512  # tokens per iteration when neither the caller nor a model sets one
+
 
 class RequestRejected(ValueError):
     """A request can never be served by this KV cache (or is malformed)."""
