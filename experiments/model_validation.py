@@ -21,10 +21,13 @@ GRID = [
     (24, 200, 8, 16384, 16, 1024),
     (48, 64, 48, 1024, 4, 256),
     (96, 24, 24, 4096, 16, 512),
+    (40, 150, 20, 3072, 8, 384),
+    (16, 300, 16, 16384, 32, 2048),
 ]
 
 
 MIN_TIMED_S = 6.0  # short runs are repeated (median) until this much was timed: noisy machine
+MAX_TIMED_RUNS = 30
 
 
 def run_config(model, hw, cfg_row, seed):
@@ -35,7 +38,7 @@ def run_config(model, hw, cfg_row, seed):
     eng = Engine(model, kv_cache_bytes=kv_bytes, page_size=page, token_budget=budget)
     eng.generate(reqs)  # compiles every shape the measured run uses
     walls = []
-    while not walls or (sum(walls) < MIN_TIMED_S and len(walls) < 5):
+    while not walls or (sum(walls) < MIN_TIMED_S and len(walls) < MAX_TIMED_RUNS):
         eng.generate(reqs)
         walls.append(eng.stats.wall_s)
     st = eng.stats
@@ -50,7 +53,7 @@ def run_config(model, hw, cfg_row, seed):
             "accuracy": 1 - abs(pred.generated_tokens_per_s - measured) / measured,
             "iterations": st.iterations, "predicted_iterations": pred.iterations,
             "preemptions": st.preemptions, "predicted_preemptions": pred.preemptions,
-            "timed_runs": len(walls)}
+            "timed_runs": len(walls), "timed_walls_s": walls}
 
 
 def plot(rows, path):
@@ -94,11 +97,18 @@ def validate(presets, grid, seed=0, plot_out=None) -> dict:
                   f"{r['predicted_generated_tokens_per_s']:8.1f}  accuracy {r['accuracy']:.3f}"
                   f"  preemptions {r['preemptions']}/{r['predicted_preemptions']}",
                   flush=True)
+        # The machine's own drift over this preset's runs: the first configuration again.
+        again = run_config(model, hw, grid[0], seed)["measured_generated_tokens_per_s"]
+        first = rows[-len(grid)]["measured_generated_tokens_per_s"]
+        calib[name]["first_config_remeasured_ratio"] = again / first
     acc = np.array([r["accuracy"] for r in rows])
     if plot_out:
         plot(rows, plot_out)
+    drift = [c["first_config_remeasured_ratio"] for c in calib.values()]
     print(common.table([("configs", len(rows)), ("mean accuracy", f"{acc.mean():.3f}"),
                         ("min accuracy", f"{acc.min():.3f}"),
+                        ("first config re-measured / measured",
+                         " ".join(f"{d:.3f}" for d in drift)),
                         ("wall", f"{time.perf_counter() - t0:.0f} s")], "== validate_model =="))
     return {"mean_accuracy": float(acc.mean()), "min_accuracy": float(acc.min()),
             "n_configs": len(rows), "configs": rows, "calibration": calib,

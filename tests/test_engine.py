@@ -243,6 +243,59 @@ def test_tiled_prefill_attention_equals_dense_segment_attention(seed):
         assert len({tuple(p) for p in real}) == len(real)  # no pair counted twice
 
 
+def test_shape_rules_shared_with_stage2():
+    """tile_pair_count (Stage 2 charges it) == the pairs the engine builds, on random group
+    layouts; route_token_classes puts every token in exactly one class."""
+    from moelens_jax.runtime.engine import (
+        _build_group,
+        route_token_classes,
+        tile_pair_count,
+    )
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        n_dec = int(rng.integers(0, 70))
+        lens = [int(x) for x in rng.integers(1, 300, rng.integers(0 if n_dec else 1, 6))]
+        tokens = {i: [1] * int(rng.integers(1, 200)) for i in range(n_dec)}
+        tokens.update({100 + j: [1] * n for j, n in enumerate(lens)})
+        g = _build_group(list(range(n_dec)), [(100 + j, n) for j, n in enumerate(lens)], tokens)
+        assert tile_pair_count(lens, n_dec) == g.pairs.shape[0]
+        classes = route_token_classes(lens, n_dec)
+        assert sum(classes) == sum(lens) + n_dec and classes[3] == n_dec
+        assert classes[0] == sum(min(n, 32) for n in lens)
+        assert classes[2] == sum(max(0, n - 128) for n in lens)
+
+
+def test_vslpipe_split_balances_predicted_time():
+    """split_plan: every sequence in exactly one group, plan order kept within a group, the
+    two loads within one item of each other; a decode row with a long context counts more."""
+    from moelens_jax.runtime.engine import SplitCosts, split_plan
+    from moelens_jax.runtime.scheduler import Plan
+
+    rng = np.random.default_rng(1)
+    for _ in range(200):
+        decode = list(range(int(rng.integers(0, 20))))
+        prefill = [(100 + j, int(n)) for j, n in enumerate(rng.integers(1, 90, rng.integers(0, 5)))]
+        if not decode and not prefill:
+            continue
+        kv = [int(x) for x in rng.integers(1, 4000, len(decode))]
+        costs = SplitCosts(1.0, float(rng.choice([0.0, 0.01])))
+        groups = split_plan(Plan(prefill, decode, []), kv, costs)
+        assert sorted(r for d, _ in groups for r in d) == decode
+        assert sorted(p for _, ps in groups for p in ps) == prefill
+        for d, ps in groups:
+            assert d == sorted(d) and ps == sorted(ps)
+        if len(groups) == 2:
+            cost = {**{r: 1 + costs.kv_token_s * kv[r] for r in decode},
+                    **{r: float(n) for r, n in prefill}}
+            loads = [sum(cost[r] for r in d) + sum(cost[r] for r, _ in ps) for d, ps in groups]
+            assert abs(loads[0] - loads[1]) <= max(cost.values()) + 1e-9
+        else:
+            assert len(decode) + len(prefill) == 1
+    # one decode row reading 10x the KV of the others balances against them all
+    groups = split_plan(Plan([], [0, 1, 2, 3], []), [4000, 400, 400, 400], SplitCosts(0.0, 1.0))
+    assert sorted(len(d) for d, _ in groups) == [1, 3]
+
+
 def test_public_api_contract():
     """DESIGN section 6: the research API names users depend on."""
     assert mj.Engine is Engine and mj.Request is Request and mj.SamplingParams is SamplingParams

@@ -133,6 +133,11 @@ def test_validate_model_quick(tmp_path, cache_env):
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["n_configs"] == 2 and len(result["configs"]) == 2
     assert result["min_accuracy"] <= result["mean_accuracy"] <= 1
+    for row in result["configs"]:  # the scheduler is simulated exactly
+        assert row["predicted_iterations"] == row["iterations"]
+        assert row["predicted_preemptions"] == row["preemptions"]
+        assert len(row["timed_walls_s"]) == row["timed_runs"] >= 1
+    assert result["calibration"]["tiny-qwen3-moe"]["first_config_remeasured_ratio"] > 0
     assert png.read_bytes()[:4] == b"\x89PNG"
 
 

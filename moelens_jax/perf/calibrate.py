@@ -3,12 +3,14 @@
 `calibrate(model)` takes well under a minute and caches its result as JSON keyed by a
 hardware fingerprint and the model shape (`~/.cache/moelens_jax/`, or $MOELENS_CACHE):
 
-* the pipeline profiler: the engine itself runs two short seeded workloads (prefill-heavy and
-  decode-heavy) with per-stage timing, and a least-squares fit of its per-iteration records
-  gives the device line t_layer(n) = a + b n (GA + GB per layer; `gemm_flops` = 2 *
-  active_params / b), the host-stage terms (fixed, per token, per KV byte read) and the
-  per-iteration rest (lm_head + sampling per logits row, fixed) - the same terms Stage 2
-  charges (stage2.iteration_seconds);
+* the pipeline profiler: the engine itself runs three short seeded workloads (long prompts in
+  large iterations, small iterations of many sequences, many short prompts) with per-stage timing,
+  and least-squares fits of its per-iteration records give the same terms Stage 2 charges
+  (stage2.iteration_seconds): the per-layer device line (fixed + per token + per padded row +
+  per prefill-attention tile pair + per capacity expert-GEMM row, with the router-load model
+  that predicts the capacity; `gemm_flops` is the rate this line tends to at large n), the
+  host-stage terms (fixed, per token, per KV byte read) and the per-iteration rest (lm_head +
+  sampling per logits row, fixed);
 * host->device bandwidth as the weight mover achieves it, streaming whole layer buffers (one
   contiguous transfer each) for >= 1 GB in total (or 1/16 of RAM if smaller). On a CPU
   backend the "transfer" may alias the host buffer, so the rate is very high and t_io ~ 0;
@@ -34,6 +36,8 @@ import numpy as np
 from moelens_jax import _cpu_ops, ops
 from moelens_jax.perf.hardware import HardwareSpec
 
+CALIBRATION_VERSION = 2  # bump when the fitted terms change: older cache files are not read
+
 
 def fingerprint() -> str:
     """Short hash of what the calibration depends on (CPU, core count, ISA, jax, devices)."""
@@ -48,7 +52,8 @@ def _cache_path(cfg) -> str:
     root = os.environ.get("MOELENS_CACHE") or os.path.join(os.path.expanduser("~"), ".cache",
                                                           "moelens_jax")
     shape = hashlib.sha256(repr(cfg).encode()).hexdigest()[:8]
-    return os.path.join(root, f"calibration-{fingerprint()}-{cfg.name or 'model'}-{shape}.json")
+    return os.path.join(root, f"calibration-v{CALIBRATION_VERSION}-{fingerprint()}-"
+                        f"{cfg.name or 'model'}-{shape}.json")
 
 
 def measure_h2d(model, min_bytes: int) -> float:
@@ -88,48 +93,115 @@ def _nonneg_lstsq(a: np.ndarray, y: np.ndarray) -> np.ndarray:
         keep &= x > 0
 
 
-def fit_engine_costs(cfg, per_iteration: list[dict]) -> dict:
-    """Stage-2 cost terms from an engine's per-iteration records (serial mode)."""
+def fit_router_load(cfg, route_tokens: np.ndarray, expert_rows: np.ndarray
+                    ) -> tuple[tuple[float, ...], float]:
+    """(route_skew per class, route_spread) of `stage2.expert_rows` from per-layer capacity
+    rows observed with `route_tokens` [iterations, classes] tokens; balanced (1s, 0) when no
+    iteration exceeded the minimum capacity. Classes never seen keep skew 1."""
+    mu = route_tokens * cfg.num_experts_per_tok / cfg.num_experts
+    cap = expert_rows / cfg.num_experts
+    sel = cap > 8  # above the floor, where the load shows
+    seen = mu[sel].sum(0) > 0
+    if not sel.any():
+        return (1.0,) * mu.shape[1], 0.0
+    x = _nonneg_lstsq(np.c_[mu[sel][:, seen], np.sqrt(mu[sel].sum(1))], cap[sel])
+    skew = np.ones(mu.shape[1])
+    skew[seen] = x[:-1]
+    return tuple(float(v) for v in skew), float(x[-1])
+
+
+def fit_engine_costs(cfg, per_iteration: list[dict],
+                     runs: list[tuple[float, float, int]] = ()) -> dict:
+    """Stage-2 cost terms (stage2.iteration_seconds) from an engine's per-iteration records
+    (serial mode), each term group by non-negative least squares; `runs` (wall_s, seconds in
+    iterations, requests) per profiled run give the per-request cost outside iterations."""
     L = cfg.num_layers
     it = per_iteration
-    n = np.array([r["prefill_tokens"] + r["decode_tokens"] for r in it], float)
-    seqs = np.array([r["logit_rows"] for r in it], float)
-    kv = np.array([r["kv_tokens_read"] for r in it], float)
-    rows = np.array([r["padded_rows"] for r in it], float)
-    dev = np.array([r["ga_s"] + r["gb_s"] for r in it]) / L
-    host = np.array([r["c_s"] for r in it]) / L
-    rest = np.array([r["wall_s"] - r["ga_s"] - r["gb_s"] - r["c_s"] for r in it])
+    col = {k: np.array([r[k] for r in it], float) for k in (
+        "prefill_tokens", "decode_tokens", "logit_rows", "kv_tokens_read", "padded_rows",
+        "tile_pairs", "expert_rows", "ga_s", "gb_s", "c_s", "wall_s")}
+    n = col["prefill_tokens"] + col["decode_tokens"]
     ones = np.ones_like(n)
-    a, b, c = _nonneg_lstsq(np.stack([ones, n, rows], 1), dev)
+    er = col["expert_rows"] / L  # 0 on the ragged (GPU) path: its work is in the token term
+    dev_features = [ones, n, col["padded_rows"], col["tile_pairs"]] + ([er] if er.any() else [])
+    a, tok, row, pair, *ex = _nonneg_lstsq(np.stack(dev_features, 1),
+                                           (col["ga_s"] + col["gb_s"]) / L)
+    expert_s = ex[0] if ex else 0.0
+    classes = np.array([r["route_tokens"] for r in it], float)
+    skew, spread = fit_router_load(cfg, classes, er) if ex else ((1.0,) * classes.shape[1], 0.0)
+    # n -> infinity, tokens spread over the classes as in the profile
+    mean_skew = float(np.dot(skew, classes.sum(0)) / max(classes.sum(), 1.0))
+    per_token = tok + row + expert_s * cfg.num_experts_per_tok * mean_skew
     per_layer_kv = cfg.kv_bytes_per_token() / L
-    h0, h_tok, h_kv = _nonneg_lstsq(np.stack([ones, n, kv * per_layer_kv], 1), host)
-    r0, r_seq = _nonneg_lstsq(np.stack([ones, seqs], 1), rest)
-    return {"layer_fixed_s": a, "gemm_flops": 2.0 * cfg.active_params_per_layer / max(b, 1e-15),
-            "padded_row_s": c,
-            "attn_fixed_s": h0, "attn_s_per_token": h_tok,
-            "cpu_attn_bytes_per_s": 1.0 / max(h_kv, 1e-15), "iteration_fixed_s": r0,
-            "head_s_per_seq": r_seq}
+    h0, h_tok, h_kv = _nonneg_lstsq(np.stack([ones, n, col["kv_tokens_read"] * per_layer_kv], 1),
+                                    col["c_s"] / L)
+    rest = col["wall_s"] - col["ga_s"] - col["gb_s"] - col["c_s"]
+    r0, r_seq = _nonneg_lstsq(np.stack([ones, col["logit_rows"]], 1), rest)
+    fit = {"layer_fixed_s": a, "layer_token_s": tok, "padded_row_s": row, "attn_pair_s": pair,
+           "expert_row_s": expert_s, "route_spread": spread,
+           "gemm_flops": 2.0 * cfg.active_params_per_layer / max(per_token, 1e-15),
+           "attn_fixed_s": h0, "attn_s_per_token": h_tok,
+           "cpu_attn_bytes_per_s": 1.0 / max(h_kv, 1e-15), "iteration_fixed_s": r0,
+           "head_s_per_seq": r_seq}
+    fit["request_s"] = (max(0.0, sum(w - i for w, i, _ in runs)) / sum(k for *_, k in runs)
+                        if runs else 0.0)
+    return {**{k: float(v) for k, v in fit.items()}, "route_skew": skew}
 
 
-def profile_engine(model, kv_cache_bytes: int | None = None, seed: int = 0) -> list[dict]:
-    """Runs the engine (serial, stage-timed) on two short workloads; returns its records."""
+PROFILE_MIN_RECORDED_S = 2.0  # per workload: repeat the recorded run (mean) up to this
+
+
+def _mean_records(runs: list[list[dict]]) -> list[dict]:
+    """Per-iteration means of the stage times over repeated runs of one workload (their
+    plans are identical: the scheduler is deterministic). Means, not medians: a run's total
+    includes its occasional slow iterations, and totals are what Stage 2 predicts."""
+    out = []
+    for recs in zip(*runs, strict=True):
+        merged = dict(recs[0])
+        for k in ("ga_s", "gb_s", "c_s", "io_s", "wall_s"):
+            merged[k] = float(np.mean([r[k] for r in recs]))
+        out.append(merged)
+    return out
+
+
+def _profile_workloads(vocab: int, seed: int) -> list[tuple[list, int]]:
+    """(requests, token budget), chosen so the fitted terms vary independently: large
+    iterations of long prompts (many attention tile pairs per row), small iterations of up to
+    ~100 sequences (near the expert-capacity floor; many logits rows), large iterations of
+    many short prompts (few pairs per row) draining into many decoding sequences."""
     from moelens_jax import workloads
+
+    return [(workloads.synthetic(12, 160, 4, vocab, seed=seed), 1024),
+            (workloads.synthetic(96, 16, 12, vocab, seed=seed), 128),
+            (workloads.synthetic(64, 32, 16, vocab, seed=seed), 512)]
+
+
+def profile_engine(model, kv_cache_bytes: int | None = None, seed: int = 0
+                   ) -> tuple[list[dict], list[tuple[float, float, int]]]:
+    """Runs the engine (serial, stage-timed) on the profile workloads: each once untimed
+    (compiles; the first run of a shape also pays allocation and warm-up well beyond the
+    compile time jax reports), then recorded, repeated while cheap (up to 5 runs). Returns
+    the per-iteration records (averaged over the repeats) and (wall_s, seconds in
+    iterations, requests) per recorded run."""
     from moelens_jax.runtime.engine import Engine
 
     cfg = model.config
     kv = kv_cache_bytes or 4096 * 16 * cfg.kv_bytes_per_token()
     eng = Engine(model, kv_cache_bytes=kv, pipeline="serial")
-    records = []
-    # Prefill-heavy with large iterations, decode-heavy with small ones, then a mix with many
-    # sequences; each run once untimed (compiles) and once recorded.
-    for num, p, g, budget in ((12, 160, 4, 1024), (32, 24, 12, 128), (64, 32, 16, 512)):
+    records, runs = [], []
+    for reqs, budget in _profile_workloads(cfg.vocab_size, seed):
         eng.token_budget = budget
-        reqs = workloads.synthetic(num, p, g, cfg.vocab_size, seed=seed)
         eng.generate(reqs)
-        eng.generate(reqs)
-        records += eng.stats.per_iteration
+        repeats, recorded = [], 0.0
+        while not repeats or (recorded < PROFILE_MIN_RECORDED_S and len(repeats) < 5):
+            eng.generate(reqs)
+            st = eng.stats
+            repeats.append(st.per_iteration)
+            runs.append((st.wall_s, sum(r["wall_s"] for r in st.per_iteration), len(reqs)))
+            recorded += st.wall_s
+        records += _mean_records(repeats)
     eng.mover.close()
-    return records
+    return records, runs
 
 
 def cached(cfg) -> HardwareSpec | None:
@@ -151,7 +223,7 @@ def calibrate(model, *, use_cache: bool = True, h2d_bytes: int | None = None) ->
     nbytes = h2d_bytes or int(min(1e9, ram / 16))
     h2d = measure_h2d(model, nbytes)
     host_bw = measure_host_bandwidth()
-    fit = {k: float(v) for k, v in fit_engine_costs(cfg, profile_engine(model)).items()}
+    fit = fit_engine_costs(cfg, *profile_engine(model))
     on_cpu = jax.default_backend() == "cpu"
     dev = jax.devices()[0]
     stats = dev.memory_stats() if hasattr(dev, "memory_stats") else None

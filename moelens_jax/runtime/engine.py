@@ -35,6 +35,7 @@ import dataclasses
 import functools
 import time
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -94,8 +95,8 @@ class RunStats:
     mode: str = "serial"  # the pipeline that ran ("serial" or "vslpipe")
     # One dict per iteration: start_s, wall_s, prefill/decode tokens, prefill_seqs,
     # kv_tokens_read (cached tokens the decode attention read, per layer), padded_rows,
-    # preempted/finished ids, pages used/free, and wall seconds per stage ga_s, c_s, gb_s,
-    # io_s (summed over layers).
+    # tile_pairs, route_tokens, expert_rows (CPU path), logit_rows, preempted/finished ids,
+    # pages used/free, and wall seconds per stage ga_s, c_s, gb_s, io_s (summed over layers).
     per_iteration: list[dict] = dataclasses.field(default_factory=list)
     # (stage, layer, group, start_s, dur_s) per stage interval when the engine records them.
     stage_events: list[tuple] = dataclasses.field(default_factory=list)
@@ -275,6 +276,36 @@ def padded_rows(n_prefill_tokens: int, n_decode: int) -> int:
     return _bucket(dec_b + n_prefill_tokens, TILE)
 
 
+def tile_pair_count(prefill_lens: Sequence[int], n_decode: int) -> int:
+    """Tile pairs the prefill attention of one group computes (bucket padding included):
+    `len(prefill_tile_pairs(seg))` for the layout `_build_group` makes, without building it."""
+    lens = np.asarray(prefill_lens, np.int64)
+    dec_b = _bucket(n_decode) if n_decode else 0
+    if not len(lens):
+        return _bucket(0, 1)
+    starts = dec_b + np.concatenate([[0], np.cumsum(lens)[:-1]])
+    end = dec_b + int(lens.sum())
+    tiles = np.arange(dec_b // TILE, -(-end // TILE))
+    first_row = np.maximum(tiles * TILE, dec_b)  # first prefill row of each tile
+    seg_start = starts[np.searchsorted(starts, first_row, side="right") - 1]
+    return _bucket(int((tiles - seg_start // TILE + 1).sum()), 1)
+
+
+ROUTE_POSITION_EDGES = (0, 32, 128)  # prefill position classes of `route_token_classes`
+
+
+def route_token_classes(prefill_lens: Sequence[int], n_decode: int) -> tuple[int, ...]:
+    """Tokens of one iteration per router-load class: prefill rows at context positions
+    [0, 32), [32, 128), [128, inf) (a prefill covers positions 0..n-1 of its sequence), then
+    decode rows. The busiest expert's load differs by class (a random-weight model's router
+    concentrates at long context, and its greedy decodes repeat tokens across sequences);
+    calibrate fits a skew per class for the CPU path's expert capacity."""
+    edges = ROUTE_POSITION_EDGES + (1 << 62,)
+    lens = np.asarray(prefill_lens, np.int64)
+    return tuple(int(np.clip(lens, lo, hi).sum() - lo * len(lens))
+                 for lo, hi in zip(edges[:-1], edges[1:], strict=True)) + (int(n_decode),)
+
+
 def logit_rows(n_seqs: int) -> int:
     """Rows the lm_head computes for `n_seqs` sequences (bucket padding included)."""
     return _bucket(n_seqs, 1)
@@ -313,19 +344,38 @@ def _build_group(decode: Sequence[int], prefill: Sequence[tuple[int, int]],
         mask=jnp.asarray(mask))
 
 
-def split_plan(plan: Plan) -> tuple[tuple[list[int], list[tuple[int, int]]], ...]:
-    """VSLPipe's two groups: decode sequences alternate (so both groups carry host attention),
-    prefill sequences go to the group with fewer tokens. One group if either would be empty."""
-    groups = (([], []), ([], []))
-    load = [0, 0]
-    for i, rid in enumerate(plan.decode):
-        groups[i % 2][0].append(rid)
-        load[i % 2] += 1
-    for rid, n in plan.prefill:
+class SplitCosts(NamedTuple):
+    """What `split_plan` balances: per-layer seconds per token (device stages + host K/V
+    append) and per KV token a decode row's host attention reads. The default balances token
+    counts; `perf.split_costs` derives both from a calibration or preset."""
+
+    token_s: float = 1.0
+    kv_token_s: float = 0.0
+
+
+TOKEN_COUNT_SPLIT = SplitCosts()
+
+
+def split_plan(plan: Plan, decode_kv: Sequence[int] | None = None,
+               costs: SplitCosts = TOKEN_COUNT_SPLIT
+               ) -> tuple[tuple[list[int], list[tuple[int, int]]], ...]:
+    """VSLPipe's two groups (decode ids, prefill (id, tokens)), balanced on predicted time: a
+    group's GA -> C -> GB is a chain, so the layer period is at least the longer chain.
+    Sequences by decreasing cost go to the group with less so far (LPT); `decode_kv[i]` is
+    the context decode sequence i attends to. Order within a group follows the plan. One
+    group if either would be empty."""
+    kv = decode_kv if decode_kv is not None else [0] * len(plan.decode)
+    items = ([(costs.token_s + costs.kv_token_s * c, 0, i) for i, c in enumerate(kv)]
+             + [(costs.token_s * n, 1, j) for j, (_, n) in enumerate(plan.prefill)])
+    load, side = [0.0, 0.0], {}
+    for cost, kind, i in sorted(items, key=lambda t: (-t[0], t[1], t[2])):
         g = 0 if load[0] <= load[1] else 1
-        groups[g][1].append((rid, n))
-        load[g] += n
-    if min(load) == 0:
+        side[kind, i] = g
+        load[g] += cost
+    groups = tuple(([rid for i, rid in enumerate(plan.decode) if side[0, i] == g],
+                    [p for j, p in enumerate(plan.prefill) if side[1, j] == g])
+                   for g in (0, 1))
+    if not all(d or p for d, p in groups):
         return ((list(plan.decode), list(plan.prefill)),)
     return groups
 
@@ -395,6 +445,7 @@ class Engine:
         if pipeline not in PIPELINES:
             raise ValueError(f"pipeline must be one of {PIPELINES}, got {pipeline!r}")
         self.on_cpu = jax.default_backend() == "cpu"
+        self._expert_rows = 0  # E * capacity rows of the CPU expert GEMMs, this iteration
         if pipeline == "auto":
             pipeline = "serial" if self.on_cpu else "vslpipe"
         if pipeline == "vslpipe" and device_weight_layers < 2:
@@ -403,9 +454,11 @@ class Engine:
         self.model, self.cfg = model, cfg
         self.page_size = page_size
         self.token_budget, self.token_budget_source = token_budget, "given"
+        from moelens_jax import perf  # perf imports the runtime: import late
+        hw = perf.cached(cfg)
+        # VSLPipe's group split balances the model's per-group time when calibrated.
+        self._split_costs = perf.split_costs(cfg, hw, kv_dtype) if hw else TOKEN_COUNT_SPLIT
         if token_budget is None:
-            from moelens_jax import perf  # perf imports the runtime: import late
-            hw = perf.cached(cfg)
             self.token_budget = (perf.default_token_budget(cfg, hw) if hw
                                  else DEFAULT_TOKEN_BUDGET)
             self.token_budget_source = (f"perf model ({hw.name})" if hw else
@@ -539,6 +592,7 @@ class Engine:
         stats.kv_peak_pages = max(stats.kv_peak_pages, pages_used)
         kv_read = sum(sched.seqs[rid].total for rid in plan.decode)  # tokens decode attends to
         clock = _StageClock(t0, self.record_stages)
+        self._expert_rows = 0
         new = self._run_iteration(plan, tokens, clock)
         stopped = set()
         for rid, tok in new.items():
@@ -562,17 +616,20 @@ class Engine:
             "prefill_tokens": sum(n for _, n in plan.prefill), "decode_tokens": len(plan.decode),
             "prefill_seqs": len(plan.prefill), "kv_tokens_read": kv_read,
             "padded_rows": padded_rows(sum(n for _, n in plan.prefill), len(plan.decode)),
+            "tile_pairs": tile_pair_count([n for _, n in plan.prefill], len(plan.decode)),
+            "route_tokens": route_token_classes([n for _, n in plan.prefill], len(plan.decode)),
             "logit_rows": logit_rows(len(plan.prefill) + len(plan.decode)),
             "preempted": list(plan.preempted), "finished": sorted(finished),
             "pages_used": pages_used, "pages_free": self.kv_pages - pages_used,
+            "expert_rows": self._expert_rows,
             **{f"{k.lower()}_s": v for k, v in clock.sums.items()}})
         stats.stage_events += clock.events
 
     def _run_iteration(self, plan: Plan, tokens: dict[int, list[int]],
                        clock: _StageClock) -> dict[int, int]:
         """Runs one plan through all layers; returns the sampled token of each sequence."""
-        parts = (split_plan(plan) if self.mode == "vslpipe"
-                 else ((list(plan.decode), list(plan.prefill)),))
+        parts = (split_plan(plan, [len(tokens[rid]) for rid in plan.decode], self._split_costs)
+                 if self.mode == "vslpipe" else ((list(plan.decode), list(plan.prefill)),))
         groups = [_build_group(d, p, tokens) for d, p in parts]
         xs = [self._fn.embed(self._weights, g.tok) for g in groups]
         if len(groups) == 1 or self.mode == "serial":
@@ -619,8 +676,9 @@ class Engine:
         x2, xn, routing = self._fn.gb_route(lw, x, attn)
         chosen = np.asarray(routing.experts_nk)[g.mask_np]
         top = int(np.bincount(chosen.ravel(), minlength=self.cfg.num_experts).max())
-        return self._fn.gb_experts(lw, x2, xn, routing, g.mask,
-                                   capacity=moe.capacity_bucket(top))
+        cap = moe.capacity_bucket(top)
+        self._expert_rows += self.cfg.num_experts * cap
+        return self._fn.gb_experts(lw, x2, xn, routing, g.mask, capacity=cap)
 
     def _layers_serial(self, groups, xs, clock: _StageClock) -> None:
         """Stages one after another, each waited for (and so timed exactly)."""
