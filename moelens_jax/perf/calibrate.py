@@ -4,7 +4,7 @@
 hardware fingerprint and the model shape (`~/.cache/moelens_jax/`, or $MOELENS_CACHE):
 
 * the pipeline profiler: the engine itself runs three short seeded workloads (long prompts in
-  large iterations, small iterations of many sequences, many short prompts) with per-stage timing,
+  large iterations, small decode-heavy iterations, many short prompts) with per-stage timing,
   and least-squares fits of its per-iteration records give the same terms Stage 2 charges
   (stage2.iteration_seconds): the per-layer device line (fixed + per token + per padded row +
   per prefill-attention tile pair + per capacity expert-GEMM row, with the router-load model
@@ -166,13 +166,13 @@ def _mean_records(runs: list[list[dict]]) -> list[dict]:
 
 def _profile_workloads(vocab: int, seed: int) -> list[tuple[list, int]]:
     """(requests, token budget), chosen so the fitted terms vary independently: large
-    iterations of long prompts (many attention tile pairs per row), small iterations of up to
-    ~100 sequences (near the expert-capacity floor; many logits rows), large iterations of
-    many short prompts (few pairs per row) draining into many decoding sequences."""
+    iterations of long prompts (many attention tile pairs per row), small decode-heavy
+    iterations (near the expert-capacity floor), large iterations of many short prompts (few
+    pairs per row) draining into many decoding sequences."""
     from moelens_jax import workloads
 
     return [(workloads.synthetic(12, 160, 4, vocab, seed=seed), 1024),
-            (workloads.synthetic(96, 16, 12, vocab, seed=seed), 128),
+            (workloads.synthetic(32, 24, 12, vocab, seed=seed), 128),
             (workloads.synthetic(64, 32, 16, vocab, seed=seed), 512)]
 
 
