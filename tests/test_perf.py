@@ -106,6 +106,23 @@ def test_hardware_presets_and_errors():
     assert 64 <= perf.default_token_budget(MIXTRAL, A40) <= 32768
 
 
+def test_corrupt_calibration_cache_is_ignored_with_a_warning(tmp_path, monkeypatch):
+    from moelens_jax.perf.calibrate import _cache_path
+
+    monkeypatch.setenv("MOELENS_CACHE", str(tmp_path))
+    cfg = get_preset("tiny-mixtral")
+    assert perf.cached(cfg) is None
+    path = _cache_path(cfg)
+    with open(path, "w") as f:
+        f.write(A40.to_json())
+    assert perf.cached(cfg) == A40
+    for bad in ('{"name": "x"', '{"name": "x", "no_such_field": 1}'):
+        with open(path, "w") as f:
+            f.write(bad)
+        with pytest.warns(UserWarning, match="unreadable calibration cache"):
+            assert perf.cached(cfg) is None
+
+
 def test_calibration_fit_recovers_known_costs():
     """fit_engine_costs on synthetic per-iteration records built from known coefficients
     (the router-load model included), and Stage 2 charging exactly those costs."""

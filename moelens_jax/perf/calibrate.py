@@ -29,6 +29,7 @@ import json
 import os
 import platform
 import time
+import warnings
 
 import jax
 import numpy as np
@@ -205,12 +206,17 @@ def profile_engine(model, kv_cache_bytes: int | None = None, seed: int = 0
 
 
 def cached(cfg) -> HardwareSpec | None:
-    """The cached calibration of this machine for `cfg`'s shape, if one exists."""
+    """The cached calibration of this machine for `cfg`'s shape, if one exists. An unreadable
+    cache file is reported (warning naming it) and treated as absent: calibrate() rewrites it."""
     path = _cache_path(cfg)
     if not os.path.exists(path):
         return None
-    with open(path) as f:
-        return HardwareSpec.from_json(f.read())
+    try:
+        with open(path) as f:
+            return HardwareSpec.from_json(f.read())
+    except (OSError, ValueError, TypeError) as e:
+        warnings.warn(f"ignoring unreadable calibration cache {path}: {e}", stacklevel=2)
+        return None
 
 
 def calibrate(model, *, use_cache: bool = True, h2d_bytes: int | None = None) -> HardwareSpec:
