@@ -102,9 +102,9 @@ def fit_router_load(cfg, route_tokens: np.ndarray, expert_rows: np.ndarray
     mu = route_tokens * cfg.num_experts_per_tok / cfg.num_experts
     cap = expert_rows / cfg.num_experts
     sel = cap > 8  # above the floor, where the load shows
-    seen = mu[sel].sum(0) > 0
     if not sel.any():
         return (1.0,) * mu.shape[1], 0.0
+    seen = mu[sel].sum(0) > 0
     x = _nonneg_lstsq(np.c_[mu[sel][:, seen], np.sqrt(mu[sel].sum(1))], cap[sel])
     skew = np.ones(mu.shape[1])
     skew[seen] = x[:-1]

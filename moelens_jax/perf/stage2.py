@@ -151,7 +151,9 @@ def predict(cfg: ModelConfig, hw: HardwareSpec, workload: Workload, kv_cache_byt
         cost = iteration_seconds(cfg, hw, plan.num_tokens, logit_rows(n_seqs), kv_read, kv_dtype,
                                  padded_rows(sum(prefill), len(plan.decode)),
                                  device_weight_layers, tile_pair_count(prefill, len(plan.decode)),
-                                 route_token_classes(prefill, len(plan.decode)))
+                                 # only the CPU path's capacity experts need the classes
+                                 route_token_classes(prefill, len(plan.decode))
+                                 if hw.expert_row_s else None)
         kv_use.append(sched.used_pages() / num_pages)
         sched.complete(plan, set())
         total += cost["total"]

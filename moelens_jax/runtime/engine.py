@@ -611,13 +611,14 @@ class Engine:
         stats.iterations += 1
         stats.processed_tokens += plan.num_tokens
         t_end = time.perf_counter()
+        prefill_lens = [n for _, n in plan.prefill]
         stats.per_iteration.append({
             "start_s": t_start - t0, "wall_s": t_end - t_start,
-            "prefill_tokens": sum(n for _, n in plan.prefill), "decode_tokens": len(plan.decode),
+            "prefill_tokens": sum(prefill_lens), "decode_tokens": len(plan.decode),
             "prefill_seqs": len(plan.prefill), "kv_tokens_read": kv_read,
-            "padded_rows": padded_rows(sum(n for _, n in plan.prefill), len(plan.decode)),
-            "tile_pairs": tile_pair_count([n for _, n in plan.prefill], len(plan.decode)),
-            "route_tokens": route_token_classes([n for _, n in plan.prefill], len(plan.decode)),
+            "padded_rows": padded_rows(sum(prefill_lens), len(plan.decode)),
+            "tile_pairs": tile_pair_count(prefill_lens, len(plan.decode)),
+            "route_tokens": route_token_classes(prefill_lens, len(plan.decode)),
             "logit_rows": logit_rows(len(plan.prefill) + len(plan.decode)),
             "preempted": list(plan.preempted), "finished": sorted(finished),
             "pages_used": pages_used, "pages_free": self.kv_pages - pages_used,
