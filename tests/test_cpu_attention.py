@@ -13,6 +13,7 @@ import pytest
 
 from moelens_jax import _cpu_ops, ops
 from moelens_jax.kv import PagedKVStore, cpu_decode_attention
+from moelens_jax.kv.bridge import FFI_TARGET
 
 ISAS = ops.supported_isas()
 # Against K/V as stored (already rounded to the storage dtype): only float32 accumulation and
@@ -175,6 +176,64 @@ def test_ffi_and_callback_paths_agree(dtype):
     np.testing.assert_array_equal(outs["ffi"], outs["callback"])
     np.testing.assert_array_equal(outs["auto"], outs["ffi"])
     np.testing.assert_array_equal(outs["ffi"], store.decode_attention(q, ids, 1))
+
+
+# Zero, negative, NaN, infinite, and float64 values that round to 0 / inf in float32.
+BAD_SCALES = [0.0, -0.0, -0.5, float("nan"), float("inf"), float("-inf"), 1e300, 1e-50]
+
+
+@pytest.mark.parametrize("scale", BAD_SCALES, ids=str)
+def test_bad_scales_are_value_errors_on_every_path(scale):
+    """Never silently replaced by the default: Python rejects them before calling C++, and the
+    C++ adapter rejects them when called directly."""
+    rng = np.random.default_rng(16)
+    store, _, _ = _filled(rng, [5], 1, 64, 16, "float32")
+    q = rng.standard_normal((1, 2, 64)).astype(np.float32)
+    with pytest.raises(ValueError, match="scale must be a finite positive number"):
+        store.decode_attention(q, [100], 1, scale=scale)
+    with pytest.raises(ValueError, match="scale must be a finite positive number"):
+        store._s.decode_attention_into(q, np.array([100]), 1, scale, "portable", 512,
+                                       np.empty_like(q))
+    for path in ("ffi", "callback", "auto"):
+        with pytest.raises(ValueError, match="scale must be a finite positive number"):
+            jax.jit(lambda q, path=path: cpu_decode_attention(store, q, jnp.array([100]), 1,
+                                                              scale=scale, path=path))(q)
+
+
+@pytest.mark.parametrize("scale", [0.0, -0.5, float("nan"), float("inf")], ids=str)
+def test_ffi_handler_rejects_bad_scales(scale):
+    """The FFI handler itself (called without the bridge's check) returns an error."""
+    rng = np.random.default_rng(17)
+    store, _, _ = _filled(rng, [5], 1, 64, 16, "float32")
+    q = rng.standard_normal((1, 2, 64)).astype(np.float32)
+
+    def call(q, scale, default_scale):
+        return jax.ffi.ffi_call(FFI_TARGET, jax.ShapeDtypeStruct(q.shape, jnp.float32))(
+            q, jnp.array([100], jnp.int32), jnp.int32(1), store_id=np.int64(store.handle),
+            scale=np.float32(scale), default_scale=np.bool_(default_scale),
+            chunk_tokens=np.int64(512), isa=np.int64(0))
+
+    with pytest.raises(Exception, match="scale must be a finite positive number"):
+        jax.block_until_ready(jax.jit(lambda q: call(q, scale, False))(q))
+    # default_scale=True ignores `scale`: 1/sqrt(head_dim), as the direct call's default.
+    got = np.asarray(jax.jit(lambda q: call(q, scale, True))(q))
+    np.testing.assert_array_equal(got, store.decode_attention(q, [100], 1, isa="portable"))
+
+
+def test_explicit_scale_is_used_and_none_is_the_default():
+    rng = np.random.default_rng(18)
+    store, ks, vs = _filled(rng, [40], 2, 64, 16, "float32")
+    q = rng.standard_normal((1, 4, 64)).astype(np.float32)
+    default = store.decode_attention(q, [100], 1)
+    np.testing.assert_array_equal(store.decode_attention(q, [100], 1, scale=64 ** -0.5), default)
+    for path in ("ffi", "callback"):
+        for scale in (None, 0.3):
+            got = jax.jit(lambda q, path=path, scale=scale: cpu_decode_attention(
+                store, q, jnp.array([100]), 1, scale=scale, path=path))(q)
+            np.testing.assert_array_equal(np.asarray(got),
+                                          store.decode_attention(q, [100], 1, scale=scale))
+    np.testing.assert_allclose(store.decode_attention(q, [100], 1, scale=0.3),
+                               reference(q, ks, vs, 2, 0.3), rtol=0, atol=STORED_ATOL)
 
 
 def test_auto_path_lowers_to_the_ffi_call_on_cpu():

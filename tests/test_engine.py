@@ -245,12 +245,9 @@ def test_tiled_prefill_attention_equals_dense_segment_attention(seed):
 
 def test_shape_rules_shared_with_stage2():
     """tile_pair_count (Stage 2 charges it) == the pairs the engine builds, on random group
-    layouts; route_token_classes puts every token in exactly one class."""
-    from moelens_jax.runtime.engine import (
-        _build_group,
-        route_token_classes,
-        tile_pair_count,
-    )
+    layouts."""
+    from moelens_jax.runtime.engine import _build_group, tile_pair_count
+
     rng = np.random.default_rng(0)
     for _ in range(300):
         n_dec = int(rng.integers(0, 70))
@@ -259,10 +256,6 @@ def test_shape_rules_shared_with_stage2():
         tokens.update({100 + j: [1] * n for j, n in enumerate(lens)})
         g = _build_group(list(range(n_dec)), [(100 + j, n) for j, n in enumerate(lens)], tokens)
         assert tile_pair_count(lens, n_dec) == g.pairs.shape[0]
-        classes = route_token_classes(lens, n_dec)
-        assert sum(classes) == sum(lens) + n_dec and classes[3] == n_dec
-        assert classes[0] == sum(min(n, 32) for n in lens)
-        assert classes[2] == sum(max(0, n - 128) for n in lens)
 
 
 def test_vslpipe_split_balances_predicted_time():

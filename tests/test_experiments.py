@@ -173,3 +173,22 @@ def test_reproduce_paper_reduced(tmp_path, cache_env):
     assert abs(data["table2"][0]["tokens_to_saturate"] - 19200) < 1e-6
     assert "Predicted" in (out / "REPORT.md").read_text()
     assert result["predicted_mean_speedup"] > 0
+
+
+def test_bench_peers_engine_and_hf():
+    result, stdout = _run("experiments.bench_peers", "--model=tiny-mixtral", "--num_requests=3",
+                          "--prompt_len=8", "--gen_len=3", "--vllm_python=",
+                          "--dtypes=float32,bfloat16")
+    assert stdout.index("== bench_peers card ==") < stdout.index("== results ==")
+    assert "GEMM roof" in stdout
+    assert result["vllm_skipped"] and result["speedup_vs_vllm_fp32"] is None
+    assert result["speedup_vs_vllm_bf16"] is None and result["identical_to_vllm_fp32"] is None
+    assert result["identical_to_hf_fp32"] == 1.0  # float32: HF's greedy tokens are the engine's
+    assert result["generated_tokens"] == 9
+    for tag in ("fp32", "bf16"):
+        for side in ("engine", "hf"):
+            assert (result[f"{side}_processed_tokens_per_s_{tag}"]
+                    > result[f"{side}_generated_tokens_per_s_{tag}"] > 0)
+    assert result["speedup_vs_hf"] > 0 and result["gemm_roof_gflop_per_s"] > 0
+    assert 0 < result["engine_gemm_roof_fraction"] < 1
+    assert result["engine_gemm_tflop"] < result["hf_gemm_tflop"]  # HF pads to the longest prompt

@@ -195,6 +195,15 @@ def test_binding_rejects_non_contiguous_and_mismatched_arrays(small):
 def test_duplicate_ids_and_negative_counts(small):
     with pytest.raises(ValueError, match="appears twice"):
         small.append([7, 7], [1, 1], 0, _kv(2), _kv(2))
+    # A large batch (the check is a hash set, not a pairwise scan) with the repeat far apart.
+    many = list(range(100, 20_100))
+    for sid in many:
+        small.add_sequence(sid)
+    ids = [7, *many, 7]
+    with pytest.raises(ValueError, match="sequence id 7 appears twice in one append"):
+        small.append(ids, [0] * len(ids), 0, _kv(0), _kv(0))
+    small.append([7, *many], [1] + [0] * len(many), 0, _kv(1), _kv(1))
+    assert small.length(7, 0) == 1 and small.free_pages() == 3
     with pytest.raises(ValueError, match="negative token count"):
         small.append([7], [-1], 0, _kv(0), _kv(0))
     with pytest.raises(ValueError, match="1-D integer"):
@@ -219,7 +228,7 @@ def test_attention_input_errors(small):
     if missing:  # the C++ layer itself refuses an ISA the CPU cannot run
         with pytest.raises(ValueError, match="not supported by this CPU"):
             small._s.decode_attention_into(np.ones((1, 2, 8), np.float32), np.array([7]), 0,
-                                           0.0, missing[0], 512, np.empty((1, 2, 8), np.float32))
+                                           None, missing[0], 512, np.empty((1, 2, 8), np.float32))
 
 
 def test_constructor_errors():

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import numpy as np
 import pytest
 
 from moelens_jax import perf
@@ -124,51 +123,39 @@ def test_corrupt_calibration_cache_is_ignored_with_a_warning(tmp_path, monkeypat
 
 
 def test_calibration_fit_recovers_known_costs():
-    """fit_engine_costs on synthetic per-iteration records built from known coefficients
-    (the router-load model included), and Stage 2 charging exactly those costs."""
+    """fit_engine_costs on synthetic per-iteration records built from known coefficients,
+    and Stage 2 charging exactly those costs."""
     from moelens_jax.perf.calibrate import fit_engine_costs
-    from moelens_jax.perf.stage2 import expert_rows, iteration_seconds
+    from moelens_jax.perf.stage2 import iteration_seconds
 
     cfg = get_preset("tiny-mixtral")
     L = cfg.num_layers
-    a, b, c, pr, er_s, h0, r0, rs = 2e-3, 1e-5, 2e-6, 3e-5, 4e-6, 5e-4, 1e-2, 3e-4
+    a, b, c, pr, h0, r0, rs = 2e-3, 1e-5, 2e-6, 3e-5, 5e-4, 1e-2, 3e-4
     truth = dataclasses.replace(A40, layer_token_s=b, padded_row_s=c, attn_pair_s=pr,
-                                expert_row_s=er_s, route_skew=(1.2, 1.6, 2.5, 0.7),
-                                route_spread=1.1,
                                 layer_fixed_s=a, attn_fixed_s=h0, cpu_attn_bytes_per_s=1e9,
                                 iteration_fixed_s=r0, head_s_per_seq=rs, shared_cores=True)
     recs = []
     for i in range(80):
         n_pre, n_dec, kv = (i * 37) % 300, (i * 11) % 64, (i * 997) % 20000
         n, rows, pairs = n_pre + n_dec, 64 * (1 + (n_pre + n_dec) // 64), 1 + (i * 7) % 40
-        third = (i * 13) % (n_pre + 1) // 3
-        classes = (n_pre // 2, n_pre - n_pre // 2 - third, third, n_dec)
-        er = expert_rows(cfg, truth, classes)
-        dev = L * (a + b * n + c * rows + pr * pairs + er_s * er)
+        dev = L * (a + b * n + c * rows + pr * pairs)
         host = L * (h0 + kv * cfg.kv_bytes_per_token() / L / 1e9)
         seqs = n_dec + i % 5
         recs.append({"prefill_tokens": n_pre, "decode_tokens": n_dec, "logit_rows": seqs,
                      "kv_tokens_read": kv, "padded_rows": rows, "tile_pairs": pairs,
-                     "route_tokens": classes,
-                     "expert_rows": L * er, "ga_s": dev / 2, "gb_s": dev / 2, "c_s": host,
+                     "ga_s": dev / 2, "gb_s": dev / 2, "c_s": host,
                      "wall_s": dev + host + r0 + rs * seqs})
         cost = iteration_seconds(cfg, truth, n, seqs, kv, rows=rows, tile_pairs=pairs,
-                                 device_weight_layers=L, route_tokens=classes)
+                                 device_weight_layers=L)
         assert cost["total"] == pytest.approx(recs[-1]["wall_s"], rel=1e-9)
     fit = fit_engine_costs(cfg, recs, [(10.0, 9.5, 40), (4.0, 3.9, 10)])
     assert fit["request_s"] == pytest.approx(0.6 / 50)
     for key, want in (("layer_fixed_s", a), ("layer_token_s", b), ("padded_row_s", c),
-                      ("attn_pair_s", pr), ("expert_row_s", er_s), ("route_spread", 1.1),
-                      ("cpu_attn_bytes_per_s", 1e9),
+                      ("attn_pair_s", pr), ("cpu_attn_bytes_per_s", 1e9),
                       ("iteration_fixed_s", r0), ("head_s_per_seq", rs)):
         assert fit[key] == pytest.approx(want, rel=1e-6), key
-    assert fit["route_skew"] == pytest.approx((1.2, 1.6, 2.5, 0.7), rel=1e-6)
-    # gemm_flops: the asymptotic rate of the fitted line (every token k expert rows at the
-    # profile's mean skew)
-    total = np.array([r["route_tokens"] for r in recs], float).sum(0)
-    mean_skew = np.dot((1.2, 1.6, 2.5, 0.7), total) / total.sum()
-    per_token = b + c + er_s * cfg.num_experts_per_tok * mean_skew
-    assert fit["gemm_flops"] == pytest.approx(2 * cfg.active_params_per_layer / per_token,
+    # gemm_flops: the asymptotic rate of the fitted line (per token + per padded row)
+    assert fit["gemm_flops"] == pytest.approx(2 * cfg.active_params_per_layer / (b + c),
                                               rel=1e-6)
 
 

@@ -52,9 +52,13 @@ void DecodeAttention(const KvStore& store, const float* q, const int64_t* seq_id
     throw std::invalid_argument("page_size > " + std::to_string(kMaxPageSize) +
                                 " is not supported by the attention kernel");
   }
+  if (opt.scale && !(std::isfinite(*opt.scale) && *opt.scale > 0.f)) {
+    throw std::invalid_argument("attention scale must be a finite positive number (or unset "
+                                "for 1/sqrt(head_dim)), got " + std::to_string(*opt.scale));
+  }
   const int ps = g.page_size;
   const int s = num_q_heads / H;
-  const float scale = opt.scale > 0.f ? opt.scale : 1.f / std::sqrt(float(d));
+  const float scale = opt.scale ? *opt.scale : 1.f / std::sqrt(float(d));
   const Isa isa = EffectiveIsa(opt.isa, g.dtype, d);
   const int64_t chunk =
       std::max<int64_t>(ps, (std::max<int64_t>(opt.chunk_tokens, 1) + ps - 1) / ps * ps);

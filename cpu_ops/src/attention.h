@@ -11,6 +11,7 @@
 #pragma once
 
 #include <cstdint>
+#include <optional>
 
 #include "cpu_features.h"
 #include "kv_store.h"
@@ -46,12 +47,13 @@ PageFn GetPageFnAvx512(KvDtype dtype, int head_dim, int s);
 
 struct AttentionOptions {
   Isa isa = Isa::kPortable;
-  float scale = 0.f;         // <= 0: 1 / sqrt(head_dim)
+  std::optional<float> scale;  // softmax scale, finite and > 0; unset: 1 / sqrt(head_dim)
   int64_t chunk_tokens = 512;  // rounded up to a multiple of page_size
 };
 
 // q: [n, n_q, head_dim] float32; out: same shape. n_q must be a multiple of num_kv_heads.
-// Throws (before computing anything) on unknown sequences, bad layer, empty sequences.
+// Throws (before computing anything) on unknown sequences, bad layer, empty sequences, and a
+// scale that is set but not a finite positive number (std::invalid_argument).
 void DecodeAttention(const KvStore& store, const float* q, const int64_t* seq_ids, int64_t n,
                      int num_q_heads, int layer, const AttentionOptions& opt, ThreadPool& pool,
                      float* out);

@@ -3,6 +3,7 @@
 #include <immintrin.h>
 
 #include "attention_impl.h"
+#include "expert_impl.h"
 
 namespace moelens {
 namespace {
@@ -28,6 +29,7 @@ struct Avx2Ops {
   static Vec Mul(Vec a, Vec b) { return _mm256_mul_ps(a, b); }
   static Vec Add(Vec a, Vec b) { return _mm256_add_ps(a, b); }
   static Vec Sub(Vec a, Vec b) { return _mm256_sub_ps(a, b); }
+  static Vec Div(Vec a, Vec b) { return _mm256_div_ps(a, b); }
   static Vec Min(Vec a, Vec b) { return _mm256_min_ps(a, b); }
   static Vec Max(Vec a, Vec b) { return _mm256_max_ps(a, b); }
   static Vec Round(Vec x) {
@@ -53,5 +55,7 @@ struct Avx2Ops {
 PageFn GetPageFnAvx2(KvDtype dtype, int head_dim, int s) {
   return kernel::Select<Avx2Ops>(dtype, head_dim, s);
 }
+
+SiluMulFn GetSiluMulAvx2() { return kernel::SiluMul<Avx2Ops>; }
 
 }  // namespace moelens

@@ -4,6 +4,7 @@
 #include <immintrin.h>
 
 #include "attention_impl.h"
+#include "expert_impl.h"
 
 namespace moelens {
 namespace {
@@ -29,6 +30,7 @@ struct Avx512Ops {
   static Vec Mul(Vec a, Vec b) { return _mm512_mul_ps(a, b); }
   static Vec Add(Vec a, Vec b) { return _mm512_add_ps(a, b); }
   static Vec Sub(Vec a, Vec b) { return _mm512_sub_ps(a, b); }
+  static Vec Div(Vec a, Vec b) { return _mm512_div_ps(a, b); }
   static Vec Min(Vec a, Vec b) { return _mm512_min_ps(a, b); }
   static Vec Max(Vec a, Vec b) { return _mm512_max_ps(a, b); }
   static Vec Round(Vec x) {
@@ -49,5 +51,7 @@ struct Avx512Ops {
 PageFn GetPageFnAvx512(KvDtype dtype, int head_dim, int s) {
   return kernel::Select<Avx512Ops>(dtype, head_dim, s);
 }
+
+SiluMulFn GetSiluMulAvx512() { return kernel::SiluMul<Avx512Ops>; }
 
 }  // namespace moelens

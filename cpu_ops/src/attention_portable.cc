@@ -3,6 +3,7 @@
 #include <cstring>
 
 #include "attention_impl.h"
+#include "expert_impl.h"
 #include "dtypes.h"
 
 namespace moelens {
@@ -34,6 +35,7 @@ struct PortableOps {
   static Vec Mul(Vec a, Vec b) { return a * b; }
   static Vec Add(Vec a, Vec b) { return a + b; }
   static Vec Sub(Vec a, Vec b) { return a - b; }
+  static Vec Div(Vec a, Vec b) { return a / b; }
   static Vec Exp(Vec x) { return std::exp(x); }
   static void Store(float* p, Vec v) { *p = v; }
   static float Sum(Vec v) { return v; }
@@ -45,5 +47,7 @@ struct PortableOps {
 PageFn GetPageFnPortable(KvDtype dtype, int head_dim, int s) {
   return kernel::Select<PortableOps>(dtype, head_dim, s);
 }
+
+SiluMulFn GetSiluMulPortable() { return kernel::SiluMul<PortableOps>; }
 
 }  // namespace moelens

@@ -1,7 +1,10 @@
 // Non-x86 builds: the x86 SIMD kernels do not exist; the dispatcher falls back to portable.
 #include "attention.h"
+#include "expert_impl.h"
 
 namespace moelens {
 PageFn GetPageFnAvx2(KvDtype, int, int) { return nullptr; }
 PageFn GetPageFnAvx512(KvDtype, int, int) { return nullptr; }
+SiluMulFn GetSiluMulAvx2() { return nullptr; }
+SiluMulFn GetSiluMulAvx512() { return nullptr; }
 }  // namespace moelens

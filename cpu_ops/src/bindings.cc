@@ -6,14 +6,16 @@
 // out of bounds. The GIL is released while appending and attending.
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
+#include <nanobind/stl/optional.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/vector.h>
 
 #include <memory>
-#include <mutex>
+#include <optional>
 #include <string>
 
 #include "attention.h"
+#include "blas.h"
 #include "cpu_features.h"
 #include "kv_store.h"
 #include "membench.h"
@@ -30,20 +32,9 @@ namespace {
 using InArray = nb::ndarray<nb::ro, nb::device::cpu>;  // read-only inputs (jax hands these)
 using OutArray = nb::ndarray<nb::device::cpu>;         // writable outputs
 
-std::mutex g_pool_mu;
-std::unique_ptr<moelens::ThreadPool> g_pool;
-
-moelens::ThreadPool& Pool() {
-  std::lock_guard<std::mutex> lock(g_pool_mu);
-  if (!g_pool) g_pool = std::make_unique<moelens::ThreadPool>(moelens::AvailableCpus());
-  return *g_pool;
-}
-
-void SetNumThreads(int n) {
-  if (n < 1) throw nb::value_error("num_threads must be >= 1");
-  std::lock_guard<std::mutex> lock(g_pool_mu);
-  g_pool = std::make_unique<moelens::ThreadPool>(n);
-}
+// The kernels' thread pool is moelens::SharedPool() (thread_pool.h): every call holds the
+// shared_ptr until it returns, so set_num_threads never frees a pool a running call uses.
+void SetNumThreads(int n) { moelens::SetSharedPoolThreads(n); }
 
 template <class A>
 std::string ShapeStr(const A& a) {
@@ -155,8 +146,11 @@ nb::tuple Read(const KvStore& s, int64_t seq_id, int layer) {
   return nb::make_tuple(k, v);
 }
 
-void DecodeAttentionInto(const KvStore& s, InArray q, InArray seq_ids, int layer, float scale,
-                         const std::string& isa, int64_t chunk_tokens, OutArray out) {
+// scale: None means 1/sqrt(head_dim); anything but a finite positive number is a ValueError
+// (std::invalid_argument from DecodeAttention).
+void DecodeAttentionInto(const KvStore& s, InArray q, InArray seq_ids, int layer,
+                         std::optional<float> scale, const std::string& isa,
+                         int64_t chunk_tokens, OutArray out) {
   CheckIds(seq_ids, "seq_ids");
   const int64_t n = int64_t(seq_ids.shape(0));
   const auto& g = s.geometry();
@@ -171,18 +165,18 @@ void DecodeAttentionInto(const KvStore& s, InArray q, InArray seq_ids, int layer
   const auto* qd = static_cast<const float*>(q.data());
   auto* od = static_cast<float*>(out.data());
   const int nq = int(q.shape(1));
-  moelens::ThreadPool& pool = Pool();
+  const std::shared_ptr<moelens::ThreadPool> pool = moelens::SharedPool();
   nb::gil_scoped_release release;
-  moelens::DecodeAttention(s, qd, ids, n, nq, layer, opt, pool, od);
+  moelens::DecodeAttention(s, qd, ids, n, nq, layer, opt, *pool, od);
 }
 
 uint64_t StreamReadPy(InArray buf) {
   CheckArray(buf, "buf", nb::dtype<uint8_t>(), "uint8", {-1});
   const auto* p = static_cast<const uint8_t*>(buf.data());
   const int64_t n = int64_t(buf.shape(0));
-  moelens::ThreadPool& pool = Pool();
+  const std::shared_ptr<moelens::ThreadPool> pool = moelens::SharedPool();
   nb::gil_scoped_release release;
-  return moelens::StreamRead(p, n, pool);
+  return moelens::StreamRead(p, n, *pool);
 }
 
 nb::dict CpuFeaturesDict() {
@@ -208,11 +202,8 @@ std::vector<std::string> SupportedIsaNames() {
 
 }  // namespace
 
-namespace moelens {
-ThreadPool& AttentionPool() { return Pool(); }
-}  // namespace moelens
-
 extern "C" XLA_FFI_Error* MoelensDecodeAttentionFfi(XLA_FFI_CallFrame* call_frame);
+extern "C" XLA_FFI_Error* MoelensExpertFfnFfi(XLA_FFI_CallFrame* call_frame);
 
 NB_MODULE(_cpu_ops, m) {
   m.doc() = "moelens-jax host-side C++ kernels: paged KV store and decode attention";
@@ -228,11 +219,18 @@ NB_MODULE(_cpu_ops, m) {
         }, nb::arg("isa"), nb::arg("dtype"), nb::arg("head_dim"),
         "The kernel level that serves this dtype/head_dim when `isa` is requested.");
   m.def("set_num_threads", &SetNumThreads, nb::arg("n"),
-        "Replaces the attention thread pool with one of n threads (caller included).");
-  m.def("num_threads", [] { return Pool().num_threads(); });
+        "Replaces the kernels' shared thread pool with one of n threads (caller included); "
+        "calls already running finish on the old pool.");
+  m.def("num_threads", [] { return moelens::SharedPool()->num_threads(); });
   m.def("decode_attention_ffi_handler", [] {
           return nb::capsule(reinterpret_cast<void*>(&MoelensDecodeAttentionFfi));
         }, "PyCapsule of the XLA FFI handler (register for platform 'cpu').");
+  m.def("expert_ffn_ffi_handler", [] {
+          return nb::capsule(reinterpret_cast<void*>(&MoelensExpertFfnFfi));
+        }, "PyCapsule of the grouped expert FFN's XLA FFI handler (platform 'cpu').");
+  m.def("load_blas", &moelens::LoadBlas, nb::arg("path"),
+        "Opens the OpenBLAS shared library (scipy-openblas32) the expert FFN calls.");
+  m.def("blas_info", &moelens::BlasInfo, "The loaded BLAS library's build configuration.");
   m.def("stream_read", &StreamReadPy, nb::arg("buf"),
         "Sums a uint8 buffer as 64-bit words on the attention thread pool (bandwidth probe).");
 
@@ -260,6 +258,6 @@ NB_MODULE(_cpu_ops, m) {
            nb::arg("k"), nb::arg("v"))
       .def("read", &Read, nb::arg("seq_id"), nb::arg("layer"))
       .def("decode_attention_into", &DecodeAttentionInto, nb::arg("q"), nb::arg("seq_ids"),
-           nb::arg("layer"), nb::arg("scale"), nb::arg("isa"), nb::arg("chunk_tokens"),
+           nb::arg("layer"), nb::arg("scale").none(), nb::arg("isa"), nb::arg("chunk_tokens"),
            nb::arg("out"));
 }

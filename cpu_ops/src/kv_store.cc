@@ -4,6 +4,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
+#include <unordered_set>
 
 #include <sys/mman.h>
 
@@ -216,6 +217,8 @@ void KvStore::Append(const int64_t* seq_ids, const int32_t* counts, int64_t n, i
   // Validate everything before mutating anything.
   int64_t total = 0, need = 0;
   std::vector<Sequence*> seqs(static_cast<size_t>(n));
+  std::unordered_set<int64_t> seen;  // duplicate ids in O(n), not O(n^2), under the lock
+  seen.reserve(static_cast<size_t>(n));
   for (int64_t i = 0; i < n; ++i) {
     if (counts[i] < 0) throw std::invalid_argument("negative token count " + Str(counts[i]));
     auto it = seqs_.find(seq_ids[i]);
@@ -223,11 +226,9 @@ void KvStore::Append(const int64_t* seq_ids, const int32_t* counts, int64_t n, i
       throw std::out_of_range("unknown sequence id " + Str(seq_ids[i]) +
                               " (never added, or already freed)");
     }
-    for (int64_t j = 0; j < i; ++j) {
-      if (seq_ids[j] == seq_ids[i]) {
-        throw std::invalid_argument("sequence id " + Str(seq_ids[i]) +
-                                    " appears twice in one append");
-      }
+    if (!seen.insert(seq_ids[i]).second) {
+      throw std::invalid_argument("sequence id " + Str(seq_ids[i]) +
+                                  " appears twice in one append");
     }
     seqs[size_t(i)] = &it->second;
     total += counts[i];

@@ -2,7 +2,44 @@
 
 #include <sched.h>
 
+#include <stdexcept>
+#include <string>
+
 namespace moelens {
+
+namespace {
+
+struct Shared {
+  std::mutex mu;
+  std::shared_ptr<ThreadPool> pool;  // guarded by mu
+};
+
+// Never destroyed: an XLA FFI call may still ask for the pool while the process exits.
+Shared& SharedState() {
+  static Shared* state = new Shared();
+  return *state;
+}
+
+}  // namespace
+
+std::shared_ptr<ThreadPool> SharedPool() {
+  Shared& s = SharedState();
+  std::lock_guard<std::mutex> lock(s.mu);
+  if (!s.pool) s.pool = std::make_shared<ThreadPool>(AvailableCpus());
+  return s.pool;
+}
+
+void SetSharedPoolThreads(int n) {
+  if (n < 1) throw std::invalid_argument("num_threads must be >= 1, got " + std::to_string(n));
+  auto fresh = std::make_shared<ThreadPool>(n);  // threads started outside the lock
+  Shared& s = SharedState();
+  {
+    std::lock_guard<std::mutex> lock(s.mu);
+    s.pool.swap(fresh);
+  }
+  // `fresh` (now the old pool) is released here, outside the lock: if no call holds it any
+  // more its workers are joined now, otherwise when the last call running on it returns.
+}
 
 int AvailableCpus() {
   cpu_set_t set;

@@ -1,5 +1,10 @@
 // A small persistent thread pool: Run(n, fn) calls fn(i) for i in [0, n) on all threads
 // (the caller included) with dynamic (atomic-counter) scheduling and returns when all are done.
+//
+// The kernels share one process-wide pool, SharedPool(). A caller holds the returned shared_ptr
+// for its whole call, so SetSharedPoolThreads (Python's set_num_threads) swapping in a new pool
+// never frees one that a call on another thread is still running on: the old pool is destroyed
+// (its workers joined) when its last holder lets go.
 #pragma once
 
 #include <atomic>
@@ -7,6 +12,7 @@
 #include <cstdint>
 #include <exception>
 #include <functional>
+#include <memory>
 #include <mutex>
 #include <thread>
 #include <vector>
@@ -44,5 +50,13 @@ class ThreadPool {
 
 // Default thread count: the CPUs this process may run on.
 int AvailableCpus();
+
+// The current process-wide pool (created on first use with AvailableCpus() threads). Hold the
+// result for the duration of the call that runs on it.
+std::shared_ptr<ThreadPool> SharedPool();
+
+// Replaces the process-wide pool by one of n >= 1 threads (std::invalid_argument otherwise).
+// Calls already holding the old pool finish on it; later SharedPool() calls get the new one.
+void SetSharedPoolThreads(int n);
 
 }  // namespace moelens

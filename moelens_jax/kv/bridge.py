@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from moelens_jax import _cpu_ops, ops
-from moelens_jax.kv.store import PagedKVStore
+from moelens_jax.kv.store import PagedKVStore, checked_scale
 
 FFI_TARGET = "moelens_decode_attention"
 _ISA_LEVEL = {"portable": 0, "avx2": 1, "avx512": 2, "avx512_bf16": 3}
@@ -45,13 +45,17 @@ def cpu_decode_attention(store: PagedKVStore, q: jax.Array, seq_ids: jax.Array,
       q: [n, num_q_heads, head_dim] (any float dtype; computed in float32).
       seq_ids: [n] int sequence ids (distinct).
       layer: scalar int (traced or static).
-      scale: softmax scale, default 1/sqrt(head_dim).
+      scale: softmax scale, finite and > 0 (a static Python number); None: 1/sqrt(head_dim).
       path: "auto" (FFI on the CPU backend, pure_callback elsewhere), "ffi" or "callback".
       chunk_tokens: KV tokens per kernel work item.
 
     Returns:
       float32 [n, num_q_heads, head_dim].
+
+    Raises:
+      ValueError: a zero, negative, NaN or infinite scale (at trace time); bad shapes.
     """
+    scale = checked_scale(scale)
     q = jnp.asarray(q, jnp.float32)
     seq_ids = jnp.asarray(seq_ids, jnp.int32)
     layer = jnp.asarray(layer, jnp.int32)
@@ -75,7 +79,8 @@ def cpu_decode_attention(store: PagedKVStore, q: jax.Array, seq_ids: jax.Array,
     def via_ffi(q, seq_ids, layer):
         call = jax.ffi.ffi_call(FFI_TARGET, out_type, vmap_method="sequential")
         return call(q, seq_ids, layer, store_id=np.int64(store.handle),
-                    scale=np.float32(0.0 if scale is None else scale),
+                    scale=np.float32(1.0 if scale is None else scale),
+                    default_scale=np.bool_(scale is None),
                     chunk_tokens=np.int64(chunk_tokens), isa=np.int64(_ISA_LEVEL[isa]))
 
     if path == "callback":

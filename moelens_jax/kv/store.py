@@ -13,6 +13,8 @@ per sequence. Every call validates its inputs in C++ and fails without changing 
 
 from __future__ import annotations
 
+import math
+
 import ml_dtypes
 import numpy as np
 
@@ -22,6 +24,23 @@ from moelens_jax.config import ModelConfig, dtype_itemsize
 KvCapacityError = _cpu_ops.KvCapacityError
 KV_DTYPES = ("bfloat16", "float16", "float32")
 _RAW16 = {"bfloat16": np.dtype(ml_dtypes.bfloat16), "float16": np.dtype(np.float16)}
+_F32_TINY, _F32_MAX = float(np.finfo(np.float32).tiny), float(np.finfo(np.float32).max)
+
+
+def checked_scale(scale: float | None) -> float | None:
+    """The attention softmax `scale`, checked: None (meaning 1/sqrt(head_dim)) or a float that
+    stays finite and positive in float32, the precision the kernel uses.
+
+    Raises:
+      ValueError: zero, negative, NaN, infinite, or out of float32's normal range.
+    """
+    if scale is None:
+        return None
+    s = float(scale)
+    if not (math.isfinite(s) and _F32_TINY <= s <= _F32_MAX):
+        raise ValueError(f"attention scale must be a finite positive number (None for "
+                         f"1/sqrt(head_dim)), got {scale!r}")
+    return s
 
 
 def page_bytes(num_layers: int, num_kv_heads: int, head_dim: int, page_size: int,
@@ -143,18 +162,22 @@ class PagedKVStore:
           q: float32 [n, num_q_heads, head_dim]; num_q_heads a multiple of num_kv_heads (query
             head h uses kv head h // group).
           seq_ids: [n] distinct sequence ids (each with >= 1 cached token at `layer`).
-          scale: softmax scale (default 1/sqrt(head_dim)).
+          scale: softmax scale, finite and > 0 (None: 1/sqrt(head_dim)).
           isa: kernel ISA (default `ops.selected_isa()`: $MOELENS_CPU_ISA or the best).
           chunk_tokens: KV tokens per work item (rounded up to whole pages).
 
         Returns:
           float32 [n, num_q_heads, head_dim].
+
+        Raises:
+          ValueError: a zero, negative, NaN or infinite scale; bad shapes, empty sequences.
+          IndexError: unknown sequence, bad layer.
         """
+        scale = checked_scale(scale)
         q = np.ascontiguousarray(q, dtype=np.float32)
         if out is None:
             out = np.empty_like(q)
-        self._s.decode_attention_into(q, _ids(seq_ids), int(layer),
-                                      0.0 if scale is None else float(scale),
+        self._s.decode_attention_into(q, _ids(seq_ids), int(layer), scale,
                                       ops.selected_isa(isa), int(chunk_tokens), out)
         return out
 

@@ -4,22 +4,23 @@ Tokens are flattened to [n, h]. Routing picks the top-k experts per token; dispa
 n*k (token, expert) pairs by expert so each expert's rows are contiguous; the expert FFNs run as
 grouped GEMMs; combine scatters the rows back and sums them with the routing weights.
 
-`expert_ffn` is the one seam that chooses the expert-compute implementation:
+`expert_ffn` is the one seam that chooses the expert-compute implementation. Every default path
+computes only the routed rows (plus at most one block of padding per expert on accelerators):
 
-* ``"ragged"`` — `jax.lax.ragged_dot`, one grouped GEMM per projection. GPU/TPU lower it to real
-  grouped GEMMs. XLA:CPU (jax 0.10) lowers it to a dense masked matmul that does E times the
-  work (measured 6x slower than "blocked" for 8 experts), so it is not the CPU default.
-* ``"blocked"`` — rows of each expert padded to a multiple of a block height (<= `BLOCK_ROWS`,
-  sized to the batch), then a loop over row blocks, each a dense SwiGLU with its expert's
-  weights (padding < E blocks).
+* ``"grouped"`` (the default, ``"auto"``) — under `jax.lax.platform_dependent`: on the CPU
+  backend the C++ kernel `ops.experts.grouped_expert_ffn` (XLA FFI; each expert's contiguous
+  rows through OpenBLAS sgemm; exactly the routed rows, group sizes read inside the kernel);
+  on every other backend "blocked".
+* ``"blocked"`` — pure XLA for any backend: a loop over experts, and inside it a loop over the
+  expert's rows in blocks of `block_rows(m, E)` (dense SwiGLU per block, with the expert's
+  weights sliced once per expert), so the rows computed are sum_e ceil(g_e / block) * block
+  <= m + E * block. No ragged_dot, no E x intermediate: the temporaries are O(m * h + block * f).
 * ``"capacity"`` — each expert's rows go to its slot of an [E, capacity, h] buffer and every
-  projection is ONE batched GEMM over the stacked expert weights (no weight copies; the
-  fastest CPU path, doing 1.0-1.25x the FLOPs of the routed rows; measured 1.3-2x faster
-  than a per-expert loop of dense GEMMs inside the GB computation on XLA:CPU). The capacity
-  is a static shape, so the caller must know the largest group size: the engine reads the
-  group sizes back to the host between routing and the expert GEMMs (`capacity_bucket`),
-  which is cheap on a CPU backend where the host runs the stages anyway.
-* ``"auto"`` (default) — "blocked" when tracing for the CPU backend, else "ragged".
+  projection is one batched GEMM; computes E x capacity rows (capacity >= the largest group, a
+  static shape the caller must know). Kept as a comparison point for `bench_experts`.
+* ``"ragged"`` — `jax.lax.ragged_dot`. jaxlib 0.10 lowers it to a dense masked GEMM on CPU and
+  CUDA (E x the FLOPs and E x the intermediate memory), so no default path uses it; kept as a
+  comparison point.
 
 `reference.expert_ffn_loop` is the per-expert loop both are tested against.
 """
@@ -30,9 +31,11 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from moelens_jax.config import ModelConfig
 from moelens_jax.model.layers import linear
+from moelens_jax.ops import experts  # registers the CPU kernel's FFI target
 
 
 class Routing(NamedTuple):
@@ -76,8 +79,8 @@ def dispatch(routing: Routing, x_nh: jax.Array, num_experts: int,
         return Dispatch(x_mh, group_sizes, order)
 
 
-EXPERT_IMPLS = ("auto", "ragged", "blocked", "capacity")
-BLOCK_ROWS = 128
+EXPERT_IMPLS = ("auto", "grouped", "blocked", "capacity", "ragged")
+MIN_BLOCK_ROWS, MAX_BLOCK_ROWS = 8, 512
 
 
 def _swiglu(x_th, w_gate_hf, w_up_hf, w_down_fh):
@@ -92,19 +95,20 @@ def expert_ffn(w_gate_ehf: jax.Array, w_up_ehf: jax.Array, w_down_efh: jax.Array
 
     Args:
       w_gate_ehf, w_up_ehf: [E, h, f]; w_down_efh: [E, f, h].
-      x_mh: [m, h] rows sorted by expert; group_sizes_e: [E] rows per expert (sum = m).
+      x_mh: [m, h] rows sorted by expert; group_sizes_e: [E] rows per expert (sum <= m; rows
+        past the sum are padding and get zeros).
       impl: one of `EXPERT_IMPLS`.
       capacity: static rows per expert for "capacity" (>= the largest group size).
 
     Returns:
       [m, h] float32.
     """
-    if impl == "auto":
-        impl = "blocked" if jax.default_backend() == "cpu" else "ragged"
-    if impl == "ragged":
-        return expert_ffn_ragged(w_gate_ehf, w_up_ehf, w_down_efh, x_mh, group_sizes_e)
+    if impl in ("auto", "grouped"):
+        return expert_ffn_grouped(w_gate_ehf, w_up_ehf, w_down_efh, x_mh, group_sizes_e)
     if impl == "blocked":
         return expert_ffn_blocked(w_gate_ehf, w_up_ehf, w_down_efh, x_mh, group_sizes_e)
+    if impl == "ragged":
+        return expert_ffn_ragged(w_gate_ehf, w_up_ehf, w_down_efh, x_mh, group_sizes_e)
     if impl == "capacity":
         if capacity is None:
             raise ValueError('impl="capacity" needs a static capacity (see capacity_bucket)')
@@ -113,45 +117,60 @@ def expert_ffn(w_gate_ehf: jax.Array, w_up_ehf: jax.Array, w_down_efh: jax.Array
     raise ValueError(f"unknown expert implementation {impl!r}; choose from {EXPERT_IMPLS}")
 
 
+def expert_ffn_grouped(w_gate_ehf, w_up_ehf, w_down_efh, x_mh, group_sizes_e) -> jax.Array:
+    """The C++ grouped kernel on the CPU backend, "blocked" on any other (chosen when the
+    computation is lowered, so one jitted function serves every backend)."""
+    with jax.named_scope("expert_gemms_grouped"):
+        return jax.lax.platform_dependent(
+            w_gate_ehf, w_up_ehf, w_down_efh, x_mh, group_sizes_e,
+            cpu=experts.grouped_expert_ffn, default=expert_ffn_blocked)
+
+
+def block_rows(m: int, num_experts: int) -> int:
+    """Row block of "blocked" for m routed rows: the largest power of two <= m / (4 E) (so the
+    padding, at most one block per expert, stays <= 25 % of m), clamped to
+    [MIN_BLOCK_ROWS, MAX_BLOCK_ROWS]."""
+    target = max(1, m // (4 * num_experts))
+    return min(MAX_BLOCK_ROWS, max(MIN_BLOCK_ROWS, 1 << (target.bit_length() - 1)))
+
+
+def blocked_rows_computed(group_sizes, block: int) -> int:
+    """Rows "blocked" computes for these group sizes (each group rounded up to the block)."""
+    g = np.asarray(group_sizes, np.int64)
+    return int(((g + block - 1) // block * block).sum())
+
+
 def expert_ffn_blocked(w_gate_ehf, w_up_ehf, w_down_efh, x_mh, group_sizes_e,
                        block: int | None = None) -> jax.Array:
-    """Grouped SwiGLU as a loop over expert-homogeneous row blocks (see module docstring).
+    """Grouped SwiGLU as a loop over experts, each over its rows in blocks (module docstring).
 
-    The block height defaults to the expected rows per expert (m / E) rounded up to a power of
-    two, clamped to [8, BLOCK_ROWS]: small batches (decode) waste little padding, large ones
-    get efficient GEMM tiles.
+    Each block writes only its expert's rows (the tail of a group's last block keeps what is
+    there), so blocks may overhang into the next group: no scatter into a padded layout.
     """
     with jax.named_scope("expert_gemms_blocked"):
         m, h = x_mh.shape
         E = w_gate_ehf.shape[0]
-        if block is None:
-            per_expert = max(1, -(-m // E))
-            block = min(BLOCK_ROWS, max(8, 1 << (per_expert - 1).bit_length()))
-        n_blocks = -(-m // block) + E  # static bound on sum_e ceil(g_e / block)
+        out_h = w_down_efh.shape[-1]
+        block = block or block_rows(m, E)
         ends = jnp.cumsum(group_sizes_e)
         starts = ends - group_sizes_e
-        padded = (group_sizes_e + block - 1) // block * block
-        p_ends = jnp.cumsum(padded)
-        p_starts = p_ends - padded
-        rows = jnp.arange(m)
-        row_expert = jnp.searchsorted(ends, rows, side="right")  # E for dropped rows
-        e_c = jnp.minimum(row_expert, E - 1)
-        dest = jnp.where(row_expert < E, p_starts[e_c] + rows - starts[e_c], n_blocks * block)
-        xp = jnp.zeros((n_blocks * block, h), x_mh.dtype).at[dest].set(x_mh, mode="drop")
-        block_start = jnp.arange(n_blocks) * block
-        block_expert = jnp.minimum(jnp.searchsorted(p_ends, block_start, side="right"), E - 1)
-        used = block_start < p_ends[-1]
-        out_h = w_down_efh.shape[-1]
+        xp = jnp.pad(x_mh, ((0, block), (0, 0)))  # a block starting at any row < m fits
+        rows_b = jnp.arange(block)
 
-        def one_block(b):
-            xb = jax.lax.dynamic_slice_in_dim(xp, b * block, block)
-            e = block_expert[b]
-            return jax.lax.cond(
-                used[b], lambda xb: _swiglu(xb, w_gate_ehf[e], w_up_ehf[e], w_down_efh[e]),
-                lambda xb: jnp.zeros((block, out_h), jnp.float32), xb)
+        def one_expert(e, y):
+            wg, wu, wd = w_gate_ehf[e], w_up_ehf[e], w_down_efh[e]
 
-        yp = jax.lax.map(one_block, jnp.arange(n_blocks))
-        return yp.reshape(-1, out_h).at[dest].get(mode="fill", fill_value=0.0)
+            def one_block(j, y):
+                r0 = starts[e] + j * block
+                yb = _swiglu(jax.lax.dynamic_slice_in_dim(xp, r0, block), wg, wu, wd)
+                old = jax.lax.dynamic_slice_in_dim(y, r0, block)
+                mine = (r0 + rows_b < ends[e])[:, None]
+                return jax.lax.dynamic_update_slice_in_dim(y, jnp.where(mine, yb, old), r0, 0)
+
+            return jax.lax.fori_loop(0, (group_sizes_e[e] + block - 1) // block, one_block, y)
+
+        y = jax.lax.fori_loop(0, E, one_expert, jnp.zeros((m + block, out_h), jnp.float32))
+        return y[:m]
 
 
 def capacity_bucket(max_group_size: int) -> int:

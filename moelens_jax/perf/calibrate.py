@@ -7,8 +7,8 @@ hardware fingerprint and the model shape (`~/.cache/moelens_jax/`, or $MOELENS_C
   large iterations, small decode-heavy iterations, many short prompts) with per-stage timing,
   and least-squares fits of its per-iteration records give the same terms Stage 2 charges
   (stage2.iteration_seconds): the per-layer device line (fixed + per token + per padded row +
-  per prefill-attention tile pair + per capacity expert-GEMM row, with the router-load model
-  that predicts the capacity; `gemm_flops` is the rate this line tends to at large n), the
+  per prefill-attention tile pair; the experts compute the routed rows, so they are in the
+  per-token term; `gemm_flops` is the rate this line tends to at large n), the
   host-stage terms (fixed, per token, per KV byte read) and the per-iteration rest (lm_head +
   sampling per logits row, fixed);
 * host->device bandwidth as the weight mover achieves it, streaming whole layer buffers (one
@@ -37,7 +37,7 @@ import numpy as np
 from moelens_jax import _cpu_ops, ops
 from moelens_jax.perf.hardware import HardwareSpec
 
-CALIBRATION_VERSION = 2  # bump when the fitted terms change: older cache files are not read
+CALIBRATION_VERSION = 3  # bump when the fitted terms change: older cache files are not read
 
 
 def fingerprint() -> str:
@@ -94,23 +94,6 @@ def _nonneg_lstsq(a: np.ndarray, y: np.ndarray) -> np.ndarray:
         keep &= x > 0
 
 
-def fit_router_load(cfg, route_tokens: np.ndarray, expert_rows: np.ndarray
-                    ) -> tuple[tuple[float, ...], float]:
-    """(route_skew per class, route_spread) of `stage2.expert_rows` from per-layer capacity
-    rows observed with `route_tokens` [iterations, classes] tokens; balanced (1s, 0) when no
-    iteration exceeded the minimum capacity. Classes never seen keep skew 1."""
-    mu = route_tokens * cfg.num_experts_per_tok / cfg.num_experts
-    cap = expert_rows / cfg.num_experts
-    sel = cap > 8  # above the floor, where the load shows
-    if not sel.any():
-        return (1.0,) * mu.shape[1], 0.0
-    seen = mu[sel].sum(0) > 0
-    x = _nonneg_lstsq(np.c_[mu[sel][:, seen], np.sqrt(mu[sel].sum(1))], cap[sel])
-    skew = np.ones(mu.shape[1])
-    skew[seen] = x[:-1]
-    return tuple(float(v) for v in skew), float(x[-1])
-
-
 def fit_engine_costs(cfg, per_iteration: list[dict],
                      runs: list[tuple[float, float, int]] = ()) -> dict:
     """Stage-2 cost terms (stage2.iteration_seconds) from an engine's per-iteration records
@@ -120,33 +103,26 @@ def fit_engine_costs(cfg, per_iteration: list[dict],
     it = per_iteration
     col = {k: np.array([r[k] for r in it], float) for k in (
         "prefill_tokens", "decode_tokens", "logit_rows", "kv_tokens_read", "padded_rows",
-        "tile_pairs", "expert_rows", "ga_s", "gb_s", "c_s", "wall_s")}
+        "tile_pairs", "ga_s", "gb_s", "c_s", "wall_s")}
     n = col["prefill_tokens"] + col["decode_tokens"]
     ones = np.ones_like(n)
-    er = col["expert_rows"] / L  # 0 on the ragged (GPU) path: its work is in the token term
-    dev_features = [ones, n, col["padded_rows"], col["tile_pairs"]] + ([er] if er.any() else [])
-    a, tok, row, pair, *ex = _nonneg_lstsq(np.stack(dev_features, 1),
-                                           (col["ga_s"] + col["gb_s"]) / L)
-    expert_s = ex[0] if ex else 0.0
-    classes = np.array([r["route_tokens"] for r in it], float)
-    skew, spread = fit_router_load(cfg, classes, er) if ex else ((1.0,) * classes.shape[1], 0.0)
-    # n -> infinity, tokens spread over the classes as in the profile
-    mean_skew = float(np.dot(skew, classes.sum(0)) / max(classes.sum(), 1.0))
-    per_token = tok + row + expert_s * cfg.num_experts_per_tok * mean_skew
+    dev_features = [ones, n, col["padded_rows"], col["tile_pairs"]]
+    a, tok, row, pair = _nonneg_lstsq(np.stack(dev_features, 1),
+                                      (col["ga_s"] + col["gb_s"]) / L)
+    per_token = tok + row  # n -> infinity
     per_layer_kv = cfg.kv_bytes_per_token() / L
     h0, h_tok, h_kv = _nonneg_lstsq(np.stack([ones, n, col["kv_tokens_read"] * per_layer_kv], 1),
                                     col["c_s"] / L)
     rest = col["wall_s"] - col["ga_s"] - col["gb_s"] - col["c_s"]
     r0, r_seq = _nonneg_lstsq(np.stack([ones, col["logit_rows"]], 1), rest)
     fit = {"layer_fixed_s": a, "layer_token_s": tok, "padded_row_s": row, "attn_pair_s": pair,
-           "expert_row_s": expert_s, "route_spread": spread,
            "gemm_flops": 2.0 * cfg.active_params_per_layer / max(per_token, 1e-15),
            "attn_fixed_s": h0, "attn_s_per_token": h_tok,
            "cpu_attn_bytes_per_s": 1.0 / max(h_kv, 1e-15), "iteration_fixed_s": r0,
            "head_s_per_seq": r_seq}
     fit["request_s"] = (max(0.0, sum(w - i for w, i, _ in runs)) / sum(k for *_, k in runs)
                         if runs else 0.0)
-    return {**{k: float(v) for k, v in fit.items()}, "route_skew": skew}
+    return {k: float(v) for k, v in fit.items()}
 
 
 PROFILE_MIN_RECORDED_S = 2.0  # per workload: repeat the recorded run (mean) up to this
@@ -168,7 +144,7 @@ def _mean_records(runs: list[list[dict]]) -> list[dict]:
 def _profile_workloads(vocab: int, seed: int) -> list[tuple[list, int]]:
     """(requests, token budget), chosen so the fitted terms vary independently: large
     iterations of long prompts (many attention tile pairs per row), small decode-heavy
-    iterations (near the expert-capacity floor), large iterations of many short prompts (few
+    iterations, large iterations of many short prompts (few
     pairs per row) draining into many decoding sequences."""
     from moelens_jax import workloads
 

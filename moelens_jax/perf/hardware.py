@@ -39,16 +39,9 @@ class HardwareSpec:
       head_s_per_seq: lm_head + sampling per logits row (one per sequence, padded to the
         engine's bucket) per iteration (0: from gemm_flops).
       layer_token_s: per-layer device cost per token (0: 2 * active_params / gemm_flops, the
-        datasheet form). A calibrated spec splits the GEMM work into this, `padded_row_s` and
-        `expert_row_s`; its `gemm_flops` is then the asymptotic rate they imply (for Stage 1).
-      expert_row_s: per-layer cost per row of the CPU path's capacity expert GEMMs (every
-        expert computes `capacity` rows, see moe.expert_ffn_capacity); 0 where the experts run
-        ragged (GPU) and their work is in the token term.
-      route_skew, route_spread: the router's load model for that capacity: the busiest
-        expert gets sum_c route_skew[c] * mu_c + route_spread * sqrt(mu) of an iteration's
-        n * top_k assignments, mu_c = top_k / num_experts * (its tokens in class c of
-        engine.route_token_classes: prefill by context position, decode), mu = sum_c mu_c
-        ((1, 1, 1, 1), 0: perfectly balanced).
+        datasheet form; the experts compute exactly the routed rows, so their work is in it).
+        A calibrated spec splits the GEMM work into this and `padded_row_s`; its `gemm_flops`
+        is then the asymptotic rate they imply (for Stage 1).
       attn_pair_s: per-layer cost of one (query tile, key tile) pair of the prefill attention
         (0: its FLOPs at gemm_flops).
       request_s: per-request cost outside the iterations (admission checks, bookkeeping,
@@ -72,9 +65,6 @@ class HardwareSpec:
     iteration_fixed_s: float = 0.0
     head_s_per_seq: float = 0.0
     layer_token_s: float = 0.0
-    expert_row_s: float = 0.0
-    route_skew: tuple[float, ...] = (1.0, 1.0, 1.0, 1.0)
-    route_spread: float = 0.0
     attn_pair_s: float = 0.0
     request_s: float = 0.0
     source: str = ""
@@ -90,10 +80,7 @@ class HardwareSpec:
 
     @classmethod
     def from_json(cls, text: str) -> HardwareSpec:
-        d = json.loads(text)
-        if "route_skew" in d:
-            d["route_skew"] = tuple(d["route_skew"])
-        return cls(**d)
+        return cls(**json.loads(text))
 
 
 # Host side of the paper's testbed: one socket of a Xeon Platinum 8380 (8 x DDR4-3200

@@ -6,7 +6,7 @@ The simulation feeds the workload to a real `Scheduler` sized exactly as the eng
 (pages from the KV bytes, one page reserved for padding), and charges each planned iteration
 
   t_dev  = L * (layer_fixed_s + layer_token_s * n + padded_row_s * rows
-                + expert_row_s * expert_rows(n) + attn_pair_s * tile_pairs)
+                + attn_pair_s * tile_pairs)
            + head_s_per_seq * logits rows   (lm_head + sampling; sequences, bucketed)
   t_host = L * (attn_fixed_s + attn_s_per_token * n
            + kv_tokens_read * kv_bytes_per_token_per_layer / cpu_attn_bytes_per_s)
@@ -15,9 +15,9 @@ The simulation feeds the workload to a real `Scheduler` sized exactly as the eng
   t_iter = iteration_fixed_s + max(t_io, t_dev + t_host)   if shared_cores (CPU-only machine)
            iteration_fixed_s + max(t_io, t_dev, t_host)    otherwise (VSLPipe overlaps them)
 
-(layer_token_s = 2 * active_params_per_layer / gemm_flops on a datasheet spec; rows, tile
-pairs and logits rows are the engine's own shape rules; expert_rows is the CPU path's
-num_experts * capacity under the calibrated router-load model, see `expert_rows`), plus
+(layer_token_s = 2 * active_params_per_layer / gemm_flops on a datasheet spec; the experts
+compute exactly the routed rows, top_k per token, so their cost is in the token term; rows, tile
+pairs and logits rows are the engine's own shape rules), plus
 request_s per request outside the iterations. Ramp-up (prefill-only iterations), drain (a
 decode-only tail that still pays t_io), partly filled last pages and preemptions are exactly
 those the scheduler produces.
@@ -26,7 +26,6 @@ those the scheduler produces.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
 
 from moelens_jax.config import ModelConfig
 from moelens_jax.perf.hardware import HardwareSpec
@@ -35,7 +34,6 @@ from moelens_jax.runtime.engine import (
     TILE,
     logit_rows,
     padded_rows,
-    route_token_classes,
     tile_pair_count,
 )
 from moelens_jax.runtime.scheduler import DEFAULT_TOKEN_BUDGET, RequestRejected, make_scheduler
@@ -62,38 +60,21 @@ class Stage2Result:
         return d
 
 
-def expert_rows(cfg: ModelConfig, hw: HardwareSpec, route_tokens: Sequence[int]) -> float:
-    """Rows per layer of the CPU path's capacity expert GEMMs for an iteration whose tokens
-    per router-load class are `route_tokens` (engine.route_token_classes):
-    num_experts * max(8, busiest expert's load) under the calibrated router-load model
-    (HardwareSpec.route_skew / route_spread)."""
-    per = cfg.num_experts_per_tok / cfg.num_experts
-    mu = [c * per for c in route_tokens]
-    top = sum(s * m for s, m in zip(hw.route_skew, mu, strict=True))
-    return cfg.num_experts * max(8.0, top + hw.route_spread * sum(mu) ** 0.5)
-
-
 def iteration_seconds(cfg: ModelConfig, hw: HardwareSpec, n_tokens: int, n_seqs: int,
                       kv_tokens_read: int, kv_dtype: str | None = None,
                       rows: int | None = None, device_weight_layers: int = 2,
-                      tile_pairs: int = 0, route_tokens: Sequence[int] | None = None) -> dict:
+                      tile_pairs: int = 0) -> dict:
     """Cost terms of one iteration (see module docstring); key "total" is t_iter. `n_seqs` is
-    the logits rows, `rows` the padded rows (default n_tokens), `route_tokens` the tokens per
-    router-load class (default: all in the first). With `device_weight_layers` >= the layer
-    count the mover's window holds the whole model, so nothing is streamed after the first
-    pass (t_io = 0)."""
+    the logits rows, `rows` the padded rows (default n_tokens). With `device_weight_layers` >=
+    the layer count the mover's window holds the whole model, so nothing is streamed after the
+    first pass (t_io = 0)."""
     rows = n_tokens if rows is None else rows
     L = cfg.num_layers
     per_layer_kv = cfg.kv_bytes_per_token(kv_dtype) / L
     head = hw.head_s_per_seq or 2.0 * cfg.vocab_size * cfg.hidden_size / hw.gemm_flops
     token_s = hw.layer_token_s or 2.0 * cfg.active_params_per_layer / hw.gemm_flops
     pair_s = hw.attn_pair_s or 4.0 * TILE * TILE * cfg.num_heads * cfg.head_dim / hw.gemm_flops
-    if hw.expert_row_s:
-        route_tokens = route_tokens or (n_tokens,) + (0,) * (len(hw.route_skew) - 1)
-        experts = hw.expert_row_s * expert_rows(cfg, hw, route_tokens)
-    else:
-        experts = 0.0
-    t_dev = L * (hw.layer_fixed_s + token_s * n_tokens + hw.padded_row_s * rows + experts
+    t_dev = L * (hw.layer_fixed_s + token_s * n_tokens + hw.padded_row_s * rows
                  + pair_s * tile_pairs) + head * n_seqs
     t_host = L * (hw.attn_fixed_s + hw.attn_s_per_token * n_tokens
                   + kv_tokens_read * per_layer_kv / hw.cpu_attn_bytes_per_s)
@@ -150,10 +131,7 @@ def predict(cfg: ModelConfig, hw: HardwareSpec, workload: Workload, kv_cache_byt
         prefill = [n for _, n in plan.prefill]
         cost = iteration_seconds(cfg, hw, plan.num_tokens, logit_rows(n_seqs), kv_read, kv_dtype,
                                  padded_rows(sum(prefill), len(plan.decode)),
-                                 device_weight_layers, tile_pair_count(prefill, len(plan.decode)),
-                                 # only the CPU path's capacity experts need the classes
-                                 route_token_classes(prefill, len(plan.decode))
-                                 if hw.expert_row_s else None)
+                                 device_weight_layers, tile_pair_count(prefill, len(plan.decode)))
         kv_use.append(sched.used_pages() / num_pages)
         sched.complete(plan, set())
         total += cost["total"]

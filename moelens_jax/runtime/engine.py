@@ -10,9 +10,8 @@ stages of DESIGN section 3:
   so JAX can never drop or repeat it), then decode tokens attend over their cached tokens with
   the C++ kernel (`cpu_decode_attention`, jitted on the CPU device: XLA FFI there);
 * GB (jitted, default device): O projection, residual, norm, router, experts over prefill and
-  decode tokens together, residual. On a CPU backend GB is two computations: the router's
-  choices come back to the host to size the "capacity" expert GEMMs (moe.py); elsewhere one
-  computation with `ragged_dot`.
+  decode tokens together, residual: one computation on every backend, the experts computing
+  only the routed rows (`moe.expert_ffn`: the C++ grouped kernel on CPU, "blocked" elsewhere).
 
 Logits are computed for the last token of each sequence only. Token counts are padded to
 power-of-two buckets so a run compiles a handful of shapes; padding rows are masked out of
@@ -43,7 +42,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from moelens_jax.kv import PagedKVStore, cpu_decode_attention
-from moelens_jax.model import moe, transformer
+from moelens_jax.model import transformer
 from moelens_jax.model.model import Model
 from moelens_jax.model.weights import ModelWeights
 from moelens_jax.runtime.mover import WeightMover, resident_bytes
@@ -95,7 +94,7 @@ class RunStats:
     mode: str = "serial"  # the pipeline that ran ("serial" or "vslpipe")
     # One dict per iteration: start_s, wall_s, prefill/decode tokens, prefill_seqs,
     # kv_tokens_read (cached tokens the decode attention read, per layer), padded_rows,
-    # tile_pairs, route_tokens, expert_rows (CPU path), logit_rows, preempted/finished ids,
+    # tile_pairs, logit_rows, preempted/finished ids,
     # pages used/free, and wall seconds per stage ga_s, c_s, gb_s, io_s (summed over layers).
     per_iteration: list[dict] = dataclasses.field(default_factory=list)
     # (stage, layer, group, start_s, dur_s) per stage interval when the engine records them.
@@ -205,19 +204,20 @@ def tiled_prefill_attention(q_nhd, k_ngd, v_ngd, seg_n, pos_n, pairs_p3):
     return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(n, hq, d)
 
 
-def _ga(cfg, lw, x_nh, pos_n, seg_n, pairs_p3):
-    """GA: QKV + RoPE for every row, causal attention of the prefill rows (zeros elsewhere)."""
+def ga_stage(cfg, kv_dtype, lw, x_nh, pos_n, seg_n, pairs_p3):
+    """GA: QKV + RoPE for every row, causal attention of the prefill rows (zeros elsewhere).
+
+    Prefill attention reads K/V rounded to the KV store's dtype, exactly what decode reads back
+    from the store later, so a sequence recomputed after preemption sees the same numbers."""
     q, k, v = transformer.pre_attention(cfg, lw, x_nh, pos_n)
-    return q, k, v, tiled_prefill_attention(q, k, v, seg_n, pos_n, pairs_p3)
+    k_s, v_s = k.astype(kv_dtype), v.astype(kv_dtype)
+    return q, k, v, tiled_prefill_attention(q, k_s, v_s, seg_n, pos_n, pairs_p3)
 
 
-def _gb_experts(cfg, lw, x_nh, xn_nh, routing, mask_n, capacity: int):
-    ffn = functools.partial(moe.expert_ffn, impl="capacity", capacity=capacity)
-    return transformer.experts_residual(cfg, lw, x_nh, xn_nh, routing, ffn, mask_n)
-
-
-def _gb_fused(cfg, lw, x_nh, attn_nqd, mask_n):
-    """Whole GB in one computation (accelerators: "ragged" experts need no host round trip)."""
+def gb_stage(cfg, lw, x_nh, attn_nqd, mask_n):
+    """GB in one computation on every backend: O projection, residual, norm, router, experts
+    over the routed rows only (`moe.expert_ffn`'s default path: the C++ grouped kernel on CPU,
+    "blocked" elsewhere; the group sizes never leave the device), residual."""
     x, xn, routing = transformer.attention_out_and_route(cfg, lw, x_nh, attn_nqd)
     return transformer.experts_residual(cfg, lw, x, xn, routing, token_mask_n=mask_n)
 
@@ -227,23 +227,20 @@ class _StageFunctions:
     embed: object
     ga: object
     place: object
-    gb_route: object
-    gb_experts: object
-    gb_fused: object
+    gb: object
     logits: object
 
 
 @functools.lru_cache(maxsize=16)
-def _stage_functions(cfg) -> _StageFunctions:
-    """Jitted device stages, shared by every engine of one config (compiles are reused)."""
+def _stage_functions(cfg, kv_dtype: str) -> _StageFunctions:
+    """Jitted device stages, shared by every engine of one config and KV dtype (compiles are
+    reused)."""
     p = functools.partial
     return _StageFunctions(
         embed=jax.jit(transformer.embed),
-        ga=jax.jit(p(_ga, cfg)),
+        ga=jax.jit(p(ga_stage, cfg, jnp.dtype(kv_dtype))),
         place=jax.jit(lambda attn, dec: attn.at[:dec.shape[0]].set(dec.astype(attn.dtype))),
-        gb_route=jax.jit(p(transformer.attention_out_and_route, cfg)),
-        gb_experts=jax.jit(p(_gb_experts, cfg), static_argnames="capacity"),
-        gb_fused=jax.jit(p(_gb_fused, cfg)),
+        gb=jax.jit(p(gb_stage, cfg)),
         logits=jax.jit(lambda w, x, idx: transformer.logits(cfg, w, x[idx])))
 
 
@@ -289,21 +286,6 @@ def tile_pair_count(prefill_lens: Sequence[int], n_decode: int) -> int:
     first_row = np.maximum(tiles * TILE, dec_b)  # first prefill row of each tile
     seg_start = starts[np.searchsorted(starts, first_row, side="right") - 1]
     return _bucket(int((tiles - seg_start // TILE + 1).sum()), 1)
-
-
-ROUTE_POSITION_EDGES = (0, 32, 128)  # prefill position classes of `route_token_classes`
-
-
-def route_token_classes(prefill_lens: Sequence[int], n_decode: int) -> tuple[int, ...]:
-    """Tokens of one iteration per router-load class: prefill rows at context positions
-    [0, 32), [32, 128), [128, inf) (a prefill covers positions 0..n-1 of its sequence), then
-    decode rows. The busiest expert's load differs by class (a random-weight model's router
-    concentrates at long context, and its greedy decodes repeat tokens across sequences);
-    calibrate fits a skew per class for the CPU path's expert capacity."""
-    edges = ROUTE_POSITION_EDGES + (1 << 62,)
-    lens = np.asarray(prefill_lens, np.int64)
-    return tuple(int(np.clip(lens, lo, hi).sum() - lo * len(lens))
-                 for lo, hi in zip(edges[:-1], edges[1:], strict=True)) + (int(n_decode),)
 
 
 def logit_rows(n_seqs: int) -> int:
@@ -445,7 +427,6 @@ class Engine:
         if pipeline not in PIPELINES:
             raise ValueError(f"pipeline must be one of {PIPELINES}, got {pipeline!r}")
         self.on_cpu = jax.default_backend() == "cpu"
-        self._expert_rows = 0  # E * capacity rows of the CPU expert GEMMs, this iteration
         if pipeline == "auto":
             pipeline = "serial" if self.on_cpu else "vslpipe"
         if pipeline == "vslpipe" and device_weight_layers < 2:
@@ -491,7 +472,7 @@ class Engine:
         w = model.weights
         self._weights = jax.device_put(ModelWeights(embed=w.embed, layers=(),
                                                     final_norm=w.final_norm, lm_head=w.lm_head))
-        self._fn = _stage_functions(cfg)
+        self._fn = _stage_functions(cfg, self.store.dtype)
         # Stage C is jitted on the CPU device (inputs are committed there), so on a GPU machine
         # the callback never sits on the GPU stream.
         self._host = jax.devices("cpu")[0]
@@ -592,7 +573,6 @@ class Engine:
         stats.kv_peak_pages = max(stats.kv_peak_pages, pages_used)
         kv_read = sum(sched.seqs[rid].total for rid in plan.decode)  # tokens decode attends to
         clock = _StageClock(t0, self.record_stages)
-        self._expert_rows = 0
         new = self._run_iteration(plan, tokens, clock)
         stopped = set()
         for rid, tok in new.items():
@@ -618,11 +598,9 @@ class Engine:
             "prefill_seqs": len(plan.prefill), "kv_tokens_read": kv_read,
             "padded_rows": padded_rows(sum(prefill_lens), len(plan.decode)),
             "tile_pairs": tile_pair_count(prefill_lens, len(plan.decode)),
-            "route_tokens": route_token_classes(prefill_lens, len(plan.decode)),
             "logit_rows": logit_rows(len(plan.prefill) + len(plan.decode)),
             "preempted": list(plan.preempted), "finished": sorted(finished),
             "pages_used": pages_used, "pages_free": self.kv_pages - pages_used,
-            "expert_rows": self._expert_rows,
             **{f"{k.lower()}_s": v for k, v in clock.sums.items()}})
         stats.stage_events += clock.events
 
@@ -670,16 +648,7 @@ class Engine:
         return self._fn.place(attn, jax.device_put(dec, self._device))
 
     def _gb(self, lw, g: _Group, x, attn):
-        if not self.on_cpu:
-            return self._fn.gb_fused(lw, x, attn, g.mask)
-        # CPU: route first, read the group sizes back (cheap here: host and device are the
-        # same cores) and run the experts as batched GEMMs at that capacity.
-        x2, xn, routing = self._fn.gb_route(lw, x, attn)
-        chosen = np.asarray(routing.experts_nk)[g.mask_np]
-        top = int(np.bincount(chosen.ravel(), minlength=self.cfg.num_experts).max())
-        cap = moe.capacity_bucket(top)
-        self._expert_rows += self.cfg.num_experts * cap
-        return self._fn.gb_experts(lw, x2, xn, routing, g.mask, capacity=cap)
+        return self._fn.gb(lw, x, attn, g.mask)
 
     def _layers_serial(self, groups, xs, clock: _StageClock) -> None:
         """Stages one after another, each waited for (and so timed exactly)."""
@@ -702,8 +671,7 @@ class Engine:
         used by GB_B(l)); layer l+2's copy waits until GB_B(l) has run.
 
         Recorded intervals here are host-side: "C" (host attention and K/V append) and "GB"
-        (GB dispatch; on a CPU backend this includes waiting for the router), so the trace
-        shows what the host did while device work was queued.
+        (GB dispatch), so the trace shows what the host did while device work was queued.
         """
         num_layers = self.cfg.num_layers
         lw = self._layer(0, clock)

@@ -1,0 +1,65 @@
+"""The CPU backend's grouped expert FFN: C++ over OpenBLAS, called from jit through XLA FFI.
+
+`grouped_expert_ffn` has the contract of `moe.expert_ffn` (rows sorted by expert, group sizes,
+float32 out) and computes exactly the routed rows: each expert's contiguous rows go through its
+gate/up GEMMs, SiLU, and its down GEMM (`cpu_ops/src/expert_ffn.cc`), on the same thread pool
+as decode attention, one single-threaded OpenBLAS sgemm per work item. The group sizes are read
+inside the kernel, so no host round trip and no static capacity is needed.
+
+The GEMM library is OpenBLAS from the `scipy-openblas32` wheel (the build numpy and scipy link
+against), opened at import with dlopen; the extension does not link against it. Float32 and
+bfloat16 weights (bf16 widened to float32 per column panel; activations rounded to bf16 before
+a bf16 down projection, as XLA does). Only the CPU backend has this kernel; `moe.expert_ffn`
+picks it under `jax.lax.platform_dependent`, so the same jitted code lowers for other backends.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import scipy_openblas32
+
+from moelens_jax import _cpu_ops, ops
+
+FFI_TARGET = "moelens_expert_ffn"
+_ISA_LEVEL = {"portable": 0, "avx2": 1, "avx512": 2, "avx512_bf16": 3}
+
+_cpu_ops.load_blas(os.path.join(scipy_openblas32.get_lib_dir(),
+                                scipy_openblas32.get_library(fullname=True)))
+jax.ffi.register_ffi_target(FFI_TARGET, _cpu_ops.expert_ffn_ffi_handler(), platform="cpu")
+
+
+def blas_info() -> str:
+    """The OpenBLAS build the expert kernel calls (version, target kernel, threading)."""
+    return _cpu_ops.blas_info()
+
+
+def grouped_expert_ffn(w_gate_ehf: jax.Array, w_up_ehf: jax.Array, w_down_efh: jax.Array,
+                       x_mh: jax.Array, group_sizes_e: jax.Array) -> jax.Array:
+    """SwiGLU of every expert over its contiguous rows, on the CPU backend only.
+
+    Args:
+      w_gate_ehf, w_up_ehf: [E, h, f]; w_down_efh: [E, f, h_out]; float32 or bfloat16 (one
+        dtype for all three).
+      x_mh: [m, h] rows sorted by expert (cast to the weight dtype, computed in float32).
+      group_sizes_e: [E] rows per expert; rows past their sum are padding and get zeros.
+
+    Returns:
+      [m, h_out] float32.
+    """
+    dt = w_gate_ehf.dtype
+    if dt not in (jnp.float32, jnp.bfloat16):
+        raise ValueError(f"grouped_expert_ffn: weights must be float32 or bfloat16, got {dt}")
+    if not (w_up_ehf.dtype == w_down_efh.dtype == dt):
+        raise ValueError("grouped_expert_ffn: w_gate, w_up and w_down must share one dtype")
+    x = x_mh.astype(dt).astype(jnp.float32)  # the rounding XLA's `linear` applies
+    out = jax.ShapeDtypeStruct((x_mh.shape[0], w_down_efh.shape[-1]), jnp.float32)
+    call = jax.ffi.ffi_call(FFI_TARGET, out, vmap_method="sequential")
+    return call(x, group_sizes_e.astype(jnp.int32), w_gate_ehf, w_up_ehf, w_down_efh,
+                isa=np.int64(_ISA_LEVEL[ops.selected_isa()]))
+
+
+__all__ = ["FFI_TARGET", "blas_info", "grouped_expert_ffn"]
