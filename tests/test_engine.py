@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import jax
 import numpy as np
 import pytest
 import torch
@@ -14,6 +15,7 @@ import moelens_jax as mj
 from moelens_jax import reference
 from moelens_jax.model.model import Model
 from moelens_jax.model.weights import random_init
+from moelens_jax.ops.prefill import packed_prefill_attention
 from moelens_jax.runtime import Engine, Request, SamplingParams
 
 
@@ -241,6 +243,53 @@ def test_tiled_prefill_attention_equals_dense_segment_attention(seed):
         reference.assert_close(got, want, atol=1e-5, name=f"tiled prefill attention {lens}")
         real = pairs[pairs[:, 2] > 0]
         assert len({tuple(p) for p in real}) == len(real)  # no pair counted twice
+        fast = packed_prefill_attention(q, k_, v, jnp.asarray(seg), jnp.asarray(pos))
+        reference.assert_close(fast, want, atol=1e-5, name=f"C++ prefill attention {lens}")
+        np.testing.assert_array_equal(np.asarray(fast)[seg < 0], 0.0)
+
+
+@pytest.mark.parametrize("heads,kv_heads,d,scale", [(8, 2, 16, None), (12, 1, 24, 0.3),
+                                                    (20, 2, 64, None), (4, 4, 8, 1.7)])
+def test_cpu_prefill_attention_shapes_and_scale(heads, kv_heads, d, scale):
+    """GQA groups above the kernel's head block (10 heads per kv head), MHA, head dims that are
+    not a multiple of the SIMD width, explicit scales; a segment longer than one page block."""
+    import jax.numpy as jnp
+
+    from moelens_jax.reference import segment_causal_attention
+
+    rng = np.random.default_rng(heads)
+    lens = [300, 3, 1, 40]
+    n = sum(lens) + 5
+    seg, pos = np.full(n, -1), np.zeros(n, np.int64)
+    row = 2
+    for k, ln in enumerate(lens):
+        seg[row:row + ln], pos[row:row + ln] = k, np.arange(ln)
+        row += ln
+    q = rng.standard_normal((n, heads, d)).astype(np.float32)
+    k_ = rng.standard_normal((n, kv_heads, d)).astype(np.float32)
+    v = rng.standard_normal((n, kv_heads, d)).astype(np.float32)
+    got = packed_prefill_attention(q, k_, v, jnp.asarray(seg), jnp.asarray(pos), scale=scale)
+    if scale is not None:
+        q = q * scale * d ** 0.5  # the reference always scales by d^-0.5
+    want = segment_causal_attention(q, k_, v, jnp.asarray(seg), jnp.asarray(pos))
+    reference.assert_close(got, want, atol=1e-5, name="C++ prefill attention")
+
+
+def test_cpu_prefill_attention_rejects_bad_layouts():
+    import jax.numpy as jnp
+
+    q = np.ones((6, 2, 8), np.float32)
+    kv = np.ones((6, 1, 8), np.float32)
+    bad = {"not contiguous": ([0, 0, 1, 0, -1, -1], [0, 1, 0, 2, 0, 0]),
+           "not consecutive": ([0, 0, 0, -1, -1, -1], [0, 1, 3, 0, 0, 0])}
+    for match, (seg, pos) in bad.items():
+        with pytest.raises(Exception, match=match):
+            jax.block_until_ready(packed_prefill_attention(q, kv, kv, jnp.asarray(seg),
+                                                           jnp.asarray(pos)))
+    for scale in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="finite positive"):
+            packed_prefill_attention(q, kv, kv, jnp.zeros(6, jnp.int32), jnp.arange(6),
+                                     scale=scale)
 
 
 def test_shape_rules_shared_with_stage2():

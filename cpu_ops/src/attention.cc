@@ -9,6 +9,8 @@
 #include <string>
 #include <vector>
 
+#include "scratch.h"
+
 namespace moelens {
 namespace {
 
@@ -148,6 +150,127 @@ void DecodeAttention(const KvStore& store, const float* q, const int64_t* seq_id
     }
     const float inv = 1.f / denom;
     for (int c = 0; c < d; ++c) o[c] *= inv;
+  });
+}
+
+namespace {
+
+// First row of the segment each prefill row belongs to (-1 for rows with seg < 0), after
+// checking that every segment is one contiguous run with consecutive positions.
+std::vector<int64_t> SegmentStarts(const int32_t* seg, const int32_t* pos, int64_t n) {
+  std::vector<int64_t> start(size_t(n), -1);
+  std::vector<int32_t> closed;  // segment ids whose run has ended
+  for (int64_t r = 0; r < n; ++r) {
+    if (seg[r] < 0) continue;
+    const bool continues = r > 0 && seg[r - 1] == seg[r];
+    if (continues) {
+      if (pos[r] != pos[r - 1] + 1) {
+        throw std::invalid_argument("prefill attention: positions of segment " +
+                                    std::to_string(seg[r]) + " are not consecutive at row " +
+                                    std::to_string(r));
+      }
+      start[size_t(r)] = start[size_t(r - 1)];
+    } else {
+      closed.push_back(seg[r]);
+      start[size_t(r)] = r;
+    }
+  }
+  std::sort(closed.begin(), closed.end());
+  if (std::adjacent_find(closed.begin(), closed.end()) != closed.end()) {
+    throw std::invalid_argument("prefill attention: a segment's rows are not contiguous");
+  }
+  return start;
+}
+
+}  // namespace
+
+void PrefillAttention(const float* q, const float* k, const float* v, const int32_t* seg,
+                      const int32_t* pos, int64_t n, int num_q_heads, int num_kv_heads,
+                      int head_dim, const AttentionOptions& opt, ThreadPool& pool, float* out) {
+  const int H = num_kv_heads, d = head_dim;
+  if (H <= 0 || num_q_heads <= 0 || num_q_heads % H != 0 || d <= 0) {
+    throw std::invalid_argument("prefill attention: query heads (" +
+                                std::to_string(num_q_heads) + ") must be a positive multiple "
+                                "of kv heads (" + std::to_string(H) + ")");
+  }
+  if (opt.scale && !(std::isfinite(*opt.scale) && *opt.scale > 0.f)) {
+    throw std::invalid_argument("attention scale must be a finite positive number (or unset "
+                                "for 1/sqrt(head_dim)), got " + std::to_string(*opt.scale));
+  }
+  const std::vector<int64_t> start = SegmentStarts(seg, pos, n);
+  const int s = num_q_heads / H;
+  const float scale = opt.scale ? *opt.scale : 1.f / std::sqrt(float(d));
+  const Isa isa = EffectiveIsa(opt.isa, KvDtype::kF32, d);
+  const int nblk = (s + kMaxGroup - 1) / kMaxGroup;
+  std::vector<PageFn> fns(static_cast<size_t>(nblk));
+  for (int b = 0; b < nblk; ++b) {
+    fns[size_t(b)] = GetPageFn(isa, KvDtype::kF32, d, std::min(kMaxGroup, s - b * kMaxGroup));
+  }
+  // Work items: blocks of <= kRows rows within one segment, per kv head.
+  constexpr int64_t kRows = 16;
+  std::vector<std::pair<int64_t, int64_t>> blocks;  // (first row, rows)
+  for (int64_t r = 0; r < n;) {
+    if (start[size_t(r)] < 0) {
+      std::fill(out + r * num_q_heads * d, out + (r + 1) * num_q_heads * d, 0.f);
+      ++r;
+      continue;
+    }
+    int64_t e = r + 1;
+    while (e < n && e - r < kRows && start[size_t(e)] == start[size_t(r)]) ++e;
+    blocks.emplace_back(r, e - r);
+    r = e;
+  }
+  if (blocks.empty()) return;
+  // K and V head-major ([H][n][d]) so a kernel call reads contiguous rows of one head.
+  ScratchPool::Lease lease;
+  float* kt = lease.Get(size_t(2 * H * n * d));
+  float* vt = kt + int64_t(H) * n * d;
+  pool.Run(H, [&](int64_t h) {
+    for (int64_t r = 0; r < n; ++r) {
+      std::copy_n(k + (r * H + h) * d, d, kt + (h * n + r) * d);
+      std::copy_n(v + (r * H + h) * d, d, vt + (h * n + r) * d);
+    }
+  });
+  const int64_t elem = 4;
+  pool.Run(int64_t(blocks.size()) * H, [&](int64_t item) {
+    const auto [r0, rows] = blocks[size_t(item / H)];
+    const int h = int(item % H);
+    alignas(64) float qs[kMaxGroup * 256];
+    std::vector<float> state;  // m, l, acc per query head of the group
+    state.resize(size_t(s) * (2 + d));
+    float* m = state.data();
+    float* l = m + s;
+    float* acc = l + s;
+    const int64_t seg0 = start[size_t(r0)];
+    for (int64_t r = r0; r < r0 + rows; ++r) {
+      std::fill(m, m + s, -std::numeric_limits<float>::infinity());
+      std::fill(l, acc + int64_t(s) * d, 0.f);
+      for (int b = 0; b < nblk; ++b) {
+        const int q0 = b * kMaxGroup, sb = std::min(kMaxGroup, s - q0);
+        const float* qr = q + (r * num_q_heads + h * s + q0) * d;
+        const bool fits = int64_t(sb) * d <= int64_t(sizeof(qs) / sizeof(float));
+        std::vector<float> big;
+        float* qb = qs;
+        if (!fits) {
+          big.resize(size_t(sb) * d);
+          qb = big.data();
+        }
+        for (int64_t c = 0; c < int64_t(sb) * d; ++c) qb[c] = qr[c] * scale;
+        for (int64_t t0 = seg0; t0 <= r; t0 += kMaxPageSize) {
+          const int ntok = int(std::min<int64_t>(kMaxPageSize, r + 1 - t0));
+          const int64_t off = (int64_t(h) * n + t0) * d;
+          PageArgs a{qb, reinterpret_cast<const uint8_t*>(kt + off),
+                     reinterpret_cast<const uint8_t*>(vt + off), ntok, d, elem, m + q0, l + q0,
+                     acc + int64_t(q0) * d, nullptr, 0};
+          fns[size_t(b)](a);
+        }
+      }
+      for (int i = 0; i < s; ++i) {
+        float* o = out + (r * num_q_heads + h * s + i) * d;
+        const float inv = 1.f / l[i];
+        for (int c = 0; c < d; ++c) o[c] = acc[int64_t(i) * d + c] * inv;
+      }
+    }
   });
 }
 

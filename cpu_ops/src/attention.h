@@ -58,6 +58,18 @@ void DecodeAttention(const KvStore& store, const float* q, const int64_t* seq_id
                      int num_q_heads, int layer, const AttentionOptions& opt, ThreadPool& pool,
                      float* out);
 
+// Causal attention of packed prefill sequences (the CPU backend's prefill attention):
+//   out[r, h] = softmax_j(scale * q[r, h] . k[j, h / s]) v[j, h / s]
+// over the rows j of r's own segment with pos[j] <= pos[r]; rows with seg[r] < 0 get zeros.
+// q: [n, n_q, head_dim], k/v: [n, n_kv, head_dim] float32, seg/pos: [n]. Each segment must be
+// one contiguous run of rows with consecutive positions (how the engine lays out a prefill).
+// The same page kernel as decode (float32 K/V), one work item per (block of rows of a segment,
+// kv head); K/V are first copied head-major so every kernel call streams contiguous rows.
+// Throws std::invalid_argument (before computing anything) on a bad layout or scale.
+void PrefillAttention(const float* q, const float* k, const float* v, const int32_t* seg,
+                      const int32_t* pos, int64_t n, int num_q_heads, int num_kv_heads,
+                      int head_dim, const AttentionOptions& opt, ThreadPool& pool, float* out);
+
 // The ISA level actually used for this dtype / head_dim when `requested` is asked for.
 Isa EffectiveIsa(Isa requested, KvDtype dtype, int head_dim);
 

@@ -204,6 +204,7 @@ std::vector<std::string> SupportedIsaNames() {
 
 extern "C" XLA_FFI_Error* MoelensDecodeAttentionFfi(XLA_FFI_CallFrame* call_frame);
 extern "C" XLA_FFI_Error* MoelensExpertFfnFfi(XLA_FFI_CallFrame* call_frame);
+extern "C" XLA_FFI_Error* MoelensPrefillAttentionFfi(XLA_FFI_CallFrame* call_frame);
 
 NB_MODULE(_cpu_ops, m) {
   m.doc() = "moelens-jax host-side C++ kernels: paged KV store and decode attention";
@@ -228,6 +229,9 @@ NB_MODULE(_cpu_ops, m) {
   m.def("expert_ffn_ffi_handler", [] {
           return nb::capsule(reinterpret_cast<void*>(&MoelensExpertFfnFfi));
         }, "PyCapsule of the grouped expert FFN's XLA FFI handler (platform 'cpu').");
+  m.def("prefill_attention_ffi_handler", [] {
+          return nb::capsule(reinterpret_cast<void*>(&MoelensPrefillAttentionFfi));
+        }, "PyCapsule of the packed-prefill causal attention's XLA FFI handler (platform 'cpu').");
   m.def("load_blas", &moelens::LoadBlas, nb::arg("path"),
         "Opens the OpenBLAS shared library (scipy-openblas32) the expert FFN calls.");
   m.def("blas_info", &moelens::BlasInfo, "The loaded BLAS library's build configuration.");

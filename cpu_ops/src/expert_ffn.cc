@@ -2,8 +2,6 @@
 
 #include <algorithm>
 #include <cstring>
-#include <memory>
-#include <mutex>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -11,6 +9,7 @@
 #include "blas.h"
 #include "dtypes.h"
 #include "expert_impl.h"
+#include "scratch.h"
 
 namespace moelens {
 namespace {
@@ -45,31 +44,6 @@ const float* Panel(const void* w, WeightDtype dt, int64_t rows, int64_t ld, int6
   }
   *ld_out = nc;
   return buf.data();
-}
-
-// Reused per-call scratch (fresh allocations page-fault on every call).
-class ScratchPool {
- public:
-  std::unique_ptr<std::vector<float>> Take() {
-    std::lock_guard<std::mutex> lock(mu_);
-    if (free_.empty()) return std::make_unique<std::vector<float>>();
-    auto b = std::move(free_.back());
-    free_.pop_back();
-    return b;
-  }
-  void Give(std::unique_ptr<std::vector<float>> b) {
-    std::lock_guard<std::mutex> lock(mu_);
-    free_.push_back(std::move(b));
-  }
-
- private:
-  std::mutex mu_;
-  std::vector<std::unique_ptr<std::vector<float>>> free_;
-};
-
-ScratchPool& Scratch() {
-  static ScratchPool* pool = new ScratchPool();  // never destroyed (used at exit by XLA)
-  return *pool;
 }
 
 struct Segment {
@@ -125,13 +99,8 @@ void ExpertFfn(const ExpertFfnArgs& a, Isa isa, ThreadPool& pool) {
   const int64_t nb1 = PanelWidth(f), p1 = (f + nb1 - 1) / nb1;
   const int64_t nb2 = PanelWidth(ho), p2 = (ho + nb2 - 1) / nb2;
 
-  struct Lease {  // returns the scratch to the pool on every exit path
-    std::unique_ptr<std::vector<float>> buf = Scratch().Take();
-    ~Lease() { Scratch().Give(std::move(buf)); }
-  } lease;
-  std::vector<float>* scratch = lease.buf.get();
-  scratch->resize(size_t(2 * std::min(chunk, total) * f));
-  float* gbuf = scratch->data();                        // [chunk, f] gate, then activations
+  ScratchPool::Lease lease;
+  float* gbuf = lease.Get(size_t(2 * std::min(chunk, total) * f));  // [chunk, f] gate, then act.
   float* ubuf = gbuf + std::min(chunk, total) * f;      // [chunk, f] up
 
   std::vector<int64_t> starts(size_t(a.num_experts) + 1, 0);

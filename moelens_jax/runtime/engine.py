@@ -4,8 +4,9 @@ Each iteration runs the scheduler's plan as one pass over all layers, every laye
 stages of DESIGN section 3:
 
 * GA (jitted, default device): RMSNorm, QKV, RoPE for every token of the iteration, and causal
-  attention of prefill tokens within their own sequence (block-sparse over 64-row tiles: only
-  tile pairs that share a sequence are computed, merged by log-sum-exp);
+  attention of prefill tokens within their own sequence (on the CPU backend a C++ kernel over
+  each row's own context; elsewhere block-sparse over 64-row tiles: only tile pairs that share
+  a sequence are computed, merged by log-sum-exp);
 * C (host): the new K/V of every token are appended to the paged C++ store (an eager host call,
   so JAX can never drop or repeat it), then decode tokens attend over their cached tokens with
   the C++ kernel (`cpu_decode_attention`, jitted on the CPU device: XLA FFI there);
@@ -45,6 +46,7 @@ from moelens_jax.kv import PagedKVStore, cpu_decode_attention
 from moelens_jax.model import transformer
 from moelens_jax.model.model import Model
 from moelens_jax.model.weights import ModelWeights
+from moelens_jax.ops.prefill import packed_prefill_attention
 from moelens_jax.runtime.mover import WeightMover, resident_bytes
 from moelens_jax.runtime.sampling import SamplingParams, sample
 from moelens_jax.runtime.scheduler import (
@@ -211,7 +213,16 @@ def ga_stage(cfg, kv_dtype, lw, x_nh, pos_n, seg_n, pairs_p3):
     from the store later, so a sequence recomputed after preemption sees the same numbers."""
     q, k, v = transformer.pre_attention(cfg, lw, x_nh, pos_n)
     k_s, v_s = k.astype(kv_dtype), v.astype(kv_dtype)
-    return q, k, v, tiled_prefill_attention(q, k_s, v_s, seg_n, pos_n, pairs_p3)
+    return q, k, v, prefill_attention(q, k_s, v_s, seg_n, pos_n, pairs_p3)
+
+
+def prefill_attention(q_nhd, k_ngd, v_ngd, seg_n, pos_n, pairs_p3):
+    """The C++ packed-prefill kernel on the CPU backend (work proportional to the rows each row
+    attends to), `tiled_prefill_attention` on any other (chosen at lowering)."""
+    return jax.lax.platform_dependent(
+        q_nhd, k_ngd, v_ngd, seg_n, pos_n, pairs_p3,
+        cpu=lambda q, k, v, seg, pos, _: packed_prefill_attention(q, k, v, seg, pos),
+        default=tiled_prefill_attention)
 
 
 def gb_stage(cfg, lw, x_nh, attn_nqd, mask_n):
