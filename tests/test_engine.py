@@ -86,6 +86,31 @@ def test_engine_is_reusable(oracle):
     assert eng.store.free_pages() == eng.kv_pages
 
 
+@pytest.mark.parametrize("pipeline,kv_tokens", [("serial", 4096), ("vslpipe", 4096),
+                                                ("serial", 96)])
+def test_warmup_compiles_every_shape_the_run_uses(oracle, pipeline, kv_tokens):
+    """After `warmup(reqs)`, `generate(reqs)` compiles nothing (preemption included) and gives
+    the oracle's tokens; the warm-up served nothing and used no KV page."""
+    model, reqs, want = oracle
+    eng = Engine(model, kv_cache_bytes=_kv_bytes(model.config, kv_tokens, 16),
+                 token_budget=40, pipeline=pipeline)
+    assert eng.warmup(reqs) > 0
+    assert eng.store.free_pages() == eng.kv_pages
+    compiles = []
+
+    def listener(event, duration, **_):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(duration)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        got = eng.generate(reqs)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert [r.tokens for r in got] == want
+    assert compiles == []
+
+
 @pytest.mark.parametrize("preset", ["tiny-qwen2-moe", "tiny-qwen3-moe"])
 def test_other_families_equal_oracle(preset):
     model = _model(preset, seed=2)

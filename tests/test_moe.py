@@ -221,3 +221,19 @@ def test_accelerator_gb_temporaries_at_mixtral_scale():
 
     mem = jax.jit(gb_blocked).trace(*args).lower().compile().memory_analysis()
     assert mem.temp_size_in_bytes <= 12 * 2**30, mem.temp_size_in_bytes / 2**30
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("h,f", [(19, 37), (64, 96), (48, 200)])
+def test_grouped_kernel_odd_shapes_and_group_sizes(h, f, dtype):
+    """Widths that are no multiple of the SIMD width (tail columns), groups of 1..3 rows (row
+    remainders), decode-sized groups (the bf16 small-GEMM path) and large ones (OpenBLAS)."""
+    rng = np.random.default_rng(h * f)
+    E = 6
+    w = [jnp.asarray(rng.standard_normal(s) * 0.2, dtype)
+         for s in ((E, h, f), (E, h, f), (E, f, h))]
+    gs = np.array([1, 2, 3, 0, 16, 41], np.int32)
+    x = jnp.asarray(rng.standard_normal((int(gs.sum()) + 2, h)), jnp.float32)
+    got = moe.expert_ffn(*w, x, jnp.asarray(gs), "grouped")
+    want = reference.expert_ffn_loop(*w, x, jnp.asarray(gs))
+    reference.assert_close(got, want, rel_l2=REL_L2[dtype])

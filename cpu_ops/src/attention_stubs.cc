@@ -7,4 +7,6 @@ PageFn GetPageFnAvx2(KvDtype, int, int) { return nullptr; }
 PageFn GetPageFnAvx512(KvDtype, int, int) { return nullptr; }
 SiluMulFn GetSiluMulAvx2() { return nullptr; }
 SiluMulFn GetSiluMulAvx512() { return nullptr; }
+SmallGemmFn GetSmallGemmAvx2() { return nullptr; }
+SmallGemmFn GetSmallGemmAvx512() { return nullptr; }
 }  // namespace moelens

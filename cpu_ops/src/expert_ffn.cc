@@ -17,6 +17,18 @@ namespace {
 constexpr int64_t kPanel = 256;                 // target columns per work item
 constexpr int64_t kScratchBytes = int64_t(64) << 20;  // gate + up activations of one chunk
 
+// Expert groups of at most this many rows use SmallGemm when the weights are bf16: measured on
+// a 2-core AVX2 machine (small-mixtral shapes) 1.2-2.5x faster than widening panels for
+// OpenBLAS at 4-16 rows, a tie at 24. With float32 weights OpenBLAS was as fast or faster at
+// every row count, so float32 always takes it.
+constexpr int64_t kSmallRowsBf16 = 16;
+
+SmallGemmFn GetSmallGemm(Isa isa) {
+  if (isa >= Isa::kAvx512) return GetSmallGemmAvx512();
+  if (isa >= Isa::kAvx2) return GetSmallGemmAvx2();
+  return nullptr;  // the scalar version would lose to OpenBLAS
+}
+
 SiluMulFn GetSiluMul(Isa isa) {
   SiluMulFn fn = nullptr;
   if (isa >= Isa::kAvx512) fn = GetSiluMulAvx512();
@@ -92,7 +104,9 @@ void ExpertFfn(const ExpertFfnArgs& a, Isa isa, ThreadPool& pool) {
   std::fill(a.y + total * a.ho, a.y + a.m * a.ho, 0.f);
   if (total == 0) return;
   const SiluMulFn silu_mul = GetSiluMul(isa);
+  const SmallGemmFn small_gemm = GetSmallGemm(isa);
   const bool round_bf16 = a.dtype == WeightDtype::kBf16;
+  const int64_t small_rows = small_gemm && round_bf16 ? kSmallRowsBf16 : 0;
   const int64_t esize = a.dtype == WeightDtype::kBf16 ? 2 : 4;
   const int64_t h = a.h, f = a.f, ho = a.ho;
   const int64_t chunk = std::max<int64_t>(64, kScratchBytes / (2 * 4 * f));
@@ -125,6 +139,13 @@ void ExpertFfn(const ExpertFfnArgs& a, Isa isa, ThreadPool& pool) {
       int64_t ldb = 0;
       const auto* wg = static_cast<const uint8_t*>(a.w_gate) + s.expert * h * f * esize;
       const auto* wu = static_cast<const uint8_t*>(a.w_up) + s.expert * h * f * esize;
+      if (s.rows <= small_rows) {  // decode-sized group: stream the weights once, no packing
+        small_gemm(xs, h, wg + col0 * esize, f, round_bf16, g, f, s.rows, nc, h);
+        small_gemm(xs, h, wu + col0 * esize, f, round_bf16, u, f, s.rows, nc, h);
+        for (int64_t r = 0; r < s.rows; ++r) silu_mul(g + r * f, u + r * f, g + r * f, nc,
+                                                      round_bf16);
+        return;
+      }
       const float* b = Panel(wg, a.dtype, h, f, col0, nc, wbuf, &ldb);
       Sgemm(s.rows, nc, h, xs, h, b, ldb, 0.f, g, f);
       b = Panel(wu, a.dtype, h, f, col0, nc, wbuf, &ldb);
@@ -138,6 +159,11 @@ void ExpertFfn(const ExpertFfnArgs& a, Isa isa, ThreadPool& pool) {
       const int64_t col0 = (item % p2) * nb2, nc = std::min(nb2, ho - col0);
       int64_t ldb = 0;
       const auto* wd = static_cast<const uint8_t*>(a.w_down) + s.expert * f * ho * esize;
+      if (s.rows <= small_rows) {
+        small_gemm(gbuf + (s.row0 - c0) * f, f, wd + col0 * esize, ho, round_bf16,
+                   a.y + s.row0 * ho + col0, ho, s.rows, nc, f);
+        return;
+      }
       const float* b = Panel(wd, a.dtype, f, ho, col0, nc, wbuf, &ldb);
       Sgemm(s.rows, nc, f, gbuf + (s.row0 - c0) * f, f, b, ldb, 0.f, a.y + s.row0 * ho + col0,
             ho);

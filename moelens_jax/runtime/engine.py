@@ -240,6 +240,7 @@ class _StageFunctions:
     place: object
     gb: object
     logits: object
+    greedy: object
 
 
 @functools.lru_cache(maxsize=16)
@@ -252,7 +253,9 @@ def _stage_functions(cfg, kv_dtype: str) -> _StageFunctions:
         ga=jax.jit(p(ga_stage, cfg, jnp.dtype(kv_dtype))),
         place=jax.jit(lambda attn, dec: attn.at[:dec.shape[0]].set(dec.astype(attn.dtype))),
         gb=jax.jit(p(gb_stage, cfg)),
-        logits=jax.jit(lambda w, x, idx: transformer.logits(cfg, w, x[idx])))
+        logits=jax.jit(lambda w, x, idx: transformer.logits(cfg, w, x[idx])),
+        # Greedy decoding needs only the argmax: [rows] ids cross to the host, not [rows, V].
+        greedy=jax.jit(lambda w, x, idx: jnp.argmax(transformer.logits(cfg, w, x[idx]), -1)))
 
 
 @dataclasses.dataclass
@@ -278,10 +281,19 @@ class _Group:
     mask: jax.Array
 
 
+def _row_bucket(n: int) -> int:
+    """Rows of a group: a multiple of TILE, at most 4 sizes per octave (<= 25 % padding, so a
+    run compiles few shapes without doubling the rows of an iteration just over a power of
+    two)."""
+    n = max(int(n), TILE)
+    step = max(TILE, 1 << (n.bit_length() - 3))
+    return -(-n // step) * step
+
+
 def padded_rows(n_prefill_tokens: int, n_decode: int) -> int:
     """Rows one group of the engine computes for these tokens (bucket padding included)."""
     dec_b = _bucket(n_decode) if n_decode else 0
-    return _bucket(dec_b + n_prefill_tokens, TILE)
+    return _row_bucket(dec_b + n_prefill_tokens)
 
 
 def tile_pair_count(prefill_lens: Sequence[int], n_decode: int) -> int:
@@ -304,8 +316,11 @@ def logit_rows(n_seqs: int) -> int:
     return _bucket(n_seqs, 1)
 
 
+_NO_PAIRS = np.zeros((1, 3), np.int32)  # the CPU kernel needs no tile pairs: one shape
+
+
 def _build_group(decode: Sequence[int], prefill: Sequence[tuple[int, int]],
-                 tokens: dict[int, list[int]]) -> _Group:
+                 tokens: dict[int, list[int]], tile_pairs: bool = True) -> _Group:
     n_dec = len(decode)
     dec_b = _bucket(n_dec) if n_dec else 0
     rows = [tokens[rid][-1] for rid in decode] + [0] * (dec_b - n_dec)
@@ -329,12 +344,13 @@ def _build_group(decode: Sequence[int], prefill: Sequence[tuple[int, int]],
         seqs=seqs, seqs_np=np.asarray(seqs, np.int64), last_rows=last,
         counts_np=np.array([1] * n_dec + [n for _, n in prefill], np.int32),
         real_rows=np.flatnonzero(mask), mask_np=mask, dec_b=dec_b,
-        tok=jnp.asarray(np.array(rows + [0] * pad, np.int32)),
-        pos=jnp.asarray(np.array(pos + [0] * pad, np.int32)),
-        seg=jnp.asarray(seg_np), pairs=jnp.asarray(prefill_tile_pairs(seg_np)),
+        tok=jax.device_put(np.array(rows + [0] * pad, np.int32)),
+        pos=jax.device_put(np.array(pos + [0] * pad, np.int32)),
+        seg=jax.device_put(seg_np),
+        pairs=jax.device_put(prefill_tile_pairs(seg_np) if tile_pairs else _NO_PAIRS),
         dec_ids=jax.device_put(
             np.array(list(decode) + [PAD_SEQ] * (dec_b - n_dec), np.int32), host),
-        mask=jnp.asarray(mask))
+        mask=jax.device_put(mask))
 
 
 class SplitCosts(NamedTuple):
@@ -497,6 +513,76 @@ class Engine:
         """Pages available to requests (one is reserved for the padding sequence)."""
         return self.store.num_pages - 1
 
+    def _normalise(self, requests, max_new_tokens) -> tuple[list[Request], list[bool]]:
+        """Requests as `Request`s with token-id prompts, and which were text."""
+        reqs = [r if isinstance(r, Request) else
+                Request(r if isinstance(r, str) else tuple(r), max_new_tokens or 16)
+                for r in requests]
+        is_text = [isinstance(r.prompt, str) for r in reqs]
+        if any(is_text):
+            reqs = [dataclasses.replace(r, prompt=tuple(self.model.encode(r.prompt)))
+                    if t else r for r, t in zip(reqs, is_text, strict=True)]
+        return reqs, is_text
+
+    def warmup(self, requests: Sequence[Request | Sequence[int]],
+               sampling: SamplingParams | None = None,
+               max_new_tokens: int | None = None) -> float:
+        """Compiles every stage shape that `generate(requests, sampling)` will use, so a timed
+        run that follows measures no compilation; returns the seconds it took.
+
+        The engine's own scheduler plans the run in simulation (every request generating its
+        full max_new_tokens; a stop token only ends a request early, which uses a subset of
+        these shapes); each distinct group layout then runs once through the stages of layer
+        0 on placeholder tokens (decode rows attend to the padding sequence). No KV page is
+        used and no request is served."""
+        t0 = time.perf_counter()
+        greedy = (sampling or SamplingParams()).greedy
+        reqs, _ = self._normalise(requests, max_new_tokens)
+        sched = make_scheduler(self.policy, self.kv_pages, self.page_size, self.token_budget,
+                               self.max_batch)
+        tokens: dict[int, list[int]] = {}
+        for i, r in enumerate(reqs):
+            with contextlib.suppress(RequestRejected, TypeError, ValueError):
+                sched.add(i, len(r.prompt), int(r.max_new_tokens))
+                tokens[i] = [0] * len(r.prompt)
+        seen: set[tuple] = set()
+        lw = self.mover.get(0)
+        while not sched.done:
+            plan = sched.schedule()
+            if plan.empty:
+                break
+            parts = (split_plan(plan, [len(tokens[rid]) for rid in plan.decode],
+                                self._split_costs)
+                     if self.mode == "vslpipe" else ((list(plan.decode), list(plan.prefill)),))
+            for d, p in parts:
+                g = _build_group(d, p, tokens, tile_pairs=not self.on_cpu)
+                key = (g.tok.shape[0], g.pairs.shape[0], g.dec_b, len(g.last_rows))
+                if key not in seen:
+                    seen.add(key)
+                    self._warm_group(lw, g, greedy)
+            for rid in list(plan.decode) + [rid for rid, _ in plan.prefill]:
+                tokens[rid].append(0)
+            sched.complete(plan, set())
+        return time.perf_counter() - t0
+
+    def _embed(self, g: _Group) -> jax.Array:
+        # Committed like every later layer's input (a GB output), so each stage compiles once
+        # per shape rather than once for uncommitted and once for committed inputs.
+        return jax.device_put(self._fn.embed(self._weights, g.tok), self._device)
+
+    def _warm_group(self, lw, g: _Group, greedy: bool) -> None:
+        """One layer's stages and the logits for group `g` (compiling their shapes)."""
+        x = self._embed(g)
+        q, k, v, attn = self._ga(lw, g, x)
+        if g.dec_b:
+            pad_ids = jax.device_put(np.full(g.dec_b, PAD_SEQ, np.int32), self._host)
+            dec = self._decode_attn(jax.device_put(q[:g.dec_b], self._host), pad_ids, 0)
+            attn = self._fn.place(attn, jax.device_put(dec, self._device))
+        x = self._gb(lw, g, x, attn)
+        idx = jax.device_put(np.zeros(logit_rows(len(g.last_rows)), np.int32))
+        jax.block_until_ready((self._fn.greedy if greedy else self._fn.logits)(
+            self._weights, x, idx))
+
     def generate(self, requests: Sequence[Request | Sequence[int]],
                  sampling: SamplingParams | None = None, max_new_tokens: int | None = None, *,
                  on_finish: Callable[[GenerationResult], None] | None = None,
@@ -517,13 +603,8 @@ class Engine:
           progress: show a progress bar (requests done, generated tokens/s, KV use).
         """
         self._sampling = sampling or SamplingParams()
-        reqs = [r if isinstance(r, Request) else
-                Request(r if isinstance(r, str) else tuple(r), max_new_tokens or 16)
-                for r in requests]
-        is_text = [isinstance(r.prompt, str) for r in reqs]
-        if any(is_text):
-            reqs = [dataclasses.replace(r, prompt=tuple(self.model.encode(r.prompt)))
-                    if t else r for r, t in zip(reqs, is_text, strict=True)]
+        reqs, is_text = self._normalise(requests, max_new_tokens)
+
         def notify(res: GenerationResult) -> None:
             if is_text[res.index] and res.tokens:
                 res.text = self.model.decode(res.tokens)
@@ -620,8 +701,8 @@ class Engine:
         """Runs one plan through all layers; returns the sampled token of each sequence."""
         parts = (split_plan(plan, [len(tokens[rid]) for rid in plan.decode], self._split_costs)
                  if self.mode == "vslpipe" else ((list(plan.decode), list(plan.prefill)),))
-        groups = [_build_group(d, p, tokens) for d, p in parts]
-        xs = [self._fn.embed(self._weights, g.tok) for g in groups]
+        groups = [_build_group(d, p, tokens, tile_pairs=not self.on_cpu) for d, p in parts]
+        xs = [self._embed(g) for g in groups]
         if len(groups) == 1 or self.mode == "serial":
             self._layers_serial(groups, xs, clock)
         else:
@@ -630,7 +711,12 @@ class Engine:
         for g, x in zip(groups, xs, strict=True):
             idx = np.array(g.last_rows + [0] * (logit_rows(len(g.last_rows)) - len(g.last_rows)),
                            np.int32)
-            logits = np.asarray(self._fn.logits(self._weights, x, jnp.asarray(idx)))
+            idx = jax.device_put(idx)  # (jnp.asarray would compile a copy per shape)
+            if self._sampling.greedy:  # argmax on the device, first maximum as np.argmax
+                ids = np.asarray(self._fn.greedy(self._weights, x, idx))
+                new.update({rid: int(ids[j]) for j, rid in enumerate(g.seqs)})
+                continue
+            logits = np.asarray(self._fn.logits(self._weights, x, idx))
             # Keyed by the position of the token being generated: independent of batching.
             new.update({rid: sample(logits[j], self._sampling, rid, len(tokens[rid]))
                         for j, rid in enumerate(g.seqs)})
