@@ -38,6 +38,7 @@ def test_run_throughput_engine_mode():
         assert key in result, key
     assert result["processed_tokens_per_s"] > result["generated_tokens_per_s"] > 0
     assert 0 < result["kv_peak_fraction"] <= 1
+    assert result["compile_s"] > 0  # the warm-up compiled the run's shapes, timed apart
     assert result["h2d_gb_per_s"] > 0 and "h2d_limit_gb_per_s" not in result
     assert result["flags"]["seed"] == 7
 
@@ -76,6 +77,18 @@ def test_bench_cpu_attention_small():
     assert 0 < result["bandwidth_fraction"] < 5
     assert result["max_abs_diff_vs_xla"] < 1e-4  # the kernel and XLA agree on the same data
     assert len(result["thread_scaling"]) == result["threads"]
+
+
+def test_bench_experts_small():
+    result, stdout = _run("experiments.bench_experts", "--shapes=small-mixtral",
+                          "--rows=64,512", "--skews=uniform,hot", "--repeats=1")
+    assert "== bench_experts card ==" in stdout
+    assert result["routed_row_overhead"] == 1.0  # the CPU kernel computes exactly the routed rows
+    assert len(result["cases"]) == 4
+    for case in result["cases"]:
+        assert case["grouped"]["gflop_per_s"] > 0 and case["dense_gflop_per_s"] > 0
+        assert case["blocked"]["row_overhead"] >= 1.0
+    assert result["expert_roof_fraction"] > 0 and result["stream_read_gb_per_s"] > 0
 
 
 def test_run_throughput_streams_and_resumes(tmp_path):
