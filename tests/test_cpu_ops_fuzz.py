@@ -1,4 +1,5 @@
-"""Random-call fuzz of the C++ KV store and decode attention, and a thread-pool stress test.
+"""Random-call fuzz of the C++ kernels (KV store, decode attention, grouped expert FFN, packed
+prefill attention), and thread-pool stress tests.
 
 The fuzz drives seeded random sequences of valid AND invalid calls (add/free, append with good
 and bad ids, counts, layers, shapes and dtypes, attention with good and bad ids, shapes, layers,
@@ -6,8 +7,10 @@ scales, ISAs) through `PagedKVStore` and the raw binding, against a small Python
 store. A valid call must match the model (attention: a float64 numpy reference over the model's
 K/V, within `STORED_ATOL`); an invalid one must raise the documented error and change nothing.
 
-The stress test swaps the thread pool (`set_num_threads`) from one thread while another attends
-on it, directly and through the FFI path of a jitted call. `.ci/sanitize` runs this file under
+The expert and prefill kernels get random shapes, group sizes and layouts against float64 /
+dense references, and invalid ones that must raise. The stress tests swap the thread pool
+(`set_num_threads`) from one thread while another attends (directly and through the FFI path of
+a jitted call) or runs the expert kernel on it. `.ci/sanitize` runs this file under
 AddressSanitizer + UBSan, where any out-of-bounds access or use-after-free aborts the run.
 """
 
@@ -416,3 +419,132 @@ def test_set_num_threads_while_attention_runs():
     if errors:
         raise errors[0]
     assert done["swaps"] > 10 and done["direct"] > 5 and done["ffi"] > 5, done
+
+
+# --- the expert FFN and prefill-attention kernels (also run under ASan/UBSan by .ci/sanitize) ---
+
+EXPERT_CASES = 24
+
+
+def _expert_reference(w, x, gs):
+    """float64 grouped SwiGLU with the kernel's rounding (x and bf16 activations rounded)."""
+    wg, wu, wd = (np.asarray(a, np.float64) for a in w)
+    bf16 = w[0].dtype == jnp.bfloat16
+    xr = np.asarray(jnp.asarray(x).astype(w[0].dtype).astype(jnp.float32), np.float64)
+    out = np.zeros((x.shape[0], wd.shape[-1]))
+    start = 0
+    for e, g in enumerate(gs):
+        rows = xr[start:start + g]
+        gate, up = rows @ wg[e], rows @ wu[e]
+        a = gate / (1 + np.exp(-gate)) * up
+        if bf16:
+            a = np.asarray(jnp.asarray(a, jnp.float32).astype(jnp.bfloat16), np.float64)
+        out[start:start + g] = a @ wd[e]
+        start += g
+    return out
+
+
+def test_expert_kernel_random_valid_and_invalid_calls():
+    """Random shapes (widths below and above the SIMD width), dtypes and group sizes (empty
+    experts, one expert taking everything, padding rows), plus invalid group sizes and weight
+    shapes/dtypes that must raise, never crash."""
+    from moelens_jax.ops.experts import grouped_expert_ffn
+
+    rng = np.random.default_rng(5)
+    bad = 0
+    for case in range(EXPERT_CASES):
+        E, h, f = int(rng.integers(1, 9)), int(rng.integers(1, 70)), int(rng.integers(1, 90))
+        dt = jnp.bfloat16 if case % 2 else jnp.float32
+        w = [jnp.asarray(rng.standard_normal(s) * 0.3, dt) for s in ((E, h, f), (E, h, f),
+                                                                      (E, f, h))]
+        gs = rng.multinomial(int(rng.integers(0, 60)), rng.dirichlet(np.ones(E))).astype(np.int32)
+        if case % 5 == 0:
+            gs[:] = 0
+            gs[-1] = int(rng.integers(1, 40))  # one expert takes every row
+        m = int(gs.sum()) + int(rng.integers(0, 5))  # trailing padding rows
+        x = rng.standard_normal((m, h)).astype(np.float32)
+        got = np.asarray(grouped_expert_ffn(*w, jnp.asarray(x), jnp.asarray(gs)))
+        want = _expert_reference(w, x, gs)
+        tol = 2e-2 if dt == jnp.bfloat16 else 1e-4
+        np.testing.assert_allclose(got, want, atol=tol * max(1.0, np.abs(want).max()), rtol=0)
+        np.testing.assert_array_equal(got[int(gs.sum()):], 0.0)
+        if E > 1:  # invalid: a negative group, or more rows than x has
+            for bad_gs in (np.r_[gs[:-1], -1], np.r_[gs[:-1], gs[-1] + m + 1]):
+                with pytest.raises(Exception, match="negative|sum to"):
+                    jax.block_until_ready(grouped_expert_ffn(*w, jnp.asarray(x),
+                                                             jnp.asarray(bad_gs, np.int32)))
+                bad += 1
+    with pytest.raises(Exception, match="disagree"):
+        jax.block_until_ready(grouped_expert_ffn(w[0], w[1][:, :-1], w[2], jnp.asarray(x),
+                                                 jnp.asarray(gs)))
+    with pytest.raises(ValueError, match="share one dtype"):
+        grouped_expert_ffn(w[0], w[1].astype(jnp.float16), w[2], jnp.asarray(x),
+                           jnp.asarray(gs))
+    assert bad > 10
+
+
+def test_prefill_kernel_random_layouts():
+    """Random packed layouts (segments of 1..300 rows, rows that belong to none) against the
+    dense reference; shuffled segments and broken positions must raise."""
+    from moelens_jax.ops.prefill import packed_prefill_attention
+    from moelens_jax.reference import segment_causal_attention
+
+    rng = np.random.default_rng(9)
+    for _ in range(12):
+        lens = [int(v) for v in rng.integers(1, 300, rng.integers(1, 5))]
+        lead, tail = int(rng.integers(0, 20)), int(rng.integers(0, 20))
+        n = lead + sum(lens) + tail
+        seg, pos = np.full(n, -1, np.int32), np.zeros(n, np.int32)
+        row = lead
+        for k, ln in enumerate(lens):
+            seg[row:row + ln], pos[row:row + ln] = k, np.arange(ln)
+            row += ln
+        g = int(rng.integers(1, 4))
+        hq, d = g * int(rng.integers(1, 11)), int(rng.choice([8, 24, 64]))
+        q = rng.standard_normal((n, hq, d)).astype(np.float32)
+        k_ = rng.standard_normal((n, g, d)).astype(np.float32)
+        v = rng.standard_normal((n, g, d)).astype(np.float32)
+        got = np.asarray(packed_prefill_attention(q, k_, v, jnp.asarray(seg), jnp.asarray(pos)))
+        want = np.asarray(segment_causal_attention(q, k_, v, jnp.asarray(seg), jnp.asarray(pos)))
+        np.testing.assert_allclose(got, want, atol=2e-5, rtol=0)
+        if len(lens) > 1 and lens[0] > 1:
+            broken = pos.copy()
+            broken[lead + 1] = 5  # not consecutive
+            with pytest.raises(Exception, match="not consecutive"):
+                jax.block_until_ready(packed_prefill_attention(
+                    q, k_, v, jnp.asarray(seg), jnp.asarray(broken)))
+
+
+def test_set_num_threads_while_experts_run():
+    """The expert kernel holds its pool for the whole call, like attention."""
+    from moelens_jax.ops.experts import grouped_expert_ffn
+
+    rng = np.random.default_rng(3)
+    w = [jnp.asarray(rng.standard_normal(s) * 0.1, jnp.float32)
+         for s in ((4, 64, 96), (4, 64, 96), (4, 96, 64))]
+    x = jnp.asarray(rng.standard_normal((300, 64)), jnp.float32)
+    gs = jnp.asarray([100, 0, 150, 50], jnp.int32)
+    call = jax.jit(grouped_expert_ffn)
+    want = np.asarray(call(*w, x, gs))
+    before = _cpu_ops.num_threads()
+    stop = threading.Event()
+    swaps = [0]
+
+    def swap():
+        while not stop.is_set():
+            for n in (1, 2):
+                _cpu_ops.set_num_threads(n)
+                swaps[0] += 1
+
+    t = threading.Thread(target=swap, daemon=True)
+    t.start()
+    try:
+        deadline, calls = time.monotonic() + 1.0, 0
+        while time.monotonic() < deadline:
+            np.testing.assert_allclose(np.asarray(call(*w, x, gs)), want, atol=1e-5, rtol=0)
+            calls += 1
+    finally:
+        stop.set()
+        t.join(60)
+        _cpu_ops.set_num_threads(before)
+    assert swaps[0] > 10 and calls > 5
