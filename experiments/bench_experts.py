@@ -37,9 +37,9 @@ import numpy as np
 from absl import app, flags
 
 from experiments import common
-from moelens_jax import _cpu_ops
 from moelens_jax.model import moe
 from moelens_jax.ops import experts
+from moelens_jax.perf.calibrate import measure_host_bandwidth
 
 # (name, experts E, top-k, hidden h, expert width f): small-mixtral (Mixtral's ratios at 1/8
 # width) and a many-expert shape (Qwen3-30B-A3B's E and k, at 1/4 of its width).
@@ -80,18 +80,6 @@ def timed(fn, repeats: int) -> list[float]:
         jax.block_until_ready(fn())
         out.append(time.perf_counter() - t0)
     return out
-
-
-def stream_read_gb_per_s(nbytes: int = 1 << 30, repeats: int = 5) -> float:
-    """The machine's streaming-read bandwidth (the C++ probe on the kernels' thread pool)."""
-    buf = np.ones(nbytes, np.uint8)
-    _cpu_ops.stream_read(buf)
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        _cpu_ops.stream_read(buf)
-        ts.append(time.perf_counter() - t0)
-    return nbytes / float(np.median(ts)) / 1e9
 
 
 def run_case(name: str, w: list, x, gs: np.ndarray, fns: dict,
@@ -142,7 +130,7 @@ def main(argv):
         card.append((name, f"E={E} top-{k} h={h} f={f}: {6 * h * f / 1e6:.2f} MFLOP per "
                            f"routed row, expert weights {3 * E * h * f * dt.itemsize / 2**20:.0f}"
                            " MiB"))
-    stream = stream_read_gb_per_s()
+    stream = measure_host_bandwidth(1 << 30) / 1e9
     card.append(("ceiling", "dense SwiGLU over the same m rows with one expert's weights "
                             "(jitted XLA), timed interleaved with each path; attainable: "
                             "also >= used experts' weight bytes / streaming read"))

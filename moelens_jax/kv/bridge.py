@@ -31,7 +31,6 @@ from moelens_jax import _cpu_ops, ops
 from moelens_jax.kv.store import PagedKVStore, checked_scale
 
 FFI_TARGET = "moelens_decode_attention"
-_ISA_LEVEL = {"portable": 0, "avx2": 1, "avx512": 2, "avx512_bf16": 3}
 jax.ffi.register_ffi_target(FFI_TARGET, _cpu_ops.decode_attention_ffi_handler(), platform="cpu")
 
 
@@ -81,7 +80,7 @@ def cpu_decode_attention(store: PagedKVStore, q: jax.Array, seq_ids: jax.Array,
         return call(q, seq_ids, layer, store_id=np.int64(store.handle),
                     scale=np.float32(1.0 if scale is None else scale),
                     default_scale=np.bool_(scale is None),
-                    chunk_tokens=np.int64(chunk_tokens), isa=np.int64(_ISA_LEVEL[isa]))
+                    chunk_tokens=np.int64(chunk_tokens), isa=np.int64(ops.ISA_LEVELS[isa]))
 
     if path == "callback":
         return via_callback(q, seq_ids, layer)

@@ -7,6 +7,7 @@ import os
 from moelens_jax import _cpu_ops
 
 ISA_ENV = "MOELENS_CPU_ISA"  # force a lower ISA path, e.g. MOELENS_CPU_ISA=avx2
+ISA_LEVELS = {"portable": 0, "avx2": 1, "avx512": 2, "avx512_bf16": 3}  # cpu_features.h Isa
 
 
 def supported_isas() -> list[str]:
@@ -22,13 +23,17 @@ def selected_isa(requested: str | None = None) -> str:
     """
     supported = supported_isas()
     name = requested or os.environ.get(ISA_ENV) or supported[-1]
-    known = ("portable", "avx2", "avx512", "avx512_bf16")
-    if name not in known:
-        raise ValueError(f"unknown ISA {name!r}; known: {', '.join(known)}")
+    if name not in ISA_LEVELS:
+        raise ValueError(f"unknown ISA {name!r}; known: {', '.join(ISA_LEVELS)}")
     if name not in supported:
         raise ValueError(f"ISA {name!r} is not supported by this CPU (supported: "
                          f"{', '.join(supported)})")
     return name
+
+
+def selected_isa_level() -> int:
+    """`selected_isa()` as the integer level the C++ FFI handlers take."""
+    return ISA_LEVELS[selected_isa()]
 
 
 def cpu_info() -> dict:
@@ -37,4 +42,5 @@ def cpu_info() -> dict:
             "features": dict(_cpu_ops.cpu_features()), "cpu_count": os.cpu_count()}
 
 
-__all__ = ["ISA_ENV", "cpu_info", "selected_isa", "supported_isas"]
+__all__ = ["ISA_ENV", "ISA_LEVELS", "cpu_info", "selected_isa", "selected_isa_level",
+           "supported_isas"]

@@ -25,7 +25,6 @@ import scipy_openblas32
 from moelens_jax import _cpu_ops, ops
 
 FFI_TARGET = "moelens_expert_ffn"
-_ISA_LEVEL = {"portable": 0, "avx2": 1, "avx512": 2, "avx512_bf16": 3}
 
 _cpu_ops.load_blas(os.path.join(scipy_openblas32.get_lib_dir(),
                                 scipy_openblas32.get_library(fullname=True)))
@@ -59,7 +58,7 @@ def grouped_expert_ffn(w_gate_ehf: jax.Array, w_up_ehf: jax.Array, w_down_efh: j
     out = jax.ShapeDtypeStruct((x_mh.shape[0], w_down_efh.shape[-1]), jnp.float32)
     call = jax.ffi.ffi_call(FFI_TARGET, out, vmap_method="sequential")
     return call(x, group_sizes_e.astype(jnp.int32), w_gate_ehf, w_up_ehf, w_down_efh,
-                isa=np.int64(_ISA_LEVEL[ops.selected_isa()]))
+                isa=np.int64(ops.selected_isa_level()))
 
 
 __all__ = ["FFI_TARGET", "blas_info", "grouped_expert_ffn"]

@@ -19,7 +19,6 @@ import numpy as np
 from moelens_jax import _cpu_ops, ops
 
 FFI_TARGET = "moelens_prefill_attention"
-_ISA_LEVEL = {"portable": 0, "avx2": 1, "avx512": 2, "avx512_bf16": 3}
 jax.ffi.register_ffi_target(FFI_TARGET, _cpu_ops.prefill_attention_ffi_handler(), platform="cpu")
 
 
@@ -44,7 +43,7 @@ def packed_prefill_attention(q_nhd: jax.Array, k_ngd: jax.Array, v_ngd: jax.Arra
     return call(q_nhd.astype(jnp.float32), k_ngd.astype(jnp.float32), v_ngd.astype(jnp.float32),
                 seg_n.astype(jnp.int32), pos_n.astype(jnp.int32),
                 scale=np.float32(scale or 0.0), default_scale=scale is None,
-                isa=np.int64(_ISA_LEVEL[ops.selected_isa()]))
+                isa=np.int64(ops.selected_isa_level()))
 
 
 __all__ = ["FFI_TARGET", "packed_prefill_attention"]
