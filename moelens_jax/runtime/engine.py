@@ -14,9 +14,10 @@ stages of DESIGN section 3:
   decode tokens together, residual: one computation on every backend, the experts computing
   only the routed rows (`moe.expert_ffn`: the C++ grouped kernel on CPU, "blocked" elsewhere).
 
-Logits are computed for the last token of each sequence only. Token counts are padded to
-power-of-two buckets so a run compiles a handful of shapes; padding rows are masked out of
-prefill attention and point decode attention at a one-token pad sequence.
+Logits are computed for the last token of each sequence only. Row counts are padded to
+buckets (decode rows to powers of two, a group's rows to 4 sizes per octave) so a run compiles
+a handful of shapes (`Engine.warmup` compiles them ahead); padding rows are masked out of
+prefill attention and the experts and point decode attention at a one-token pad sequence.
 
 Weights stay on the host: the `WeightMover` streams each layer's contiguous buffer into a
 device window of `device_weight_layers` layers on its own thread while earlier layers compute
