@@ -175,3 +175,19 @@ def test_moe_lightning_policy_and_prediction():
     assert lens.generated_tokens_per_s > 1.2 * light.generated_tokens_per_s
     with pytest.raises(ValueError, match="cannot hold one reserved sequence"):
         perf.lightning_policy(MIXTRAL, A40, w, 1e6)
+
+
+def test_fitted_zero_terms_cost_nothing():
+    """A term the calibration fitted to 0 (e.g. prefill tile pairs once a kernel made them
+    cheap) costs nothing; on a datasheet spec a 0 still means 'derive it from gemm_flops'."""
+    from moelens_jax.perf.stage2 import iteration_seconds
+
+    cfg = get_preset("tiny-mixtral")
+    fitted = dataclasses.replace(A40, layer_token_s=1e-6, head_s_per_seq=1e-6, attn_pair_s=0.0,
+                                 fitted=True)
+    few, many = (iteration_seconds(cfg, fitted, 100, 4, 0, tile_pairs=p)["dev"]
+                 for p in (1, 1000))
+    assert few == many
+    sheet = dataclasses.replace(fitted, fitted=False)
+    assert (iteration_seconds(cfg, sheet, 100, 4, 0, tile_pairs=1000)["dev"]
+            > iteration_seconds(cfg, sheet, 100, 4, 0, tile_pairs=1)["dev"])

@@ -37,7 +37,7 @@ import numpy as np
 from moelens_jax import _cpu_ops, ops
 from moelens_jax.perf.hardware import HardwareSpec
 
-CALIBRATION_VERSION = 3  # bump when the fitted terms change: older cache files are not read
+CALIBRATION_VERSION = 4  # bump when the fitted terms change: older cache files are not read
 
 
 def fingerprint() -> str:
@@ -213,7 +213,7 @@ def calibrate(model, *, use_cache: bool = True, h2d_bytes: int | None = None) ->
         name=f"local:{fingerprint()}", h2d_bytes_per_s=h2d, d2h_bytes_per_s=h2d,
         host_memory_bandwidth=host_bw, host_memory_bytes=float(ram),
         device_memory_bytes=float((stats or {}).get("bytes_limit", ram)),
-        shared_cores=on_cpu, source=f"calibrate() for {cfg.name or 'model'} on "
+        shared_cores=on_cpu, fitted=True, source=f"calibrate() for {cfg.name or 'model'} on "
         f"{platform.processor() or platform.machine()}, jax {jax.__version__}", **fit)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:

@@ -46,6 +46,8 @@ class HardwareSpec:
         (0: its FLOPs at gemm_flops).
       request_s: per-request cost outside the iterations (admission checks, bookkeeping,
         results); 0 for datasheet presets.
+      fitted: the cost terms were fitted by `calibrate()`: a term the fit put at 0 then costs
+        nothing, instead of being derived from `gemm_flops` as on a datasheet spec.
       source: where the numbers come from.
     """
 
@@ -67,6 +69,7 @@ class HardwareSpec:
     layer_token_s: float = 0.0
     attn_pair_s: float = 0.0
     request_s: float = 0.0
+    fitted: bool = False
     source: str = ""
 
     def __post_init__(self):

@@ -71,9 +71,11 @@ def iteration_seconds(cfg: ModelConfig, hw: HardwareSpec, n_tokens: int, n_seqs:
     rows = n_tokens if rows is None else rows
     L = cfg.num_layers
     per_layer_kv = cfg.kv_bytes_per_token(kv_dtype) / L
-    head = hw.head_s_per_seq or 2.0 * cfg.vocab_size * cfg.hidden_size / hw.gemm_flops
-    token_s = hw.layer_token_s or 2.0 * cfg.active_params_per_layer / hw.gemm_flops
-    pair_s = hw.attn_pair_s or 4.0 * TILE * TILE * cfg.num_heads * cfg.head_dim / hw.gemm_flops
+    head, token_s, pair_s = hw.head_s_per_seq, hw.layer_token_s, hw.attn_pair_s
+    if not hw.fitted:  # a datasheet spec: what it leaves at 0 comes from its GEMM rate
+        head = head or 2.0 * cfg.vocab_size * cfg.hidden_size / hw.gemm_flops
+        token_s = token_s or 2.0 * cfg.active_params_per_layer / hw.gemm_flops
+        pair_s = pair_s or 4.0 * TILE * TILE * cfg.num_heads * cfg.head_dim / hw.gemm_flops
     t_dev = L * (hw.layer_fixed_s + token_s * n_tokens + hw.padded_row_s * rows
                  + pair_s * tile_pairs) + head * n_seqs
     t_host = L * (hw.attn_fixed_s + hw.attn_s_per_token * n_tokens
