@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from moelens_jax import _cpu_ops, ops
-from moelens_jax.kv.store import PagedKVStore, checked_scale
+from moelens_jax.kv.store import PagedKVStore
 
 FFI_TARGET = "moelens_decode_attention"
 jax.ffi.register_ffi_target(FFI_TARGET, _cpu_ops.decode_attention_ffi_handler(), platform="cpu")
@@ -54,7 +54,7 @@ def cpu_decode_attention(store: PagedKVStore, q: jax.Array, seq_ids: jax.Array,
     Raises:
       ValueError: a zero, negative, NaN or infinite scale (at trace time); bad shapes.
     """
-    scale = checked_scale(scale)
+    scale = ops.checked_scale(scale)
     q = jnp.asarray(q, jnp.float32)
     seq_ids = jnp.asarray(seq_ids, jnp.int32)
     layer = jnp.asarray(layer, jnp.int32)

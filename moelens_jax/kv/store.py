@@ -13,8 +13,6 @@ per sequence. Every call validates its inputs in C++ and fails without changing 
 
 from __future__ import annotations
 
-import math
-
 import ml_dtypes
 import numpy as np
 
@@ -24,23 +22,6 @@ from moelens_jax.config import ModelConfig, dtype_itemsize
 KvCapacityError = _cpu_ops.KvCapacityError
 KV_DTYPES = ("bfloat16", "float16", "float32")
 _RAW16 = {"bfloat16": np.dtype(ml_dtypes.bfloat16), "float16": np.dtype(np.float16)}
-_F32_TINY, _F32_MAX = float(np.finfo(np.float32).tiny), float(np.finfo(np.float32).max)
-
-
-def checked_scale(scale: float | None) -> float | None:
-    """The attention softmax `scale`, checked: None (meaning 1/sqrt(head_dim)) or a float that
-    stays finite and positive in float32, the precision the kernel uses.
-
-    Raises:
-      ValueError: zero, negative, NaN, infinite, or out of float32's normal range.
-    """
-    if scale is None:
-        return None
-    s = float(scale)
-    if not (math.isfinite(s) and _F32_TINY <= s <= _F32_MAX):
-        raise ValueError(f"attention scale must be a finite positive number (None for "
-                         f"1/sqrt(head_dim)), got {scale!r}")
-    return s
 
 
 def page_bytes(num_layers: int, num_kv_heads: int, head_dim: int, page_size: int,
@@ -173,7 +154,7 @@ class PagedKVStore:
           ValueError: a zero, negative, NaN or infinite scale; bad shapes, empty sequences.
           IndexError: unknown sequence, bad layer.
         """
-        scale = checked_scale(scale)
+        scale = ops.checked_scale(scale)
         q = np.ascontiguousarray(q, dtype=np.float32)
         if out is None:
             out = np.empty_like(q)

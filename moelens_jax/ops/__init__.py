@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import math
 import os
+
+import numpy as np
 
 from moelens_jax import _cpu_ops
 
@@ -36,11 +39,30 @@ def selected_isa_level() -> int:
     return ISA_LEVELS[selected_isa()]
 
 
+_F32_TINY, _F32_MAX = float(np.finfo(np.float32).tiny), float(np.finfo(np.float32).max)
+
+
+def checked_scale(scale: float | None) -> float | None:
+    """The attention softmax `scale`, checked: None (meaning 1/sqrt(head_dim)) or a float that
+    stays finite and positive in float32, the precision the kernel uses.
+
+    Raises:
+      ValueError: zero, negative, NaN, infinite, or out of float32's normal range.
+    """
+    if scale is None:
+        return None
+    s = float(scale)
+    if not (math.isfinite(s) and _F32_TINY <= s <= _F32_MAX):
+        raise ValueError(f"attention scale must be a finite positive number (None for "
+                         f"1/sqrt(head_dim)), got {scale!r}")
+    return s
+
+
 def cpu_info() -> dict:
     """CPU features seen at run time, the ISA paths available and the one selected."""
     return {"isa": selected_isa(), "supported_isas": supported_isas(),
             "features": dict(_cpu_ops.cpu_features()), "cpu_count": os.cpu_count()}
 
 
-__all__ = ["ISA_ENV", "ISA_LEVELS", "cpu_info", "selected_isa", "selected_isa_level",
-           "supported_isas"]
+__all__ = ["ISA_ENV", "ISA_LEVELS", "checked_scale", "cpu_info", "selected_isa",
+           "selected_isa_level", "supported_isas"]

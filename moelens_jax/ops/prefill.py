@@ -36,13 +36,13 @@ def packed_prefill_attention(q_nhd: jax.Array, k_ngd: jax.Array, v_ngd: jax.Arra
     Returns:
       float32 [n, n_q, d].
     """
-    if scale is not None and not (np.isfinite(scale) and scale > 0):
-        raise ValueError(f"scale must be a finite positive number or None, got {scale!r}")
+    scale = ops.checked_scale(scale)
     out = jax.ShapeDtypeStruct(q_nhd.shape, jnp.float32)
     call = jax.ffi.ffi_call(FFI_TARGET, out, vmap_method="sequential")
     return call(q_nhd.astype(jnp.float32), k_ngd.astype(jnp.float32), v_ngd.astype(jnp.float32),
                 seg_n.astype(jnp.int32), pos_n.astype(jnp.int32),
-                scale=np.float32(scale or 0.0), default_scale=scale is None,
+                scale=np.float32(1.0 if scale is None else scale),
+                default_scale=np.bool_(scale is None),
                 isa=np.int64(ops.selected_isa_level()))
 
 
