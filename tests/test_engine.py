@@ -241,8 +241,7 @@ def test_tiled_prefill_attention_equals_dense_segment_attention(seed):
 
     from moelens_jax.reference import segment_causal_attention
     from moelens_jax.runtime.engine import (
-        TILE,
-        _bucket,
+        _row_bucket,
         prefill_tile_pairs,
         tiled_prefill_attention,
     )
@@ -251,7 +250,7 @@ def test_tiled_prefill_attention_equals_dense_segment_attention(seed):
         lens = [int(x) for x in rng.integers(1, 140, rng.integers(1, 6))]
         n_pre = sum(lens)
         lead = int(rng.integers(0, 40))  # decode rows come first in an engine group
-        n = _bucket(lead + n_pre + int(rng.integers(0, 40)), TILE)
+        n = _row_bucket(lead + n_pre + int(rng.integers(0, 40)))
         seg = np.full(n, -1)
         pos = np.zeros(n, np.int64)
         row = lead

@@ -34,7 +34,7 @@ def test_unpacked_layer_is_bit_identical_to_host_views(dtype):
 
 def test_window_streams_every_layer_each_pass():
     model = _model(layers=5)
-    mover = WeightMover(model, depth=2)
+    mover = WeightMover(model, depth=2, resident=False)
     for _ in range(3):  # three passes over the model, as three iterations would make
         for layer in range(5):
             lw = mover.get(layer)
@@ -48,11 +48,26 @@ def test_window_streams_every_layer_each_pass():
 
 def test_whole_model_window_loads_each_layer_once():
     model = _model(layers=3)
-    mover = WeightMover(model, depth=8)
+    mover = WeightMover(model, depth=8, resident=False)
     for _ in range(4):
         for layer in range(3):
             mover.get(layer)
     assert mover.depth == 3 and mover.bytes_moved == 3 * mover.layer_bytes
+    mover.close()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_cpu_device_uses_layers_in_place(dtype):
+    model = _model(layers=3, dtype=dtype)
+    mover = WeightMover(model, depth=2)  # CPU device, no cap: resident by default
+    assert mover.resident and mover.depth == 3
+    for _ in range(2):
+        for layer in range(3):
+            lw, host = mover.get(layer), model.host_layers[layer].weights
+            for name in ("w_gate", "router", "attn_norm"):  # zero-copy views of the host buffer
+                assert getattr(lw, name).unsafe_buffer_pointer() == getattr(host, name).ctypes.data
+    assert mover.bytes_moved == 0 and mover.h2d_gb_per_s is None
+    assert not WeightMover(model, depth=2, h2d_limit_gb_per_s=1.0).resident  # a cap streams
     mover.close()
 
 
@@ -67,8 +82,9 @@ def test_link_bandwidth_cap_is_respected():
     mover.close()
 
 
-@pytest.mark.parametrize("depth,limit", [(1, None), (2, None), (3, 0.5)])
-def test_engine_outputs_do_not_depend_on_streaming(depth, limit):
+@pytest.mark.parametrize("depth,limit,dev_mem", [(1, None, 10**12), (2, None, 10**12),
+                                                 (3, 0.5, None), (2, None, None)])
+def test_engine_outputs_do_not_depend_on_streaming(depth, limit, dev_mem):
     model = _model()
     rng = np.random.default_rng(5)
     reqs = [Request(tuple(rng.integers(0, 256, n).tolist()), g)
@@ -76,9 +92,14 @@ def test_engine_outputs_do_not_depend_on_streaming(depth, limit):
     want = reference.greedy_generate(model, [r.prompt for r in reqs],
                                      [r.max_new_tokens for r in reqs])
     eng = Engine(model, kv_cache_bytes=2048 * model.config.kv_bytes_per_token("float32"),
-                 device_weight_layers=depth, h2d_limit_gb_per_s=limit)
+                 device_weight_layers=depth, h2d_limit_gb_per_s=limit,
+                 device_memory_bytes=dev_mem)
+    # A device-memory cap or a link cap emulates an accelerator: the layers stream.
+    assert eng.mover.resident == (limit is None and dev_mem is None)
     assert [r.tokens for r in eng.generate(reqs)] == want
-    assert eng.stats.h2d_bytes >= eng.stats.iterations * (4 - depth) * eng.mover.layer_bytes
+    streamed = 0 if eng.mover.resident else eng.stats.iterations * (4 - depth)
+    assert eng.stats.h2d_bytes >= streamed * eng.mover.layer_bytes
+    assert eng.mover.resident == (eng.stats.h2d_bytes == 0)
     if limit:
         assert eng.stats.h2d_gb_per_s <= limit * 1.02
 

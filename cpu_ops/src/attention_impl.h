@@ -16,6 +16,11 @@
 
 #include "attention.h"
 
+// Fully unrolls a loop over a compile-time register block, so the block's array of vectors is
+// kept in registers. Without it GCC keeps arrays of more than a few vectors on the stack and
+// stores every accumulator on every step (measured on AVX2: a 6x2 FMA block ran at half speed).
+#define MOELENS_UNROLL _Pragma("GCC unroll 16")
+
 namespace moelens {
 namespace kernel {
 
@@ -59,18 +64,18 @@ inline void ScoreTokens(const float* q, const uint8_t* kb, int d, int64_t elem, 
   constexpr int VL = Ops::kLanes;
   using Vec = typename Ops::Vec;
   Vec acc[TT][S];
-  for (int u = 0; u < TT; ++u)
-    for (int i = 0; i < S; ++i) acc[u][i] = Ops::Zero();
+  MOELENS_UNROLL for (int u = 0; u < TT; ++u)
+    MOELENS_UNROLL for (int i = 0; i < S; ++i) acc[u][i] = Ops::Zero();
   for (int c = 0; c < d; c += VL) {
     Vec kv[TT];
-    for (int u = 0; u < TT; ++u) kv[u] = Ops::Load(Tag{}, kb + (int64_t(t0 + u) * d + c) * elem);
-    for (int i = 0; i < S; ++i) {
+    MOELENS_UNROLL for (int u = 0; u < TT; ++u) kv[u] = Ops::Load(Tag{}, kb + (int64_t(t0 + u) * d + c) * elem);
+    MOELENS_UNROLL for (int i = 0; i < S; ++i) {
       const Vec qv = Ops::LoadF(q + i * d + c);
-      for (int u = 0; u < TT; ++u) acc[u][i] = Ops::Fma(qv, kv[u], acc[u][i]);
+      MOELENS_UNROLL for (int u = 0; u < TT; ++u) acc[u][i] = Ops::Fma(qv, kv[u], acc[u][i]);
     }
   }
-  for (int u = 0; u < TT; ++u)
-    for (int i = 0; i < S; ++i) score[i][t0 + u] = Ops::Sum(acc[u][i]);
+  MOELENS_UNROLL for (int u = 0; u < TT; ++u)
+    MOELENS_UNROLL for (int i = 0; i < S; ++i) score[i][t0 + u] = Ops::Sum(acc[u][i]);
 }
 
 // acc[i][c .. c + CC*VL) += sum_t p[i][t] * v_t[c .. c + CC*VL) over the page's tokens.
@@ -80,19 +85,19 @@ inline void AccumulateValues(float* out, const uint8_t* vb, int d, int64_t elem,
   constexpr int VL = Ops::kLanes;
   using Vec = typename Ops::Vec;
   Vec o[CC][S];
-  for (int w = 0; w < CC; ++w)
-    for (int i = 0; i < S; ++i) o[w][i] = Ops::LoadF(out + i * d + c + w * VL);
+  MOELENS_UNROLL for (int w = 0; w < CC; ++w)
+    MOELENS_UNROLL for (int i = 0; i < S; ++i) o[w][i] = Ops::LoadF(out + i * d + c + w * VL);
   for (int t = 0; t < ntok; ++t) {
     Vec vv[CC];
     const uint8_t* row = vb + (int64_t(t) * d + c) * elem;
-    for (int w = 0; w < CC; ++w) vv[w] = Ops::Load(Tag{}, row + int64_t(w) * VL * elem);
-    for (int i = 0; i < S; ++i) {
+    MOELENS_UNROLL for (int w = 0; w < CC; ++w) vv[w] = Ops::Load(Tag{}, row + int64_t(w) * VL * elem);
+    MOELENS_UNROLL for (int i = 0; i < S; ++i) {
       const Vec pv = Ops::Set1(p[i][t]);
-      for (int w = 0; w < CC; ++w) o[w][i] = Ops::Fma(pv, vv[w], o[w][i]);
+      MOELENS_UNROLL for (int w = 0; w < CC; ++w) o[w][i] = Ops::Fma(pv, vv[w], o[w][i]);
     }
   }
-  for (int w = 0; w < CC; ++w)
-    for (int i = 0; i < S; ++i) Ops::Store(out + i * d + c + w * VL, o[w][i]);
+  MOELENS_UNROLL for (int w = 0; w < CC; ++w)
+    MOELENS_UNROLL for (int i = 0; i < S; ++i) Ops::Store(out + i * d + c + w * VL, o[w][i]);
 }
 
 // One page block of one kv head for S query heads: scores, online-softmax update of the running

@@ -62,20 +62,20 @@ inline void SmallGemmBlock(const float* a, int64_t lda, const uint8_t* b, int64_
   constexpr int VL = Ops::kLanes;
   constexpr int64_t kAhead = 16;  // B rows prefetched ahead (strided rows defeat the prefetcher)
   typename Ops::Vec acc[RB][CB];
-  for (int r = 0; r < RB; ++r)
-    for (int j = 0; j < CB; ++j) acc[r][j] = Ops::Zero();
+  MOELENS_UNROLL for (int r = 0; r < RB; ++r)
+    MOELENS_UNROLL for (int j = 0; j < CB; ++j) acc[r][j] = Ops::Zero();
   const uint8_t* bp = b + col * elem;
   for (int64_t kk = 0; kk < k; ++kk, bp += ldb_bytes) {
     if (kk + kAhead < k) Ops::Prefetch(bp + kAhead * ldb_bytes);
     typename Ops::Vec bv[CB];
-    for (int j = 0; j < CB; ++j) bv[j] = Ops::Load(Tag{}, bp + int64_t(j) * VL * elem);
-    for (int r = 0; r < RB; ++r) {
+    MOELENS_UNROLL for (int j = 0; j < CB; ++j) bv[j] = Ops::Load(Tag{}, bp + int64_t(j) * VL * elem);
+    MOELENS_UNROLL for (int r = 0; r < RB; ++r) {
       const auto av = Ops::Set1(a[r * lda + kk]);
-      for (int j = 0; j < CB; ++j) acc[r][j] = Ops::Fma(av, bv[j], acc[r][j]);
+      MOELENS_UNROLL for (int j = 0; j < CB; ++j) acc[r][j] = Ops::Fma(av, bv[j], acc[r][j]);
     }
   }
-  for (int r = 0; r < RB; ++r)
-    for (int j = 0; j < CB; ++j) Ops::Store(c + r * ldc + col + j * VL, acc[r][j]);
+  MOELENS_UNROLL for (int r = 0; r < RB; ++r)
+    MOELENS_UNROLL for (int j = 0; j < CB; ++j) Ops::Store(c + r * ldc + col + j * VL, acc[r][j]);
 }
 
 template <class Ops, class Tag, int RB>

@@ -13,8 +13,9 @@ hardware fingerprint and the model shape (`~/.cache/moelens_jax/`, or $MOELENS_C
   sampling per logits row, fixed);
 * host->device bandwidth as the weight mover achieves it, streaming whole layer buffers (one
   contiguous transfer each) for >= 1 GB in total (or 1/16 of RAM if smaller). On a CPU
-  backend the "transfer" may alias the host buffer, so the rate is very high and t_io ~ 0;
-  the engine's `h2d_limit_gb_per_s` cap is what emulates a link there;
+  backend the "transfer" aliases the host buffer, so the rate is very high and t_io ~ 0 (the
+  engine keeps the layers resident there and streams nothing); the engine's
+  `h2d_limit_gb_per_s` cap is what emulates a link there;
 * host memory read bandwidth (the C++ streaming-read probe).
 
 On a CPU-only backend `shared_cores` is True (device and host stages run on the same cores).
@@ -62,7 +63,7 @@ def measure_h2d(model, min_bytes: int) -> float:
     contiguous transfer), over at least `min_bytes` (and at least every layer once)."""
     from moelens_jax.runtime.mover import WeightMover
 
-    mover = WeightMover(model, depth=1)
+    mover = WeightMover(model, depth=1, resident=False)
     mover.get(0)  # warm-up (compiles the unpack)
     bytes0, secs0, layer = mover.bytes_moved, mover.copy_s, 1
     while mover.bytes_moved - bytes0 < min_bytes or layer <= mover.num_layers:

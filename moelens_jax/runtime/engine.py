@@ -22,6 +22,8 @@ prefill attention and the experts and point decode attention at a one-token pad 
 Weights stay on the host: the `WeightMover` streams each layer's contiguous buffer into a
 device window of `device_weight_layers` layers on its own thread while earlier layers compute
 (optionally capped to a link bandwidth); only embedding, final norm and lm_head stay resident.
+On a CPU-only backend with neither cap the "device" is host memory: nothing streams, the layers
+are used in place (`WeightMover.resident`).
 
 Two executors (`pipeline=`): "serial" runs and times each stage in turn (the default on a
 CPU-only backend, where every stage shares the same cores); "vslpipe" splits the iteration's
@@ -147,7 +149,11 @@ class RunStats:
 
 
 def _bucket(n: int, minimum: int = 8) -> int:
-    return max(minimum, 1 << (max(int(n), 1) - 1).bit_length())
+    """`n` rounded up to one of at most 4 sizes per octave (<= 25 % padding; power-of-two
+    buckets padded 78 decode rows to 128, and their lm_head rows with them), >= `minimum`."""
+    n = max(int(n), minimum, 1)
+    step = 1 << max(0, n.bit_length() - 3)
+    return -(-n // step) * step
 
 
 TILE = 64  # rows per tile of the block-sparse prefill attention
@@ -487,8 +493,11 @@ class Engine:
             self.store.append([PAD_SEQ], [1], layer, zero, zero)
         self.mode = pipeline
         self.record_stages = record_stages
+        # On a CPU-only machine the layers stay where they are (zero-copy views) unless a link
+        # cap or a device-memory cap asks for a GPU to be emulated.
         self.mover = WeightMover(model, depth=device_weight_layers,
-                                 h2d_limit_gb_per_s=h2d_limit_gb_per_s)
+                                 h2d_limit_gb_per_s=h2d_limit_gb_per_s,
+                                 resident=False if device_memory_bytes is not None else None)
         self.h2d_limit_gb_per_s = h2d_limit_gb_per_s
         self.device_memory_bytes = device_memory_bytes
         self.device_weight_bytes = resident_bytes(model) + self.mover.device_bytes()
