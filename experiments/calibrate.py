@@ -25,13 +25,14 @@ def main(argv):
     settings = common.log_flags(__name__)
     model = mj.load_model(_MODEL.value, seed=_SEED.value)
     t0 = time.perf_counter()
-    hw = perf.calibrate(model, use_cache=_USE_CACHE.value)
+    cal = perf.calibrate(model, use_cache=_USE_CACHE.value)
     took = time.perf_counter() - t0
-    d = dataclasses.asdict(hw)
-    print(common.table([(k, f"{v:.4g}" if isinstance(v, float) else v) for k, v in d.items()],
-                       f"== calibration ({took:.1f} s) =="))
-    common.print_json({**{k: (float(v) if isinstance(v, float) else v) for k, v in d.items()},
-                       "calibrate_s": took, "flags": settings,
+    hw, costs = dataclasses.asdict(cal.hardware), dataclasses.asdict(cal.costs)
+    for title, d in (("rates (HardwareSpec)", hw), ("cost terms (EngineCosts)", costs)):
+        print(common.table([(k, f"{v:.4g}" if isinstance(v, float) else v)
+                            for k, v in d.items()], f"== calibration: {title} =="))
+    print(f"calibration took {took:.1f} s")
+    common.print_json({"hardware": hw, "costs": costs, "calibrate_s": took, "flags": settings,
                        "machine": common.machine_fingerprint()})
 
 

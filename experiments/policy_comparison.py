@@ -10,7 +10,7 @@ import numpy as np
 
 from experiments import common
 from moelens_jax import perf, workloads
-from moelens_jax.runtime import Engine
+from moelens_jax.runtime import Engine, EngineConfig
 
 # (scale of every length, generation length before scaling): ~10-50 passes per policy.
 SCALES = {"mtbench": (0.25, 32), "rag": (0.125, 128), "helm_reasoning": (0.125, 50),
@@ -22,17 +22,14 @@ A40_FLOP_PER_BYTE = 150e12 / 19.5e9
 LIGHTNING_PREFILL_BUDGET = 1 << 20
 
 
-def run_policy(model, reqs, policy, kv_bytes, cap, budget, max_batch=None):
+def run_policy(model, reqs, config: EngineConfig):
     """One timed run after an uncapped warm-up of the same requests (it compiles every shape;
     compiled stages are shared by engines of one config)."""
-    kw = dict(kv_cache_bytes=kv_bytes, policy=policy, max_batch=max_batch, token_budget=budget)
-    warm = Engine(model, **kw)
-    warm.generate(reqs)
-    warm.mover.close()
-    eng = Engine(model, h2d_limit_gb_per_s=cap / 1e9, **kw)
-    res = eng.generate(reqs)
+    with Engine(model, config, h2d_limit_gb_per_s=None) as warm:
+        warm.generate(reqs)
+    with Engine(model, config) as eng:
+        res = eng.generate(reqs)
     st = eng.stats
-    eng.mover.close()
     return [r.tokens for r in res], {
         "generated_tokens_per_s": st.generated_tokens / st.wall_s, "wall_s": st.wall_s,
         "iterations": st.iterations, "preemptions": st.preemptions,
@@ -45,9 +42,11 @@ def compare(model, workload_names, num_requests, flop_per_byte=128.0, kv_tokens_
     """Runs both policies on each workload; prints the card and table, returns the JSON dict."""
     scales = scales or SCALES
     cfg = model.config
-    hw_local = perf.calibrate(model)
+    cal = perf.calibrate(model)
+    hw_local = cal.hardware
     cap = hw_local.gemm_flops / flop_per_byte
     hw = dataclasses.replace(hw_local, h2d_bytes_per_s=cap)
+    costs = cal.costs.with_link(cap)
     print(common.table([
         ("model", f"{cfg.name} ({model.dtype}, "
                   f"{cfg.num_layers * cfg.weight_bytes_per_layer / 1e6:.0f} MB per pass)"),
@@ -73,14 +72,18 @@ def compare(model, workload_names, num_requests, flop_per_byte=128.0, kv_tokens_
             2 * max(p + g for p, g in zip(w.prompt_lens, w.gen_lens, strict=True)))
         kv_bytes = kv_tokens * cfg.kv_bytes_per_token()
         lp = perf.lightning_policy(cfg, hw, w, kv_bytes)
-        budget = perf.default_token_budget(cfg, hw)  # MoE-Lens n_real from the model
+        # MoE-Lens: n_real from the model; MoE-Lightning: its static batch, prefilled at once.
+        lens_cfg = perf.engine_config(cfg, hw, costs, kv_cache_bytes=kv_bytes,
+                                      h2d_limit_gb_per_s=cap / 1e9)
+        light_cfg = EngineConfig(kv_cache_bytes=kv_bytes, h2d_limit_gb_per_s=cap / 1e9,
+                                 policy="moe-lightning", max_batch=lp.batch_size,
+                                 token_budget=LIGHTNING_PREFILL_BUDGET)
+        budget = lens_cfg.token_budget
         t0 = time.perf_counter()
-        lens_tok, lens = run_policy(model, reqs, "moe-lens", kv_bytes, cap, budget)
-        light_tok, light = run_policy(model, reqs, "moe-lightning", kv_bytes, cap,
-                                      LIGHTNING_PREFILL_BUDGET, lp.batch_size)
-        p_lens = perf.predict(cfg, hw, w, kv_bytes, token_budget=budget)
-        p_light = perf.predict(cfg, hw, w, kv_bytes, policy="moe-lightning",
-                               max_batch=lp.batch_size, token_budget=LIGHTNING_PREFILL_BUDGET)
+        lens_tok, lens = run_policy(model, reqs, lens_cfg)
+        light_tok, light = run_policy(model, reqs, light_cfg)
+        p_lens = perf.predict(cfg, costs, w, lens_cfg)
+        p_light = perf.predict(cfg, costs, w, light_cfg)
         row = {
             "workload": name, "scale": scale, "num_requests": len(reqs),
             "prompt_mean": w.mean_prompt, "gen_len": w.mean_gen, "kv_tokens": kv_tokens,

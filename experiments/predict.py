@@ -31,16 +31,20 @@ def main(argv):
     settings = common.log_flags(__name__)
     if _HARDWARE.value == "local":
         model = mj.load_model(_MODEL.value)
-        cfg, hw = model.config, perf.calibrate(model)
+        cal = perf.calibrate(model)
+        cfg, hw, costs = model.config, cal.hardware, cal.costs
     else:
         cfg, hw = mj.config.resolve_config(_MODEL.value), perf.get_hardware(_HARDWARE.value)
+        costs = perf.EngineCosts.from_hardware(cfg, hw)
     kv = _KV_CACHE_GB.value * 1e9
     p, g = _PROMPT_LEN.value, _GEN_LEN.value
     s1 = perf.stage1(cfg, hw, perf.Workload.fixed(p, g), kv)
-    budget = _TOKEN_BUDGET.value or perf.default_token_budget(cfg, hw)
+    overrides = {"token_budget": _TOKEN_BUDGET.value} if _TOKEN_BUDGET.value else {}
+    config = perf.engine_config(cfg, hw, costs, kv_cache_bytes=int(kv),
+                                page_size=_PAGE_SIZE.value, **overrides)
+    budget = config.token_budget
     k = _NUM_REQUESTS.value or max(8, int(4 * s1.kv_tokens / (p + g)))
-    s2 = perf.predict(cfg, hw, perf.Workload.fixed(p, g, k), kv, page_size=_PAGE_SIZE.value,
-                      token_budget=budget)
+    s2 = perf.predict(cfg, costs, perf.Workload.fixed(p, g, k), config)
     print(common.table([
         ("model", f"{cfg.name} ({cfg.total_params / 1e9:.1f} B params, "
                   f"{cfg.num_layers * cfg.weight_bytes_per_layer / 1e9:.1f} GB streamed/pass)"),

@@ -29,6 +29,7 @@ import moelens_jax as mj
 from experiments import common, model_validation, policy_comparison
 from moelens_jax import perf
 from moelens_jax.config import get_preset
+from moelens_jax.runtime import EngineConfig
 
 _OUT = flags.DEFINE_string("out", "paper_out", "Output directory.")
 _REDUCED = flags.DEFINE_bool("reduced", False, "Shrink every grid and run (CI smoke mode).")
@@ -125,10 +126,12 @@ def headline(out, reduced):
                 k = max(64, int((1 if reduced else 3) * perf.stage1(cfg, hw, w, kv).kv_tokens
                                 / (p + g / 2)))
                 wk = perf.Workload.fixed(p, g, k)
-                budget = perf.default_token_budget(cfg, hw)
-                lens = perf.predict(cfg, hw, wk, kv, token_budget=budget)
-                light = perf.predict(cfg, hw, wk, kv, policy="moe-lightning",
-                                     max_batch=lp.batch_size, token_budget=1 << 22)
+                lens_cfg = perf.engine_config(cfg, hw, kv_cache_bytes=kv)
+                budget = lens_cfg.token_budget
+                lens = perf.predict(cfg, hw, wk, lens_cfg)
+                light = perf.predict(cfg, hw, wk, EngineConfig(
+                    kv_cache_bytes=kv, policy="moe-lightning", max_batch=lp.batch_size,
+                    token_budget=1 << 22))
                 rows.append({"model": name, "kv_gb": kv / 1e9, "prompt_len": p, "gen_len": g,
                              "num_requests": k,
                              "moe_lens_generated_tokens_per_s": lens.generated_tokens_per_s,
@@ -161,7 +164,7 @@ def measured(out, reduced, seed):
         model = mj.load_model("tiny-mixtral", seed=seed)
         cmp = policy_comparison.compare(model, ["mtbench"], 8, seed=seed,
                                        scales={"mtbench": (0.25, 16)})
-        val = model_validation.validate(["tiny-qwen3-moe"], model_validation.GRID[:2], seed,
+        val = model_validation.validate(["tiny-qwen3-moe"], model_validation.QUICK_GRID, seed,
                                       os.path.join(out, "accuracy.png"))
     else:
         model = mj.load_model(mj.config.DEFAULT_PRESET, seed=seed)

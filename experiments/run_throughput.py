@@ -10,7 +10,6 @@ greedy decoding by full recompute (no KV cache), the correctness oracle.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 
@@ -18,8 +17,8 @@ from absl import app, flags
 
 import moelens_jax as mj
 from experiments import common
-from moelens_jax import reference, workloads
-from moelens_jax.runtime import Engine
+from moelens_jax import perf, reference, workloads
+from moelens_jax.runtime import Engine, EngineConfig
 from moelens_jax.runtime.results_io import generate_resumable
 
 _MODEL = flags.DEFINE_string("model", mj.config.DEFAULT_PRESET, "Preset name or checkpoint folder.")
@@ -53,6 +52,20 @@ _OUT = flags.DEFINE_string("out", None, "Append each finished request to this JS
                            "rerun skips requests already in it (resume after interruption).")
 _TRACE_OUT = flags.DEFINE_string("trace_out", None, "Write a Chrome/Perfetto trace JSON here.")
 _PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar (stderr).")
+
+
+def engine_config(cfg, settings: dict) -> tuple[EngineConfig, str]:
+    """The run's `EngineConfig` and where its token budget comes from: the flag, else the
+    performance model's choice from this machine's cached calibration, else the default."""
+    if _TOKEN_BUDGET.value is not None:
+        return EngineConfig(token_budget=_TOKEN_BUDGET.value, **settings), "--token_budget"
+    cal = perf.cached(cfg)
+    if cal is None:
+        config = EngineConfig(**settings)
+        return config, (f"default {config.token_budget} (no calibration cached; "
+                        "python -m experiments.calibrate)")
+    return (perf.engine_config(cfg, cal.hardware, cal.costs, **settings),
+            f"perf model ({cal.hardware.name})")
 
 
 def main(argv):
@@ -94,11 +107,12 @@ def main(argv):
                       h2d_gb_per_s=None)  # the reference keeps the whole model on the device
     else:
         dev_mem = None if _DEVICE_MEMORY_GB.value is None else int(_DEVICE_MEMORY_GB.value * 1e9)
-        engine = Engine(model, kv_cache_bytes=kv_bytes, page_size=_PAGE_SIZE.value,
-                        token_budget=_TOKEN_BUDGET.value, policy=_POLICY.value,
-                        device_weight_layers=_DEVICE_LAYERS.value,
-                        h2d_limit_gb_per_s=_H2D_LIMIT.value, device_memory_bytes=dev_mem,
-                        pipeline=_PIPELINE.value, record_stages=bool(_TRACE_OUT.value))
+        config, budget_source = engine_config(cfg, dict(
+            kv_cache_bytes=kv_bytes, page_size=_PAGE_SIZE.value, policy=_POLICY.value,
+            device_weight_layers=_DEVICE_LAYERS.value, h2d_limit_gb_per_s=_H2D_LIMIT.value,
+            device_memory_bytes=dev_mem, pipeline=_PIPELINE.value,
+            record_stages=bool(_TRACE_OUT.value)))
+        engine = Engine(model, config)
         compile_s = engine.warmup(reqs)  # compiles every shape the run uses, apart from it
         result["compile_s"] = compile_s
         if _OUT.value:
@@ -128,15 +142,13 @@ def main(argv):
                       h2d_gb_per_s=st.h2d_gb_per_s, h2d_bytes=st.h2d_bytes,
                       device_weight_bytes=engine.device_weight_bytes,
                       token_budget=engine.token_budget,
-                      token_budget_source=engine.token_budget_source,
+                      token_budget_source=budget_source,
                       stage_seconds=st.stage_seconds())
         if _PREDICT.value:
-            from moelens_jax import perf
-            hw = perf.calibrate(model)
+            costs = perf.calibrate(model).costs
             if _H2D_LIMIT.value is not None:
-                hw = dataclasses.replace(hw, h2d_bytes_per_s=_H2D_LIMIT.value * 1e9)
-            pred = perf.predict(cfg, hw, perf.Workload.from_requests(reqs), kv_bytes,
-                                page_size=_PAGE_SIZE.value, token_budget=engine.token_budget)
+                costs = costs.with_link(_H2D_LIMIT.value * 1e9)
+            pred = perf.predict(cfg, costs, perf.Workload.from_requests(reqs), engine.config)
             measured = st.generated_tokens / st.wall_s
             result.update(predicted_generated_tokens_per_s=pred.generated_tokens_per_s,
                           prediction_accuracy=1 - abs(pred.generated_tokens_per_s - measured)

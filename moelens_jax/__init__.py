@@ -12,10 +12,11 @@ The research API:
 from moelens_jax.checkpoint import CheckpointError, load_model, save_model
 from moelens_jax.config import ConfigError, ModelConfig, get_preset, preset_names
 from moelens_jax.model import Model, TokenError
-from moelens_jax.runtime import Engine, GenerationResult, Request, SamplingParams
+from moelens_jax.runtime import Engine, EngineConfig, GenerationResult, Request, SamplingParams
 
 __version__ = "0.1.0"
 
-__all__ = ["CheckpointError", "ConfigError", "Engine", "GenerationResult", "Model", "ModelConfig",
+__all__ = ["CheckpointError", "ConfigError", "Engine", "EngineConfig", "GenerationResult", "Model",
+           "ModelConfig",
            "Request", "SamplingParams", "TokenError", "get_preset", "load_model", "preset_names",
            "save_model"]

@@ -29,7 +29,7 @@ import os
 
 import numpy as np
 
-from moelens_jax.runtime.engine import Request
+from moelens_jax.runtime.requests import Request
 
 
 @dataclasses.dataclass(frozen=True)

@@ -71,7 +71,7 @@ def test_engine_equals_greedy_oracle(oracle, page_size, token_budget, kv_tokens,
     L = model.config.num_layers
     stages = {(st, layer) for st, layer, *_ in eng.stats.stage_events}
     assert stages >= {(st, layer) for st in ("C", "GB") for layer in range(L)}
-    assert all(it["c_s"] > 0 and it["gb_s"] > 0 for it in eng.stats.per_iteration)
+    assert all(it.c_s > 0 and it.gb_s > 0 for it in eng.stats.per_iteration)
     names = {e["name"] for e in eng.stats.chrome_trace()["traceEvents"]}
     assert {"C L0", "GB L0", "iteration 0"} <= names
     groups = {g for _, _, g, *_ in eng.stats.stage_events}
@@ -239,18 +239,15 @@ def test_tiled_prefill_attention_equals_dense_segment_attention(seed):
     rows, pair counts that need bucket padding."""
     import jax.numpy as jnp
 
+    from moelens_jax.model.stages import tiled_prefill_attention
     from moelens_jax.reference import segment_causal_attention
-    from moelens_jax.runtime.engine import (
-        _row_bucket,
-        prefill_tile_pairs,
-        tiled_prefill_attention,
-    )
+    from moelens_jax.runtime.layout import prefill_tile_pairs, row_bucket
     rng = np.random.default_rng(seed)
     for _ in range(25):
         lens = [int(x) for x in rng.integers(1, 140, rng.integers(1, 6))]
         n_pre = sum(lens)
         lead = int(rng.integers(0, 40))  # decode rows come first in an engine group
-        n = _row_bucket(lead + n_pre + int(rng.integers(0, 40)))
+        n = row_bucket(lead + n_pre + int(rng.integers(0, 40)))
         seg = np.full(n, -1)
         pos = np.zeros(n, np.int64)
         row = lead
@@ -319,7 +316,7 @@ def test_cpu_prefill_attention_rejects_bad_layouts():
 def test_shape_rules_shared_with_stage2():
     """tile_pair_count (Stage 2 charges it) == the pairs the engine builds, on random group
     layouts."""
-    from moelens_jax.runtime.engine import _build_group, tile_pair_count
+    from moelens_jax.runtime.layout import GroupShape, build_group, tile_pair_count
 
     rng = np.random.default_rng(0)
     for _ in range(300):
@@ -327,14 +324,17 @@ def test_shape_rules_shared_with_stage2():
         lens = [int(x) for x in rng.integers(1, 300, rng.integers(0 if n_dec else 1, 6))]
         tokens = {i: [1] * int(rng.integers(1, 200)) for i in range(n_dec)}
         tokens.update({100 + j: [1] * n for j, n in enumerate(lens)})
-        g = _build_group(list(range(n_dec)), [(100 + j, n) for j, n in enumerate(lens)], tokens)
+        g = build_group(list(range(n_dec)), [(100 + j, n) for j, n in enumerate(lens)], tokens)
         assert tile_pair_count(lens, n_dec) == g.pairs.shape[0]
+        shape = GroupShape.of(lens, [len(tokens[i]) for i in range(n_dec)])
+        assert shape.padded_rows == g.tok.shape[0] and shape.tile_pairs == g.pairs.shape[0]
+        assert shape.logit_rows >= len(g.last_rows) and shape.decode_tokens == n_dec
 
 
 def test_vslpipe_split_balances_predicted_time():
     """split_plan: every sequence in exactly one group, plan order kept within a group, the
     two loads within one item of each other; a decode row with a long context counts more."""
-    from moelens_jax.runtime.engine import SplitCosts, split_plan
+    from moelens_jax.runtime.layout import SplitCosts, split_plan
     from moelens_jax.runtime.scheduler import Plan
 
     rng = np.random.default_rng(1)
@@ -365,10 +365,20 @@ def test_vslpipe_split_balances_predicted_time():
 def test_public_api_contract():
     """DESIGN section 6: the research API names users depend on."""
     assert mj.Engine is Engine and mj.Request is Request and mj.SamplingParams is SamplingParams
-    import inspect
-    params = inspect.signature(mj.Engine).parameters
-    assert params["page_size"].default == 16 and params["policy"].default == "moe-lens"
-    assert params["kv_cache_bytes"].kind is inspect.Parameter.KEYWORD_ONLY
+    import dataclasses
+    # Engine(model, *, kv_cache_bytes, page_size=16, policy="moe-lens", ...): the keywords are
+    # EngineConfig fields, whose defaults live there once.
+    fields = {f.name: f for f in dataclasses.fields(mj.EngineConfig)}
+    assert fields["page_size"].default == 16 and fields["policy"].default == "moe-lens"
+    assert fields["kv_cache_bytes"].default is dataclasses.MISSING
+    model = _model()
+    with mj.Engine(model, kv_cache_bytes=_kv_bytes(model.config, 64, 16), page_size=16,
+                   policy="moe-lens") as eng:
+        assert eng.config == mj.EngineConfig(kv_cache_bytes=_kv_bytes(model.config, 64, 16))
+    with pytest.raises(TypeError, match="kv_cache_bytes"):
+        mj.Engine(model, page_size=16)
+    with pytest.raises(TypeError, match="no_such_setting"):
+        mj.Engine(model, kv_cache_bytes=1 << 20, no_such_setting=1)
 
 
 def test_text_prompts_with_the_checkpoint_tokenizer(tmp_path):
@@ -406,5 +416,5 @@ def test_moe_lightning_policy_equals_oracle(oracle, kv_tokens, max_batch):
     got = eng.generate(reqs)
     assert [r.tokens for r in got] == want
     assert eng.stats.preemptions == 0 and eng.store.free_pages() == eng.kv_pages
-    assert all(it["decode_tokens"] == 0 or it["prefill_tokens"] == 0
+    assert all(it.shape.decode_tokens == 0 or it.shape.prefill_tokens == 0
                for it in eng.stats.per_iteration)  # prefill and decode never share a pass

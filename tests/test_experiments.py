@@ -146,12 +146,16 @@ def test_validate_model_quick(tmp_path, cache_env):
         text=True, timeout=600, env=cache_env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert result["n_configs"] == 2 and len(result["configs"]) == 2
-    assert result["min_accuracy"] <= result["mean_accuracy"] <= 1
+    assert result["n_configs"] == 4 and len(result["configs"]) == 4
+    # An accuracy floor a wrong model fails (held-out configs, a fresh calibration; the
+    # full grid is judged against 0.97 / 0.90 in the README).
+    assert result["mean_accuracy"] >= 0.85, result["configs"]
+    assert {row["pipeline"] for row in result["configs"]} == {"serial", "vslpipe"}
     for row in result["configs"]:  # the scheduler is simulated exactly
         assert row["predicted_iterations"] == row["iterations"]
         assert row["predicted_preemptions"] == row["preemptions"]
-        assert len(row["timed_walls_s"]) == row["timed_runs"] >= 1
+        assert len(row["timed_walls_s"]) == row["timed_runs"] >= 3
+        assert row["repeat_spread"] >= 0
     assert result["calibration"]["tiny-qwen3-moe"]["first_config_remeasured_ratio"] > 0
     assert png.read_bytes()[:4] == b"\x89PNG"
 

@@ -196,7 +196,7 @@ def test_gb_stage_lowers_for_cuda_without_ragged_dot(preset):
     """The engine's GB computation, lowered for CUDA here (no GPU needed): the expert GEMMs are
     plain dots in loops, never ragged_dot (which jaxlib 0.10 rewrites into a dense E x GEMM on
     GPUs) and never the CPU-only FFI kernel."""
-    from moelens_jax.runtime.engine import gb_stage
+    from moelens_jax.model.stages import gb_stage
 
     cfg, args = _abstract_gb_args(preset, 4096)
     hlo = (jax.jit(functools.partial(gb_stage, cfg)).trace(*args)

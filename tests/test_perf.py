@@ -8,7 +8,8 @@ import pytest
 
 from moelens_jax import perf
 from moelens_jax.config import get_preset
-from moelens_jax.perf import Workload
+from moelens_jax.perf import EngineCosts, Workload
+from moelens_jax.runtime import EngineConfig, GroupShape, IterationRecord, IterationShape
 
 MIXTRAL = get_preset("mixtral-8x7b")
 A40 = perf.get_hardware("a40")
@@ -61,7 +62,8 @@ def test_stage2_below_stage1_and_converges():
     w1 = perf.stage1(MIXTRAL, A40, Workload.fixed(98, 32), 20e9)
     ratios = []
     for k in (2000, 8000, 32000):
-        s2 = perf.predict(MIXTRAL, A40, Workload.fixed(98, 32, k), 20e9, token_budget=32768)
+        s2 = perf.predict(MIXTRAL, A40, Workload.fixed(98, 32, k),
+                          EngineConfig(kv_cache_bytes=20e9, token_budget=32768))
         ratios.append(s2.generated_tokens_per_s / w1.generated_tokens_per_s)
         assert s2.rejected == 0 and s2.kv_peak_fraction > 0.9
     assert all(r <= 1.02 for r in ratios)
@@ -73,24 +75,64 @@ def test_stage2_hand_computed_case():
     weight streaming (everything else free): iteration 1 prefills both (8 tokens, 2
     generated), iteration 2 decodes both -> 4 tokens in 2 s."""
     cfg = get_preset("tiny-mixtral")
-    hw = perf.HardwareSpec(
-        name="synthetic", gemm_flops=1e30, device_memory_bytes=1e9,
-        h2d_bytes_per_s=cfg.num_layers * cfg.weight_bytes_per_layer, d2h_bytes_per_s=1e9,
-        host_memory_bandwidth=1e30, cpu_attn_bytes_per_s=1e30)
-    kv = 64 * cfg.kv_bytes_per_token()
-    a = perf.predict(cfg, hw, Workload.fixed(4, 2, 2), kv, page_size=4,
-                     device_weight_layers=1)  # streamed: tiny-mixtral has only 2 layers
+    costs = EngineCosts(io_s_per_byte=1.0 / (cfg.num_layers * cfg.weight_bytes_per_layer))
+    config = EngineConfig(kv_cache_bytes=64 * cfg.kv_bytes_per_token(), page_size=4,
+                          device_weight_layers=1)  # streamed: tiny-mixtral has only 2 layers
+    a = perf.predict(cfg, costs, Workload.fixed(4, 2, 2), config)
     assert (a.iterations, a.total_s, a.generated_tokens_per_s) == (2, pytest.approx(2.0),
                                                                     pytest.approx(2.0))
     assert a.processed_tokens_per_s == pytest.approx(2 * (4 + 2) / 2.0)  # paper: p + g each
     assert a.computed_tokens == 8 + 2  # two prefills of 4, then two decode tokens
-    b = perf.predict(cfg, hw, Workload.fixed(4, 2, 2), kv, page_size=4,
-                     device_weight_layers=1)
-    assert a == b  # deterministic
+    assert a == perf.predict(cfg, costs, Workload.fixed(4, 2, 2), config)  # deterministic
     # A weight window holding every layer streams nothing: the iterations cost nothing here.
-    resident = perf.predict(cfg, hw, Workload.fixed(4, 2, 2), kv, page_size=4,
-                            device_weight_layers=cfg.num_layers)
+    resident = perf.predict(cfg, costs, Workload.fixed(4, 2, 2),
+                            dataclasses.replace(config, device_weight_layers=cfg.num_layers))
     assert resident.total_s == pytest.approx(0.0, abs=1e-9)
+    # So do layers used in place on a CPU-only machine (shared cores, no cap)...
+    cpu = dataclasses.replace(costs, shared_cores=True)
+    assert perf.predict(cfg, cpu, Workload.fixed(4, 2, 2), config).total_s == pytest.approx(0.0)
+    # ... unless a link cap asks for an accelerator to be emulated.
+    capped = dataclasses.replace(config, h2d_limit_gb_per_s=1.0)
+    assert perf.predict(cfg, cpu, Workload.fixed(4, 2, 2), capped).total_s == pytest.approx(2.0)
+
+
+def test_stage2_charges_every_term_by_hand():
+    """Every EngineCosts term set to its own value; the two iterations of two requests
+    (p=4, g=2; tiny-mixtral, 2 layers; a CPU-only machine: serial, no tile pairs) computed by
+    hand from the engine's layout rules: rows bucket to 64, decode rows to 8, logits rows 2."""
+    cfg = get_preset("tiny-mixtral")
+    L, kvb = cfg.num_layers, cfg.kv_bytes_per_token()
+    c = EngineCosts(layer_fixed_s=1e-3, layer_token_s=2e-4, padded_row_s=3e-5,
+                    attn_pair_s=7.0, attn_key_s=5e-6, attn_fixed_s=4e-4, attn_s_per_token=6e-5,
+                    attn_s_per_kv_byte=1e-9, head_s_per_seq=8e-3, iteration_fixed_s=2e-2,
+                    request_s=0.5, io_s_per_byte=1.0, shared_cores=True)
+    config = EngineConfig(kv_cache_bytes=64 * kvb, page_size=4)
+    got = perf.predict(cfg, c, Workload.fixed(4, 2, 2), config)
+    # iteration 1: prefill 4 + 4 tokens: 64 rows, 2 * (4 * 5 / 2) attended keys, 2 logits rows
+    dev1 = L * (1e-3 + 2e-4 * 8 + 3e-5 * 64 + 5e-6 * 20) + 8e-3 * 2
+    host1 = L * (4e-4 + 6e-5 * 8)
+    # iteration 2: decode 2 rows (8 after bucketing, 64 computed), each attending to 5 tokens
+    dev2 = L * (1e-3 + 2e-4 * 2 + 3e-5 * 64) + 8e-3 * 2
+    host2 = L * (4e-4 + 6e-5 * 2 + 1e-9 * 10 * kvb / L)
+    want = 2 * 0.5 + (2e-2 + dev1 + host1) + (2e-2 + dev2 + host2)
+    assert got.total_s == pytest.approx(want, rel=1e-12)
+    assert got.seconds_by_term["dev"] == pytest.approx(dev1 + dev2, rel=1e-12)
+    assert got.seconds_by_term["host"] == pytest.approx(host1 + host2, rel=1e-12)
+
+
+def test_engine_config_validates_and_is_one_place_for_defaults():
+    with pytest.raises(ValueError, match="kv_cache_bytes must be positive"):
+        EngineConfig(kv_cache_bytes=0)
+    with pytest.raises(ValueError, match="unknown policy"):
+        EngineConfig(kv_cache_bytes=1, policy="fastest")
+    with pytest.raises(ValueError, match="vslpipe' needs device_weight_layers >= 2"):
+        EngineConfig(kv_cache_bytes=1, pipeline="vslpipe", device_weight_layers=1)
+    c = EngineConfig(kv_cache_bytes=1)
+    assert c.resolved_pipeline(on_cpu=True) == "serial"
+    assert c.resolved_pipeline(on_cpu=False) == "vslpipe"
+    assert not c.streams_weights(on_cpu=True) and c.streams_weights(on_cpu=False)
+    with pytest.raises(ValueError, match="finite and >= 0"):
+        EngineCosts(layer_token_s=-1.0)
 
 
 def test_hardware_presets_and_errors():
@@ -102,7 +144,10 @@ def test_hardware_presets_and_errors():
     with pytest.raises(ValueError, match="gemm_flops must be positive"):
         dataclasses.replace(A40, gemm_flops=0)
     assert perf.HardwareSpec.from_json(A40.to_json()) == A40
-    assert 64 <= perf.default_token_budget(MIXTRAL, A40) <= 32768
+    costs = EngineCosts.from_hardware(MIXTRAL, A40)
+    assert 64 <= perf.default_token_budget(MIXTRAL, A40, costs) <= 32768
+    assert perf.engine_config(MIXTRAL, A40, kv_cache_bytes=10**9).token_budget == \
+        perf.default_token_budget(MIXTRAL, A40, costs)
 
 
 def test_corrupt_calibration_cache_is_ignored_with_a_warning(tmp_path, monkeypatch):
@@ -112,10 +157,11 @@ def test_corrupt_calibration_cache_is_ignored_with_a_warning(tmp_path, monkeypat
     cfg = get_preset("tiny-mixtral")
     assert perf.cached(cfg) is None
     path = _cache_path(cfg)
+    cal = perf.Calibration(A40, EngineCosts.from_hardware(cfg, A40))
     with open(path, "w") as f:
-        f.write(A40.to_json())
-    assert perf.cached(cfg) == A40
-    for bad in ('{"name": "x"', '{"name": "x", "no_such_field": 1}'):
+        f.write(cal.to_json())
+    assert perf.cached(cfg) == cal
+    for bad in ('{"name": "x"', A40.to_json(), cal.to_json().replace('"version": ', '"v": ')):
         with open(path, "w") as f:
             f.write(bad)
         with pytest.warns(UserWarning, match="unreadable calibration cache"):
@@ -123,40 +169,36 @@ def test_corrupt_calibration_cache_is_ignored_with_a_warning(tmp_path, monkeypat
 
 
 def test_calibration_fit_recovers_known_costs():
-    """fit_engine_costs on synthetic per-iteration records built from known coefficients,
-    and Stage 2 charging exactly those costs."""
+    """fit_engine_costs on synthetic per-iteration records built from known coefficients
+    (charged by Stage 2's own `EngineCosts.iteration`) recovers every coefficient."""
     from moelens_jax.perf.calibrate import fit_engine_costs
-    from moelens_jax.perf.stage2 import iteration_seconds
 
     cfg = get_preset("tiny-mixtral")
-    L = cfg.num_layers
-    a, b, c, pr, h0, r0, rs = 2e-3, 1e-5, 2e-6, 3e-5, 5e-4, 1e-2, 3e-4
-    truth = dataclasses.replace(A40, layer_token_s=b, padded_row_s=c, attn_pair_s=pr,
-                                layer_fixed_s=a, attn_fixed_s=h0, cpu_attn_bytes_per_s=1e9,
-                                iteration_fixed_s=r0, head_s_per_seq=rs, shared_cores=True)
+    truth = EngineCosts(layer_fixed_s=2e-3, layer_token_s=1e-5, padded_row_s=2e-6,
+                        attn_pair_s=3e-5, attn_key_s=4e-8, attn_fixed_s=5e-4,
+                        attn_s_per_token=7e-6, attn_s_per_kv_byte=1e-9,
+                        iteration_fixed_s=1e-2, head_s_per_seq=3e-4, shared_cores=True)
     recs = []
-    for i in range(80):
-        n_pre, n_dec, kv = (i * 37) % 300, (i * 11) % 64, (i * 997) % 20000
-        n, rows, pairs = n_pre + n_dec, 64 * (1 + (n_pre + n_dec) // 64), 1 + (i * 7) % 40
-        dev = L * (a + b * n + c * rows + pr * pairs)
-        host = L * (h0 + kv * cfg.kv_bytes_per_token() / L / 1e9)
-        seqs = n_dec + i % 5
-        recs.append({"prefill_tokens": n_pre, "decode_tokens": n_dec, "logit_rows": seqs,
-                     "kv_tokens_read": kv, "padded_rows": rows, "tile_pairs": pairs,
-                     "ga_s": dev / 2, "gb_s": dev / 2, "c_s": host,
-                     "wall_s": dev + host + r0 + rs * seqs})
-        cost = iteration_seconds(cfg, truth, n, seqs, kv, rows=rows, tile_pairs=pairs,
-                                 device_weight_layers=L)
-        assert cost["total"] == pytest.approx(recs[-1]["wall_s"], rel=1e-9)
+    for i in range(120):
+        groups = []
+        for g in range(1 + i % 2):
+            n_pre, n_dec = (i * 37 + g * 13) % 300, (i * 11 + g) % 64
+            groups.append(GroupShape(
+                prefill_tokens=n_pre, decode_tokens=n_dec, prefill_seqs=1 + i % 3,
+                padded_rows=64 * (1 + (n_pre + n_dec) // 64), tile_pairs=1 + (i * 7) % 40,
+                attended_keys=(i * 101 + g * 7) % 5000, logit_rows=n_dec + 1 + i % 5,
+                kv_tokens_read=(i * 997 + g * 5) % 20000))
+        shape = IterationShape(tuple(groups))
+        cost = truth.iteration(cfg, shape)  # the lm_head rows are outside GA/GB/C
+        dev = cost["dev"] - truth.head_s_per_seq * shape.logit_rows
+        recs.append(IterationRecord(
+            start_s=0.0, wall_s=cost["total"], shape=shape, ga_s=dev / 3, gb_s=2 * dev / 3,
+            c_s=cost["host"], io_s=0.0, pages_used=0, pages_free=0))
     fit = fit_engine_costs(cfg, recs, [(10.0, 9.5, 40), (4.0, 3.9, 10)])
-    assert fit["request_s"] == pytest.approx(0.6 / 50)
-    for key, want in (("layer_fixed_s", a), ("layer_token_s", b), ("padded_row_s", c),
-                      ("attn_pair_s", pr), ("cpu_attn_bytes_per_s", 1e9),
-                      ("iteration_fixed_s", r0), ("head_s_per_seq", rs)):
-        assert fit[key] == pytest.approx(want, rel=1e-6), key
-    # gemm_flops: the asymptotic rate of the fitted line (per token + per padded row)
-    assert fit["gemm_flops"] == pytest.approx(2 * cfg.active_params_per_layer / (b + c),
-                                              rel=1e-6)
+    assert fit.request_s == pytest.approx(0.6 / 50)
+    for f in dataclasses.fields(truth):
+        if f.type == "float" and f.name not in ("request_s", "io_s_per_byte"):
+            assert getattr(fit, f.name) == pytest.approx(getattr(truth, f.name), rel=1e-6), f.name
 
 
 def test_moe_lightning_policy_and_prediction():
@@ -168,26 +210,28 @@ def test_moe_lightning_policy_and_prediction():
     assert lp.batch_size == int(kv // per_seq) and lp.kv_reserved_bytes <= kv
     assert lp.binding == "comm" and lp.hrm_generated_tokens_per_s > 0
     k = 3 * lp.batch_size
-    lens = perf.predict(MIXTRAL, A40, Workload.fixed(98, 128, k), kv, token_budget=32768)
-    light = perf.predict(MIXTRAL, A40, Workload.fixed(98, 128, k), kv, token_budget=32768,
-                         policy="moe-lightning", max_batch=lp.batch_size)
+    config = EngineConfig(kv_cache_bytes=kv, token_budget=32768)
+    lens = perf.predict(MIXTRAL, A40, Workload.fixed(98, 128, k), config)
+    light = perf.predict(MIXTRAL, A40, Workload.fixed(98, 128, k), dataclasses.replace(
+        config, policy="moe-lightning", max_batch=lp.batch_size))
     assert light.preemptions == 0
     assert lens.generated_tokens_per_s > 1.2 * light.generated_tokens_per_s
     with pytest.raises(ValueError, match="cannot hold one reserved sequence"):
         perf.lightning_policy(MIXTRAL, A40, w, 1e6)
 
 
-def test_fitted_zero_terms_cost_nothing():
-    """A term the calibration fitted to 0 (e.g. prefill tile pairs once a kernel made them
-    cheap) costs nothing; on a datasheet spec a 0 still means 'derive it from gemm_flops'."""
-    from moelens_jax.perf.stage2 import iteration_seconds
-
+def test_datasheet_costs_and_zero_terms():
+    """The datasheet derivation charges GEMM work at the GEMM rate (tile pairs included); an
+    explicit 0 (a fitted term) costs nothing."""
     cfg = get_preset("tiny-mixtral")
-    fitted = dataclasses.replace(A40, layer_token_s=1e-6, head_s_per_seq=1e-6, attn_pair_s=0.0,
-                                 fitted=True)
-    few, many = (iteration_seconds(cfg, fitted, 100, 4, 0, tile_pairs=p)["dev"]
-                 for p in (1, 1000))
-    assert few == many
-    sheet = dataclasses.replace(fitted, fitted=False)
-    assert (iteration_seconds(cfg, sheet, 100, 4, 0, tile_pairs=1000)["dev"]
-            > iteration_seconds(cfg, sheet, 100, 4, 0, tile_pairs=1)["dev"])
+    sheet = EngineCosts.from_hardware(cfg, A40)
+    assert sheet.layer_token_s == pytest.approx(2 * cfg.active_params_per_layer / 150e12)
+    assert sheet.attn_s_per_kv_byte == pytest.approx(1 / A40.cpu_attn_bytes_per_s)
+
+    def dev(costs, pairs):
+        g = GroupShape(100, 0, 1, 128, pairs, 0, 4, 0)
+        return costs.iteration(cfg, IterationShape((g,)))["dev"]
+
+    assert dev(sheet, 1000) > dev(sheet, 1)
+    fitted = dataclasses.replace(sheet, attn_pair_s=0.0)
+    assert dev(fitted, 1000) == dev(fitted, 1)

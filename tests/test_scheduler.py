@@ -152,3 +152,49 @@ def test_make_scheduler_policies():
     assert type(make_scheduler("moe-lightning", 4, 16, 64)) is StaticBatchScheduler
     with pytest.raises(ValueError, match="unknown policy"):
         make_scheduler("vllm", 4, 16, 64)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_invariants_on_random_workloads(seed):
+    """Every iteration of random workloads (random stops too): tokens <= budget unless one
+    prompt alone exceeds it; pages held == pages taken <= pages, each running sequence holding
+    exactly the pages its tokens need; first admissions FIFO; preemption takes the most
+    recently admitted first; every request finishes once."""
+    rng = np.random.default_rng(100 + seed)
+    pages, ps = int(rng.integers(4, 60)), int(rng.choice([1, 2, 4, 16]))
+    budget = int(rng.integers(1, 300))
+    s = Scheduler(num_pages=pages, page_size=ps, token_budget=budget)
+    added = []
+    for rid in range(int(rng.integers(1, 60))):
+        try:
+            s.add(rid, int(rng.integers(1, 80)), int(rng.integers(1, 50)))
+            added.append(rid)
+        except RequestRejected:
+            pass
+    first_admitted, finished = [], []
+    for _ in range(20_000):
+        if s.done:
+            break
+        running_before = list(s.running)
+        plan = s.schedule()
+        assert not plan.empty
+        n_pre = [n for _, n in plan.prefill]
+        alone = len(plan.prefill) == 1 and not plan.decode and n_pre[0] > budget
+        assert plan.num_tokens <= budget or alone, (plan, budget)
+        k = len(plan.preempted)
+        assert list(plan.preempted) == running_before[::-1][:k]  # newest first
+        for rid, _ in plan.prefill:
+            if rid not in first_admitted:
+                first_admitted.append(rid)
+        held = sum(st.pages for st in s.seqs.values())
+        assert held == pages - s.free_pages and 0 <= s.free_pages <= pages
+        stopped = {r for r in list(plan.decode) + [r for r, _ in plan.prefill]
+                   if rng.random() < 0.05}
+        done = s.complete(plan, stopped)
+        finished += sorted(done)
+        for rid in s.running:  # a running sequence holds the pages of its cached tokens
+            st = s.seqs[rid]
+            assert st.pages == s.pages_for(st.cached) and st.cached == st.total - 1
+    assert s.done and s.free_pages == pages
+    assert first_admitted == sorted(first_admitted)  # FIFO
+    assert sorted(finished) == added  # each exactly once

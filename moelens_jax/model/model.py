@@ -103,11 +103,6 @@ class Model:
             raise ValueError("decoding needs a tokenizer (no tokenizer.json was loaded)")
         return self.tokenizer.decode(list(tokens))
 
-    def save(self, path) -> None:
-        """Writes an orbax checkpoint folder that `load_model(path)` restores bit-identically."""
-        from moelens_jax.checkpoint.orbax_io import save_model
-        save_model(self, path)
-
     def __repr__(self) -> str:
         c = self.config
         return (f"Model({c.name or c.family}, layers={c.num_layers}, dtype={self.dtype}, "

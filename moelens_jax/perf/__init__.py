@@ -1,9 +1,11 @@
-"""The MoE-Lens performance model: hardware specs, Stage 1 (bound), Stage 2 (simulation)."""
+"""The MoE-Lens performance model: hardware rates, engine cost terms, Stage 1 (bound), Stage 2
+(simulation of the engine's own scheduler), and the schedule choices it makes."""
 
-from moelens_jax.perf.calibrate import cached, calibrate, fingerprint
+from moelens_jax.perf.calibrate import Calibration, cached, calibrate, fingerprint
+from moelens_jax.perf.costs import EngineCosts
 from moelens_jax.perf.hardware import PRESETS, HardwareSpec, get_hardware
 from moelens_jax.perf.lightning import LightningPolicy, lightning_policy
-from moelens_jax.perf.policy import default_token_budget, split_costs
+from moelens_jax.perf.policy import default_token_budget, engine_config, split_costs
 from moelens_jax.perf.stage1 import (
     Stage1Result,
     Workload,
@@ -15,10 +17,11 @@ from moelens_jax.perf.stage1 import (
     tokens_to_saturate_approx,
     workload_pme,
 )
-from moelens_jax.perf.stage2 import Stage2Result, engine_pages, iteration_seconds, predict
+from moelens_jax.perf.stage2 import Stage2Result, engine_pages, predict, streamed_bytes
 
-__all__ = ["HardwareSpec", "PRESETS", "get_hardware", "calibrate", "fingerprint", "Workload",
-           "Stage1Result", "Stage2Result", "stage1", "predict", "pme", "workload_pme",
-           "overlap_factor", "paper_table2", "tokens_to_saturate", "tokens_to_saturate_approx",
-           "iteration_seconds", "engine_pages", "default_token_budget", "split_costs", "cached",
-           "LightningPolicy", "lightning_policy"]
+__all__ = ["HardwareSpec", "EngineCosts", "Calibration", "PRESETS", "get_hardware", "calibrate",
+           "fingerprint", "Workload", "Stage1Result", "Stage2Result", "stage1", "predict", "pme",
+           "workload_pme", "overlap_factor", "paper_table2", "tokens_to_saturate",
+           "tokens_to_saturate_approx", "engine_pages", "streamed_bytes",
+           "default_token_budget", "split_costs", "engine_config", "cached", "LightningPolicy",
+           "lightning_policy"]

@@ -1,16 +1,18 @@
-"""Calibration: measure this machine (and this engine) into a `HardwareSpec`.
+"""Calibration: measure this machine (and this engine) into a `Calibration`: the machine's
+rates (`HardwareSpec`) and the engine's cost terms (`EngineCosts`).
 
-`calibrate(model)` takes well under a minute and caches its result as JSON keyed by a
-hardware fingerprint and the model shape (`~/.cache/moelens_jax/`, or $MOELENS_CACHE):
+`calibrate(model)` caches its result as JSON keyed by a hardware fingerprint and the model
+shape (`~/.cache/moelens_jax/`, or $MOELENS_CACHE); `validate_model` reports how long it took:
 
 * the pipeline profiler: the engine itself runs three short seeded workloads (long prompts in
   large iterations, small decode-heavy iterations, many short prompts) with per-stage timing,
-  and least-squares fits of its per-iteration records give the same terms Stage 2 charges
-  (stage2.iteration_seconds): the per-layer device line (fixed + per token + per padded row +
-  per prefill-attention tile pair; the experts compute the routed rows, so they are in the
-  per-token term; `gemm_flops` is the rate this line tends to at large n), the
-  host-stage terms (fixed, per token, per KV byte read) and the per-iteration rest (lm_head +
-  sampling per logits row, fixed);
+  each recorded run repeated (mean per iteration) until 2 s were recorded, at most 5 runs;
+  non-negative least squares on the typed per-iteration records (`IterationRecord.shape`, the
+  same `IterationShape` Stage 2 charges) give every `EngineCosts` term: the per-layer device
+  line (per group + per token + per padded row + per prefill-attention tile pair + per
+  attended prefill key; the experts compute the routed rows, so they are in the per-token
+  term), the host-stage terms (per group, per token, per KV byte read) and the
+  per-iteration rest (lm_head + sampling per logits row, fixed);
 * host->device bandwidth as the weight mover achieves it, streaming whole layer buffers (one
   contiguous transfer each) for >= 1 GB in total (or 1/16 of RAM if smaller). On a CPU
   backend the "transfer" aliases the host buffer, so the rate is very high and t_io ~ 0 (the
@@ -25,6 +27,7 @@ and dispatch included); `experiments/bench_cpu_attention.py` measures the kernel
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -35,10 +38,13 @@ import warnings
 import jax
 import numpy as np
 
-from moelens_jax import _cpu_ops, ops
+from moelens_jax import _cpu_ops, ops, workloads
+from moelens_jax.perf.costs import EngineCosts
 from moelens_jax.perf.hardware import HardwareSpec
+from moelens_jax.runtime.engine import Engine
+from moelens_jax.runtime.mover import WeightMover
 
-CALIBRATION_VERSION = 4  # bump when the fitted terms change: older cache files are not read
+CALIBRATION_VERSION = 5  # bump when the fitted terms change: older cache files are not read
 
 
 def fingerprint() -> str:
@@ -61,8 +67,6 @@ def _cache_path(cfg) -> str:
 def measure_h2d(model, min_bytes: int) -> float:
     """Bytes/s the engine's weight mover achieves streaming whole layers (each one large
     contiguous transfer), over at least `min_bytes` (and at least every layer once)."""
-    from moelens_jax.runtime.mover import WeightMover
-
     mover = WeightMover(model, depth=1, resident=False)
     mover.get(0)  # warm-up (compiles the unpack)
     bytes0, secs0, layer = mover.bytes_moved, mover.copy_s, 1
@@ -95,51 +99,46 @@ def _nonneg_lstsq(a: np.ndarray, y: np.ndarray) -> np.ndarray:
         keep &= x > 0
 
 
-def fit_engine_costs(cfg, per_iteration: list[dict],
-                     runs: list[tuple[float, float, int]] = ()) -> dict:
-    """Stage-2 cost terms (stage2.iteration_seconds) from an engine's per-iteration records
-    (serial mode), each term group by non-negative least squares; `runs` (wall_s, seconds in
-    iterations, requests) per profiled run give the per-request cost outside iterations."""
+def fit_engine_costs(cfg, records: list, runs: list[tuple[float, float, int]] = (),
+                     kv_dtype: str | None = None) -> EngineCosts:
+    """`EngineCosts` from an engine's per-iteration records (`IterationRecord`s of serial
+    runs), each stage's terms by non-negative least squares on the same features Stage 2
+    charges (`EngineCosts.iteration`); `runs` (wall_s, seconds in iterations, requests) per
+    profiled run give the per-request cost outside iterations."""
     L = cfg.num_layers
-    it = per_iteration
-    col = {k: np.array([r[k] for r in it], float) for k in (
-        "prefill_tokens", "decode_tokens", "logit_rows", "kv_tokens_read", "padded_rows",
-        "tile_pairs", "ga_s", "gb_s", "c_s", "wall_s")}
-    n = col["prefill_tokens"] + col["decode_tokens"]
-    ones = np.ones_like(n)
-    dev_features = [ones, n, col["padded_rows"], col["tile_pairs"]]
-    a, tok, row, pair = _nonneg_lstsq(np.stack(dev_features, 1),
-                                      (col["ga_s"] + col["gb_s"]) / L)
-    per_token = tok + row  # n -> infinity
-    per_layer_kv = cfg.kv_bytes_per_token() / L
-    h0, h_tok, h_kv = _nonneg_lstsq(np.stack([ones, n, col["kv_tokens_read"] * per_layer_kv], 1),
-                                    col["c_s"] / L)
-    rest = col["wall_s"] - col["ga_s"] - col["gb_s"] - col["c_s"]
-    r0, r_seq = _nonneg_lstsq(np.stack([ones, col["logit_rows"]], 1), rest)
-    fit = {"layer_fixed_s": a, "layer_token_s": tok, "padded_row_s": row, "attn_pair_s": pair,
-           "gemm_flops": 2.0 * cfg.active_params_per_layer / max(per_token, 1e-15),
-           "attn_fixed_s": h0, "attn_s_per_token": h_tok,
-           "cpu_attn_bytes_per_s": 1.0 / max(h_kv, 1e-15), "iteration_fixed_s": r0,
-           "head_s_per_seq": r_seq}
-    fit["request_s"] = (max(0.0, sum(w - i for w, i, _ in runs)) / sum(k for *_, k in runs)
-                        if runs else 0.0)
-    return {k: float(v) for k, v in fit.items()}
+    shapes = [r.shape for r in records]
+    col = {k: np.array([getattr(s, k) for s in shapes], float) for k in (
+        "tokens", "padded_rows", "tile_pairs", "attended_keys", "logit_rows", "kv_tokens_read")}
+    groups = np.array([len(s.groups) for s in shapes], float)
+    stage = {k: np.array([getattr(r, k) for r in records], float)
+             for k in ("ga_s", "gb_s", "c_s", "rest_s")}
+    dev = _nonneg_lstsq(np.stack([groups, col["tokens"], col["padded_rows"], col["tile_pairs"],
+                                  col["attended_keys"]], 1), (stage["ga_s"] + stage["gb_s"]) / L)
+    kv_bytes = col["kv_tokens_read"] * cfg.kv_bytes_per_token(kv_dtype) / L
+    host = _nonneg_lstsq(np.stack([groups, col["tokens"], kv_bytes], 1), stage["c_s"] / L)
+    rest = _nonneg_lstsq(np.stack([np.ones(len(records)), col["logit_rows"]], 1),
+                         stage["rest_s"])
+    request_s = (max(0.0, sum(w - i for w, i, _ in runs)) / sum(k for *_, k in runs)
+                 if runs else 0.0)
+    return EngineCosts(
+        layer_fixed_s=dev[0], layer_token_s=dev[1], padded_row_s=dev[2], attn_pair_s=dev[3],
+        attn_key_s=dev[4], attn_fixed_s=host[0], attn_s_per_token=host[1],
+        attn_s_per_kv_byte=host[2], iteration_fixed_s=rest[0], head_s_per_seq=rest[1],
+        request_s=request_s, shared_cores=jax.default_backend() == "cpu",
+        source="fitted by calibrate()")
 
 
 PROFILE_MIN_RECORDED_S = 2.0  # per workload: repeat the recorded run (mean) up to this
 
 
-def _mean_records(runs: list[list[dict]]) -> list[dict]:
+def _mean_records(runs: list[list]) -> list:
     """Per-iteration means of the stage times over repeated runs of one workload (their
     plans are identical: the scheduler is deterministic). Means, not medians: a run's total
     includes its occasional slow iterations, and totals are what Stage 2 predicts."""
-    out = []
-    for recs in zip(*runs, strict=True):
-        merged = dict(recs[0])
-        for k in ("ga_s", "gb_s", "c_s", "io_s", "wall_s"):
-            merged[k] = float(np.mean([r[k] for r in recs]))
-        out.append(merged)
-    return out
+    return [dataclasses.replace(recs[0], **{
+        k: float(np.mean([getattr(r, k) for r in recs]))
+        for k in ("ga_s", "gb_s", "c_s", "io_s", "wall_s")})
+        for recs in zip(*runs, strict=True)]
 
 
 def _profile_workloads(vocab: int, seed: int) -> list[tuple[list, int]]:
@@ -147,8 +146,6 @@ def _profile_workloads(vocab: int, seed: int) -> list[tuple[list, int]]:
     iterations of long prompts (many attention tile pairs per row), small decode-heavy
     iterations, large iterations of many short prompts (few
     pairs per row) draining into many decoding sequences."""
-    from moelens_jax import workloads
-
     return [(workloads.synthetic(12, 160, 4, vocab, seed=seed), 1024),
             (workloads.synthetic(32, 24, 12, vocab, seed=seed), 128),
             (workloads.synthetic(64, 32, 16, vocab, seed=seed), 512)]
@@ -161,28 +158,45 @@ def profile_engine(model, kv_cache_bytes: int | None = None, seed: int = 0
     compile time jax reports), then recorded, repeated while cheap (up to 5 runs). Returns
     the per-iteration records (averaged over the repeats) and (wall_s, seconds in
     iterations, requests) per recorded run."""
-    from moelens_jax.runtime.engine import Engine
-
     cfg = model.config
     kv = kv_cache_bytes or 4096 * 16 * cfg.kv_bytes_per_token()
-    eng = Engine(model, kv_cache_bytes=kv, pipeline="serial")
     records, runs = [], []
     for reqs, budget in _profile_workloads(cfg.vocab_size, seed):
-        eng.token_budget = budget
-        eng.generate(reqs)
-        repeats, recorded = [], 0.0
-        while not repeats or (recorded < PROFILE_MIN_RECORDED_S and len(repeats) < 5):
+        with Engine(model, kv_cache_bytes=kv, pipeline="serial", token_budget=budget) as eng:
             eng.generate(reqs)
-            st = eng.stats
-            repeats.append(st.per_iteration)
-            runs.append((st.wall_s, sum(r["wall_s"] for r in st.per_iteration), len(reqs)))
-            recorded += st.wall_s
+            repeats, recorded = [], 0.0
+            while not repeats or (recorded < PROFILE_MIN_RECORDED_S and len(repeats) < 5):
+                eng.generate(reqs)
+                st = eng.stats
+                repeats.append(st.per_iteration)
+                runs.append((st.wall_s, sum(r.wall_s for r in st.per_iteration), len(reqs)))
+                recorded += st.wall_s
         records += _mean_records(repeats)
-    eng.mover.close()
     return records, runs
 
 
-def cached(cfg) -> HardwareSpec | None:
+@dataclasses.dataclass(frozen=True)
+class Calibration:
+    """What `calibrate()` measured: the machine's rates and this engine's cost terms."""
+
+    hardware: HardwareSpec
+    costs: EngineCosts
+
+    def to_json(self) -> str:
+        return json.dumps({"version": CALIBRATION_VERSION,
+                           "hardware": json.loads(self.hardware.to_json()),
+                           "costs": json.loads(self.costs.to_json())}, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> Calibration:
+        d = json.loads(text)
+        if d.get("version") != CALIBRATION_VERSION:
+            raise ValueError(f"calibration version {d.get('version')}, expected "
+                             f"{CALIBRATION_VERSION}")
+        return cls(HardwareSpec(**d["hardware"]), EngineCosts(**d["costs"]))
+
+
+def cached(cfg) -> Calibration | None:
     """The cached calibration of this machine for `cfg`'s shape, if one exists. An unreadable
     cache file is reported (warning naming it) and treated as absent: calibrate() rewrites it."""
     path = _cache_path(cfg)
@@ -190,13 +204,13 @@ def cached(cfg) -> HardwareSpec | None:
         return None
     try:
         with open(path) as f:
-            return HardwareSpec.from_json(f.read())
-    except (OSError, ValueError, TypeError) as e:
+            return Calibration.from_json(f.read())
+    except (OSError, ValueError, TypeError, KeyError) as e:
         warnings.warn(f"ignoring unreadable calibration cache {path}: {e}", stacklevel=2)
         return None
 
 
-def calibrate(model, *, use_cache: bool = True, h2d_bytes: int | None = None) -> HardwareSpec:
+def calibrate(model, *, use_cache: bool = True, h2d_bytes: int | None = None) -> Calibration:
     """Measures the local machine with this engine and `model` (see module docstring)."""
     cfg = model.config
     path = _cache_path(cfg)
@@ -206,17 +220,27 @@ def calibrate(model, *, use_cache: bool = True, h2d_bytes: int | None = None) ->
     nbytes = h2d_bytes or int(min(1e9, ram / 16))
     h2d = measure_h2d(model, nbytes)
     host_bw = measure_host_bandwidth()
-    fit = fit_engine_costs(cfg, *profile_engine(model))
+    costs = dataclasses.replace(fit_engine_costs(cfg, *profile_engine(model)),
+                                io_s_per_byte=1.0 / h2d)
+    for name in ("layer_token_s", "attn_s_per_kv_byte"):
+        if getattr(costs, name) == 0:
+            warnings.warn(f"calibrate: the fit put {name} at 0 (the profile did not separate "
+                          "it); predictions will not charge it", stacklevel=2)
     on_cpu = jax.default_backend() == "cpu"
     dev = jax.devices()[0]
     stats = dev.memory_stats() if hasattr(dev, "memory_stats") else None
     hw = HardwareSpec(
-        name=f"local:{fingerprint()}", h2d_bytes_per_s=h2d, d2h_bytes_per_s=h2d,
+        name=f"local:{fingerprint()}",
+        gemm_flops=2.0 * cfg.active_params_per_layer / max(costs.token_s, 1e-15),
+        h2d_bytes_per_s=h2d, d2h_bytes_per_s=h2d,
         host_memory_bandwidth=host_bw, host_memory_bytes=float(ram),
+        cpu_attn_bytes_per_s=(1.0 / costs.attn_s_per_kv_byte if costs.attn_s_per_kv_byte
+                              else host_bw),
         device_memory_bytes=float((stats or {}).get("bytes_limit", ram)),
-        shared_cores=on_cpu, fitted=True, source=f"calibrate() for {cfg.name or 'model'} on "
-        f"{platform.processor() or platform.machine()}, jax {jax.__version__}", **fit)
+        shared_cores=on_cpu, source=f"calibrate() for {cfg.name or 'model'} on "
+        f"{platform.processor() or platform.machine()}, jax {jax.__version__}")
+    cal = Calibration(hw, dataclasses.replace(costs, source=hw.source))
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
-        f.write(hw.to_json())
-    return hw
+        f.write(cal.to_json())
+    return cal

@@ -1,8 +1,9 @@
 """Hardware descriptions for the performance model: datasheet presets and calibrated specs.
 
-A `HardwareSpec` holds the rates the model needs. Datasheet presets carry only rates (their
-fixed costs are zero); `calibrate()` fits the same fields on the local machine, including the
-fixed per-layer / per-iteration costs of this engine, so Stage 2 can predict it.
+A `HardwareSpec` holds rates only (GEMM, links, memory, the CPU attention kernel's read rate):
+Stage 1 bounds throughput from them. The per-iteration cost terms Stage 2 charges are an
+`EngineCosts` (perf/costs.py), derived from a spec's rates (`EngineCosts.from_hardware`) or
+fitted on the local machine by `calibrate()`, which measures a spec too.
 
 Units: bytes, seconds, FLOP/s, bytes/s (decimal: 1 GB = 1e9 B, 1 TFLOP/s = 1e12 FLOP/s).
 """
@@ -20,9 +21,8 @@ class HardwareSpec:
     Attributes:
       name: preset name or "local:<fingerprint>".
       gemm_flops: accelerator dense GEMM rate (FLOP/s; bf16 tensor cores for GPUs). For a
-        calibrated spec, the effective rate of this engine's per-layer GEMM stages: the slope
-        of the "pipeline profiler" line t_layer(n) = layer_fixed_s + 2 * active_params * n /
-        gemm_flops.
+        calibrated spec, the rate this engine's device stages tend to per token as the
+        iteration grows (2 * active_params_per_layer / EngineCosts.token_s).
       device_memory_bytes: accelerator memory.
       h2d_bytes_per_s, d2h_bytes_per_s: host <-> device copy rates (measured, not nominal).
       host_memory_bandwidth: host memory read bandwidth (bytes/s).
@@ -30,24 +30,6 @@ class HardwareSpec:
       host_memory_bytes: host RAM (informational; the KV size is an input of the model).
       shared_cores: the accelerator and the host attention share the same cores (a CPU-only
         machine): stage times add up instead of overlapping.
-      layer_fixed_s: per-layer fixed cost of the device stages (the profiler line's a).
-      padded_row_s: per-layer device cost per row the engine computes including its shape
-        padding (power-of-two buckets); 0 for datasheet presets.
-      attn_fixed_s: per-layer fixed cost of the host stage (K/V append + kernel launch).
-      attn_s_per_token: host-stage cost per token appended (K/V conversion and copy).
-      iteration_fixed_s: per-iteration fixed cost (scheduling, sampling, dispatch).
-      head_s_per_seq: lm_head + sampling per logits row (one per sequence, padded to the
-        engine's bucket) per iteration (0: from gemm_flops).
-      layer_token_s: per-layer device cost per token (0: 2 * active_params / gemm_flops, the
-        datasheet form; the experts compute exactly the routed rows, so their work is in it).
-        A calibrated spec splits the GEMM work into this and `padded_row_s`; its `gemm_flops`
-        is then the asymptotic rate they imply (for Stage 1).
-      attn_pair_s: per-layer cost of one (query tile, key tile) pair of the prefill attention
-        (0: its FLOPs at gemm_flops).
-      request_s: per-request cost outside the iterations (admission checks, bookkeeping,
-        results); 0 for datasheet presets.
-      fitted: the cost terms were fitted by `calibrate()`: a term the fit put at 0 then costs
-        nothing, instead of being derived from `gemm_flops` as on a datasheet spec.
       source: where the numbers come from.
     """
 
@@ -60,16 +42,6 @@ class HardwareSpec:
     cpu_attn_bytes_per_s: float
     host_memory_bytes: float = 0.0
     shared_cores: bool = False
-    layer_fixed_s: float = 0.0
-    padded_row_s: float = 0.0
-    attn_fixed_s: float = 0.0
-    attn_s_per_token: float = 0.0
-    iteration_fixed_s: float = 0.0
-    head_s_per_seq: float = 0.0
-    layer_token_s: float = 0.0
-    attn_pair_s: float = 0.0
-    request_s: float = 0.0
-    fitted: bool = False
     source: str = ""
 
     def __post_init__(self):

@@ -1,34 +1,48 @@
-"""Schedule choices the performance model makes for the engine."""
+"""Schedule choices the performance model makes for the engine, as an `EngineConfig`."""
 
 from __future__ import annotations
 
+import dataclasses
+
 from moelens_jax.config import ModelConfig
+from moelens_jax.perf.costs import EngineCosts
 from moelens_jax.perf.hardware import HardwareSpec
 from moelens_jax.perf.stage1 import tokens_to_saturate
-from moelens_jax.runtime.engine import SplitCosts
+from moelens_jax.runtime.config import EngineConfig
+from moelens_jax.runtime.layout import SplitCosts
 
 MIN_BUDGET, MAX_BUDGET = 64, 32768
 
 
-def default_token_budget(cfg: ModelConfig, hw: HardwareSpec) -> int:
+def default_token_budget(cfg: ModelConfig, hw: HardwareSpec, costs: EngineCosts) -> int:
     """Tokens per iteration (n_real) the scheduler fills up to.
 
     The larger of (a) the tokens that saturate the accelerator against the weight stream
     (GEMM time = transfer time; beyond it more tokens per pass only add compute time) and
-    (b) the tokens at which a layer's fixed cost (the profiler line's a) is 10% of its time,
-    rounded up to a power of two and clipped to [64, 32768]. KV capacity, not this budget,
-    bounds most runs (Stage 1); the budget only has to be large enough not to bind first.
+    (b) the tokens at which a layer's fixed cost is 10% of its time, rounded up to a power of
+    two and clipped to [64, 32768]. KV capacity, not this budget, bounds most runs (Stage 1);
+    the budget only has to be large enough not to bind first.
     """
-    per_token = 2.0 * cfg.active_params_per_layer / hw.gemm_flops
-    amortise = 9.0 * hw.layer_fixed_s / per_token
+    amortise = 9.0 * costs.layer_fixed_s / max(costs.token_s, 1e-15)
     n = max(tokens_to_saturate(cfg, hw), amortise, MIN_BUDGET)
     return int(min(MAX_BUDGET, 1 << (int(n) - 1).bit_length()))
 
 
-def split_costs(cfg: ModelConfig, hw: HardwareSpec, kv_dtype: str | None = None) -> SplitCosts:
-    """What VSLPipe's group split balances (engine.split_plan): per layer, a token's device
-    cost at the rate `hw` gives plus its host K/V append, and a decode row's host attention
-    per KV token read."""
+def split_costs(cfg: ModelConfig, costs: EngineCosts, kv_dtype: str | None = None) -> SplitCosts:
+    """What VSLPipe's group split balances (layout.split_plan): per layer, a token's device
+    cost plus its host K/V append, and a decode row's host attention per KV token read."""
     return SplitCosts(
-        token_s=2.0 * cfg.active_params_per_layer / hw.gemm_flops + hw.attn_s_per_token,
-        kv_token_s=cfg.kv_bytes_per_token(kv_dtype) / cfg.num_layers / hw.cpu_attn_bytes_per_s)
+        token_s=costs.token_s + costs.attn_s_per_token,
+        kv_token_s=cfg.kv_bytes_per_token(kv_dtype) / cfg.num_layers * costs.attn_s_per_kv_byte)
+
+
+def engine_config(cfg: ModelConfig, hw: HardwareSpec, costs: EngineCosts | None = None,
+                  **overrides) -> EngineConfig:
+    """An `EngineConfig` with the performance model's choices for this machine: the token
+    budget (`default_token_budget`, unless given) and VSLPipe's split costs. `costs` default
+    to the datasheet derivation of `hw`; `overrides` are `EngineConfig` fields
+    (kv_cache_bytes is required)."""
+    costs = costs or EngineCosts.from_hardware(cfg, hw)
+    overrides.setdefault("token_budget", default_token_budget(cfg, hw, costs))
+    config = EngineConfig(**overrides)
+    return dataclasses.replace(config, split=split_costs(cfg, costs, config.kv_dtype))

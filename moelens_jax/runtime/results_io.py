@@ -12,7 +12,8 @@ import json
 import os
 from collections.abc import Callable, Sequence
 
-from moelens_jax.runtime.engine import Engine, GenerationResult, Request
+from moelens_jax.runtime.engine import Engine
+from moelens_jax.runtime.requests import GenerationResult, Request
 
 
 def load_done(path: str) -> dict[int, dict]:

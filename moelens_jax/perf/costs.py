@@ -1,0 +1,122 @@
+"""`EngineCosts`: the per-iteration cost terms Stage 2 charges, for one model on one machine.
+
+Two derivations, one type: `EngineCosts.from_hardware(cfg, hw)` from a datasheet
+`HardwareSpec` (rates only: GEMM work at the GEMM rate, KV reads at the attention read rate,
+no fixed costs), and `calibrate()` fitting every term to this engine's own stage timings on the
+local machine. Every field is an explicit cost (0 means "costs nothing"); nothing is derived at
+charge time. Units: seconds, bytes.
+
+Stage 2 charges one planned iteration (`runtime.layout.IterationShape`, the engine's own
+layout) with L layers and G groups (VSLPipe runs two, each dispatched and padded on its own):
+
+  t_dev  = L * (layer_fixed_s * G + layer_token_s * tokens + padded_row_s * rows
+                + attn_pair_s * tile_pairs + attn_key_s * attended_keys)
+           + head_s_per_seq * logit_rows
+  t_host = L * (attn_fixed_s * G + attn_s_per_token * tokens
+                + attn_s_per_kv_byte * KV bytes the decode rows read per layer)
+  t_io   = io_s_per_byte * weight bytes streamed (0 when the layers are resident)
+  t_iter = iteration_fixed_s + max(t_io, t_dev + t_host)  if shared_cores (a CPU-only machine)
+           iteration_fixed_s + max(t_io, t_dev, t_host)   otherwise (VSLPipe overlaps them)
+
+plus `request_s` per request outside the iterations.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+from moelens_jax.config import ModelConfig
+from moelens_jax.model.stages import TILE
+from moelens_jax.perf.hardware import HardwareSpec
+from moelens_jax.runtime.layout import IterationShape
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineCosts:
+    """Cost terms of Stage 2 (see the module docstring for how each is charged).
+
+    Attributes:
+      layer_fixed_s: per layer and group: dispatch and fixed work of the device stages.
+      layer_token_s: per layer and token: the GEMM work of a real token (the experts compute
+        exactly the routed rows, so theirs is here).
+      padded_row_s: per layer and computed row, bucket padding included (dense projections).
+      attn_pair_s: per layer and prefill-attention tile pair (the tiled XLA path).
+      attn_key_s: per layer and attended (row, key) pair of the prefill attention (the CPU
+        kernel's work: sum over prompts of n (n + 1) / 2).
+      attn_fixed_s: per layer and group: the host stage's fixed cost (K/V append, launch).
+      attn_s_per_token: per layer and token: K/V conversion and append.
+      attn_s_per_kv_byte: per KV byte the decode attention reads.
+      head_s_per_seq: per logits row (bucketed): lm_head and sampling.
+      iteration_fixed_s: per iteration: scheduling, embedding, dispatch.
+      request_s: per request, outside the iterations.
+      io_s_per_byte: per weight byte streamed host -> device.
+      shared_cores: device and host stages share the same cores (their times add).
+      source: where the numbers come from.
+    """
+
+    layer_fixed_s: float = 0.0
+    layer_token_s: float = 0.0
+    padded_row_s: float = 0.0
+    attn_pair_s: float = 0.0
+    attn_key_s: float = 0.0
+    attn_fixed_s: float = 0.0
+    attn_s_per_token: float = 0.0
+    attn_s_per_kv_byte: float = 0.0
+    head_s_per_seq: float = 0.0
+    iteration_fixed_s: float = 0.0
+    request_s: float = 0.0
+    io_s_per_byte: float = 0.0
+    shared_cores: bool = False
+    source: str = ""
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if f.type == "float" and not (v >= 0 and v < float("inf")):
+                raise ValueError(f"EngineCosts.{f.name} must be finite and >= 0, got {v}")
+
+    @classmethod
+    def from_hardware(cls, cfg: ModelConfig, hw: HardwareSpec) -> EngineCosts:
+        """The datasheet derivation: GEMM work at `hw.gemm_flops`, KV reads at
+        `hw.cpu_attn_bytes_per_s`, weights at `hw.h2d_bytes_per_s`; no fixed costs."""
+        return cls(
+            layer_token_s=2.0 * cfg.active_params_per_layer / hw.gemm_flops,
+            attn_pair_s=4.0 * TILE * TILE * cfg.num_heads * cfg.head_dim / hw.gemm_flops,
+            attn_s_per_kv_byte=1.0 / hw.cpu_attn_bytes_per_s,
+            head_s_per_seq=2.0 * cfg.vocab_size * cfg.hidden_size / hw.gemm_flops,
+            io_s_per_byte=1.0 / hw.h2d_bytes_per_s, shared_cores=hw.shared_cores,
+            source=f"datasheet rates of {hw.name}")
+
+    def with_link(self, h2d_bytes_per_s: float) -> EngineCosts:
+        """These costs behind a host->device link of this rate (e.g. the engine's cap)."""
+        return dataclasses.replace(self, io_s_per_byte=1.0 / h2d_bytes_per_s)
+
+    @property
+    def token_s(self) -> float:
+        """Device seconds per token per layer as n grows (token + its row)."""
+        return self.layer_token_s + self.padded_row_s
+
+    def iteration(self, cfg: ModelConfig, shape: IterationShape, streamed_bytes: float = 0.0,
+                  kv_dtype: str | None = None) -> dict[str, float]:
+        """Seconds of one iteration by term ("dev", "host", "io", "fixed") and "total"."""
+        L, G = cfg.num_layers, len(shape.groups)
+        kv_bytes = shape.kv_tokens_read * cfg.kv_bytes_per_token(kv_dtype) / L
+        t_dev = (L * (self.layer_fixed_s * G + self.layer_token_s * shape.tokens
+                      + self.padded_row_s * shape.padded_rows
+                      + self.attn_pair_s * shape.tile_pairs
+                      + self.attn_key_s * shape.attended_keys)
+                 + self.head_s_per_seq * shape.logit_rows)
+        t_host = L * (self.attn_fixed_s * G + self.attn_s_per_token * shape.tokens
+                      + self.attn_s_per_kv_byte * kv_bytes)
+        t_io = self.io_s_per_byte * streamed_bytes
+        busy = max(t_io, t_dev + t_host) if self.shared_cores else max(t_io, t_dev, t_host)
+        return {"dev": t_dev, "host": t_host, "io": t_io, "fixed": self.iteration_fixed_s,
+                "total": self.iteration_fixed_s + busy}
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> EngineCosts:
+        return cls(**json.loads(text))
