@@ -418,3 +418,18 @@ def test_moe_lightning_policy_equals_oracle(oracle, kv_tokens, max_batch):
     assert eng.stats.preemptions == 0 and eng.store.free_pages() == eng.kv_pages
     assert all(it.shape.decode_tokens == 0 or it.shape.prefill_tokens == 0
                for it in eng.stats.per_iteration)  # prefill and decode never share a pass
+
+
+def test_profile_group_times_a_designed_layout_and_frees_its_pages():
+    """The calibration micro-profile: shape as Stage 2 charges it, positive stage times, no
+    page left behind, the engine still generates the oracle's tokens afterwards."""
+    model = _model()
+    with Engine(model, kv_cache_bytes=_kv_bytes(model.config, 4096, 16)) as eng:
+        shape, t = eng.profile_group([40] * 3, [70, 9], repeats=2)
+        assert (shape.decode_tokens, shape.prefill_tokens, shape.kv_tokens_read) == (3, 79, 120)
+        assert shape.attended_keys == 70 * 71 // 2 + 9 * 10 // 2
+        assert all(t[k] > 0 for k in ("ga_s", "c_s", "gb_s"))
+        assert eng.store.free_pages() == eng.kv_pages
+        reqs = [Request((5, 6, 7), 4), Request(tuple(range(1, 30)), 3)]
+        want = reference.greedy_generate(model, [r.prompt for r in reqs], [4, 3])
+        assert [r.tokens for r in eng.generate(reqs)] == want

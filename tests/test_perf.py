@@ -190,10 +190,13 @@ def test_calibration_fit_recovers_known_costs():
                 kv_tokens_read=(i * 997 + g * 5) % 20000))
         shape = IterationShape(tuple(groups))
         cost = truth.iteration(cfg, shape)  # the lm_head rows are outside GA/GB/C
-        dev = cost["dev"] - truth.head_s_per_seq * shape.logit_rows
+        # GA holds the prefill attention, the rest of the device line splits 1 : 2.
+        attn = cfg.num_layers * (truth.attn_pair_s * shape.tile_pairs
+                                 + truth.attn_key_s * shape.attended_keys)
+        base = cost["dev"] - truth.head_s_per_seq * shape.logit_rows - attn
         recs.append(IterationRecord(
-            start_s=0.0, wall_s=cost["total"], shape=shape, ga_s=dev / 3, gb_s=2 * dev / 3,
-            c_s=cost["host"], io_s=0.0, pages_used=0, pages_free=0))
+            start_s=0.0, wall_s=cost["total"], shape=shape, ga_s=attn + base / 3,
+            gb_s=2 * base / 3, c_s=cost["host"], io_s=0.0, pages_used=0, pages_free=0))
     fit = fit_engine_costs(cfg, recs, [(10.0, 9.5, 40), (4.0, 3.9, 10)])
     assert fit.request_s == pytest.approx(0.6 / 50)
     for f in dataclasses.fields(truth):

@@ -99,25 +99,45 @@ def _nonneg_lstsq(a: np.ndarray, y: np.ndarray) -> np.ndarray:
         keep &= x > 0
 
 
-def fit_engine_costs(cfg, records: list, runs: list[tuple[float, float, int]] = (),
-                     kv_dtype: str | None = None) -> EngineCosts:
-    """`EngineCosts` from an engine's per-iteration records (`IterationRecord`s of serial
-    runs), each stage's terms by non-negative least squares on the same features Stage 2
-    charges (`EngineCosts.iteration`); `runs` (wall_s, seconds in iterations, requests) per
-    profiled run give the per-request cost outside iterations."""
+def _stage_terms(cfg, shapes: list, ga_s, gb_s, host_s, kv_dtype
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Device and host terms by non-negative least squares on the features Stage 2 charges
+    (`EngineCosts.iteration`), from per-layer seconds of GA, GB and C. GA (which holds the
+    prefill attention) and GB are fitted apart, so the larger, noisier GB cannot leak into
+    the attention terms; the device terms are their sums."""
     L = cfg.num_layers
-    shapes = [r.shape for r in records]
     col = {k: np.array([getattr(s, k) for s in shapes], float) for k in (
-        "tokens", "padded_rows", "tile_pairs", "attended_keys", "logit_rows", "kv_tokens_read")}
-    groups = np.array([len(s.groups) for s in shapes], float)
-    stage = {k: np.array([getattr(r, k) for r in records], float)
-             for k in ("ga_s", "gb_s", "c_s", "rest_s")}
-    dev = _nonneg_lstsq(np.stack([groups, col["tokens"], col["padded_rows"], col["tile_pairs"],
-                                  col["attended_keys"]], 1), (stage["ga_s"] + stage["gb_s"]) / L)
+        "tokens", "padded_rows", "tile_pairs", "attended_keys", "kv_tokens_read")}
+    groups = np.array([len(s.groups) if hasattr(s, "groups") else 1 for s in shapes], float)
+    ga = _nonneg_lstsq(np.stack([groups, col["tokens"], col["padded_rows"], col["tile_pairs"],
+                                 col["attended_keys"]], 1), np.asarray(ga_s, float))
+    gb = _nonneg_lstsq(np.stack([groups, col["tokens"], col["padded_rows"]], 1),
+                       np.asarray(gb_s, float))
     kv_bytes = col["kv_tokens_read"] * cfg.kv_bytes_per_token(kv_dtype) / L
-    host = _nonneg_lstsq(np.stack([groups, col["tokens"], kv_bytes], 1), stage["c_s"] / L)
-    rest = _nonneg_lstsq(np.stack([np.ones(len(records)), col["logit_rows"]], 1),
-                         stage["rest_s"])
+    host = _nonneg_lstsq(np.stack([groups, col["tokens"], kv_bytes], 1),
+                         np.asarray(host_s, float))
+    return ga + np.r_[gb, 0.0, 0.0], host
+
+
+def fit_engine_costs(cfg, records: list, runs: list[tuple[float, float, int]] = (),
+                     kv_dtype: str | None = None, stage_points: list | None = None
+                     ) -> EngineCosts:
+    """`EngineCosts` from an engine's per-iteration records (`IterationRecord`s of serial
+    runs): the per-iteration rest (lm_head + sampling per logits row, fixed) from the
+    records; the device and host terms from the records (per layer) together with
+    `stage_points` ((GroupShape, {"ga_s", "c_s", "gb_s"}) of `Engine.profile_group`, one
+    layer each), when given. `runs`
+    (wall_s, seconds in iterations, requests) per profiled run give the per-request cost
+    outside iterations."""
+    L = cfg.num_layers
+    # Per-layer, per-group samples: the designed micro-profile (well conditioned: attended
+    # keys, rows and KV read vary independently of tokens) plus every engine iteration.
+    samples = [(s, t["ga_s"], t["gb_s"], t["c_s"]) for s, t in stage_points or ()]
+    samples += [(r.shape, r.ga_s / L, r.gb_s / L, r.c_s / L) for r in records]
+    dev, host = _stage_terms(cfg, *map(list, zip(*samples, strict=True)), kv_dtype)
+    rest = _nonneg_lstsq(np.stack([np.ones(len(records)),
+                                   [r.shape.logit_rows for r in records]], 1),
+                         np.array([r.rest_s for r in records], float))
     request_s = (max(0.0, sum(w - i for w, i, _ in runs)) / sum(k for *_, k in runs)
                  if runs else 0.0)
     return EngineCosts(
@@ -126,6 +146,28 @@ def fit_engine_costs(cfg, records: list, runs: list[tuple[float, float, int]] = 
         attn_s_per_kv_byte=host[2], iteration_fixed_s=rest[0], head_s_per_seq=rest[1],
         request_s=request_s, shared_cores=jax.default_backend() == "cpu",
         source="fitted by calibrate()")
+
+
+# The micro-profile's designed group layouts: (decode contexts, prefill lengths). Decode-only
+# groups vary rows and KV read independently; prefill groups of ~the same tokens vary the
+# attended keys 64-fold; padding varies from none to 8x the tokens.
+STAGE_DESIGN = (
+    ([64] * 8, []), ([1024] * 8, []), ([256] * 32, []), ([1024] * 32, []), ([64] * 128, []),
+    ([256] * 128, []), ([32] * 256, []), ([16] * 512, []),
+    ([], [1024]), ([], [256] * 4), ([], [64] * 16), ([], [16] * 64), ([], [512] * 2),
+    ([], [128] * 8), ([], [64]), ([], [2048]), ([], [32] * 8), ([], [300, 200]), ([], [257]),
+    ([128] * 64, [128] * 4), ([512] * 16, [900]),
+)
+STAGE_REPEATS = 5
+
+
+def profile_stages(model, kv_cache_bytes: int | None = None) -> list:
+    """`Engine.profile_group` over `STAGE_DESIGN` (medians of STAGE_REPEATS passes each)."""
+    cfg = model.config
+    need = max(sum(d) + sum(p) * (STAGE_REPEATS + 1) for d, p in STAGE_DESIGN)
+    kv = kv_cache_bytes or 2 * need * cfg.kv_bytes_per_token()
+    with Engine(model, kv_cache_bytes=kv, pipeline="serial") as eng:
+        return [eng.profile_group(d, p, STAGE_REPEATS) for d, p in STAGE_DESIGN]
 
 
 PROFILE_MIN_RECORDED_S = 2.0  # per workload: repeat the recorded run (mean) up to this
@@ -220,8 +262,10 @@ def calibrate(model, *, use_cache: bool = True, h2d_bytes: int | None = None) ->
     nbytes = h2d_bytes or int(min(1e9, ram / 16))
     h2d = measure_h2d(model, nbytes)
     host_bw = measure_host_bandwidth()
-    costs = dataclasses.replace(fit_engine_costs(cfg, *profile_engine(model)),
-                                io_s_per_byte=1.0 / h2d)
+    records, runs = profile_engine(model)
+    costs = dataclasses.replace(
+        fit_engine_costs(cfg, records, runs, stage_points=profile_stages(model)),
+        io_s_per_byte=1.0 / h2d)
     for name in ("layer_token_s", "attn_s_per_kv_byte"):
         if getattr(costs, name) == 0:
             warnings.warn(f"calibrate: the fit put {name} at 0 (the profile did not separate "

@@ -54,6 +54,7 @@ from moelens_jax.runtime.config import EngineConfig
 from moelens_jax.runtime.layout import (
     PAD_SEQ,
     Group,
+    GroupShape,
     IterationShape,
     build_group,
     logit_rows,
@@ -226,6 +227,51 @@ class Engine:
                 tokens[rid].append(0)
             sched.complete(plan, set())
         return time.perf_counter() - t0
+
+    def profile_group(self, decode_kv: Sequence[int], prefill_lens: Sequence[int],
+                      repeats: int = 5) -> tuple[GroupShape, dict[str, float]]:
+        """Times one group's stages on a designed layout (the performance model's calibration
+        micro-profile): decode rows attending to `decode_kv[i]` tokens each, prefill sequences
+        of `prefill_lens` tokens. One untimed pass, then `repeats` passes, pass r on layer
+        r mod L (weights come from memory as in a run); returns the group's shape and the
+        median seconds of GA, C and GB. Uses KV pages (placeholder K/V) and frees them; the
+        engine must be idle."""
+        cfg = self.cfg
+        dec = list(range(len(decode_kv)))
+        pre = [(len(dec) + j, int(n)) for j, n in enumerate(prefill_lens)]
+        rng = np.random.default_rng(0)  # varied tokens: the router spreads them like text
+        tokens = {rid: rng.integers(0, cfg.vocab_size, n).tolist()
+                  for rid, n in [*zip(dec, decode_kv, strict=True), *pre]}
+        try:
+            for rid in dec + [r for r, _ in pre]:
+                self.store.add_sequence(rid)
+            for rid in dec:
+                zeros = np.zeros((len(tokens[rid]) - 1, cfg.num_kv_heads, cfg.head_dim),
+                                 np.float32)
+                for layer in range(cfg.num_layers):
+                    self.store.append([rid], [len(zeros)], layer, zeros, zeros)
+            g = build_group(dec, pre, tokens, tile_pairs=not self.on_cpu)
+            times = {"ga_s": [], "c_s": [], "gb_s": []}
+            for r in range(repeats + 1):
+                layer = r % cfg.num_layers
+                lw = self.mover.get(layer)
+                x = self._embed(g)
+                t0 = time.perf_counter()
+                ga_out = jax.block_until_ready(self._ga(lw, g, x))
+                t1 = time.perf_counter()
+                attn = self._host_stage(g, layer, ga_out)
+                t2 = time.perf_counter()
+                jax.block_until_ready(self._gb(lw, g, x, attn))
+                t3 = time.perf_counter()
+                if r:
+                    for k, v in zip(times, (t1 - t0, t2 - t1, t3 - t2), strict=True):
+                        times[k].append(v)
+        finally:
+            for rid in dec + [r for r, _ in pre]:
+                if self.store.has_sequence(rid):
+                    self.store.free_sequence(rid)
+        shape = GroupShape.of([n for _, n in pre], list(decode_kv), tile_pairs=not self.on_cpu)
+        return shape, {k: float(np.median(v)) for k, v in times.items()}
 
     def _embed(self, g: Group) -> jax.Array:
         # Committed like every later layer's input (a GB output), so each stage compiles once

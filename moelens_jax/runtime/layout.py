@@ -101,6 +101,10 @@ class GroupShape:
     logit_rows: int  # lm_head rows, bucket padding included
     kv_tokens_read: int  # cached tokens the decode rows attend to (per layer)
 
+    @property
+    def tokens(self) -> int:
+        return self.prefill_tokens + self.decode_tokens
+
     @classmethod
     def of(cls, prefill_lens: Sequence[int], decode_kv: Sequence[int],
            tile_pairs: bool = True) -> GroupShape:
