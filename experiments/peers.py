@@ -47,8 +47,8 @@ def gemm_work(cfg: ModelConfig, reqs: list[Request]) -> GemmWork:
     gen = reqs[0].max_new_tokens
     prompt_tokens = sum(len(r.prompt) for r in reqs)
     max_prompt = max(len(r.prompt) for r in reqs)
-    layer_flops = 2 * cfg.active_params_per_layer * cfg.num_layers
-    head_flops = 2 * cfg.vocab_size * cfg.hidden_size * gen * len(reqs)
+    layer_flops = cfg.flops_per_token_per_layer * cfg.num_layers
+    head_flops = cfg.lm_head_flops_per_row * gen * len(reqs)
     return GemmWork(layer_flops * (prompt_tokens + len(reqs) * (gen - 1)) + head_flops,
                     layer_flops * len(reqs) * (max_prompt + gen - 1) + head_flops)
 

@@ -158,6 +158,17 @@ class ModelConfig:
                 + self.num_experts_per_tok * self.expert_params + self.shared_expert_params)
 
     @property
+    def flops_per_token_per_layer(self) -> float:
+        """GEMM FLOPs of one token through one layer (2 per active weight; the experts compute
+        exactly the top-k routed rows). Attention over the context is not included."""
+        return 2.0 * self.active_params_per_layer
+
+    @property
+    def lm_head_flops_per_row(self) -> float:
+        """GEMM FLOPs of the lm_head for one logits row."""
+        return 2.0 * self.vocab_size * self.hidden_size
+
+    @property
     def embedding_params(self) -> int:
         """Token embedding, final norm and (untied) lm_head."""
         n = self.vocab_size * self.hidden_size + self.hidden_size

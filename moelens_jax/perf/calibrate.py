@@ -275,7 +275,7 @@ def calibrate(model, *, use_cache: bool = True, h2d_bytes: int | None = None) ->
     stats = dev.memory_stats() if hasattr(dev, "memory_stats") else None
     hw = HardwareSpec(
         name=f"local:{fingerprint()}",
-        gemm_flops=2.0 * cfg.active_params_per_layer / max(costs.token_s, 1e-15),
+        gemm_flops=cfg.flops_per_token_per_layer / max(costs.token_s, 1e-15),
         h2d_bytes_per_s=h2d, d2h_bytes_per_s=h2d,
         host_memory_bandwidth=host_bw, host_memory_bytes=float(ram),
         cpu_attn_bytes_per_s=(1.0 / costs.attn_s_per_kv_byte if costs.attn_s_per_kv_byte

@@ -81,10 +81,10 @@ class EngineCosts:
         """The datasheet derivation: GEMM work at `hw.gemm_flops`, KV reads at
         `hw.cpu_attn_bytes_per_s`, weights at `hw.h2d_bytes_per_s`; no fixed costs."""
         return cls(
-            layer_token_s=2.0 * cfg.active_params_per_layer / hw.gemm_flops,
+            layer_token_s=cfg.flops_per_token_per_layer / hw.gemm_flops,
             attn_pair_s=4.0 * TILE * TILE * cfg.num_heads * cfg.head_dim / hw.gemm_flops,
             attn_s_per_kv_byte=1.0 / hw.cpu_attn_bytes_per_s,
-            head_s_per_seq=2.0 * cfg.vocab_size * cfg.hidden_size / hw.gemm_flops,
+            head_s_per_seq=cfg.lm_head_flops_per_row / hw.gemm_flops,
             io_s_per_byte=1.0 / hw.h2d_bytes_per_s, shared_cores=hw.shared_cores,
             source=f"datasheet rates of {hw.name}")
 

@@ -22,7 +22,7 @@ class HardwareSpec:
       name: preset name or "local:<fingerprint>".
       gemm_flops: accelerator dense GEMM rate (FLOP/s; bf16 tensor cores for GPUs). For a
         calibrated spec, the rate this engine's device stages tend to per token as the
-        iteration grows (2 * active_params_per_layer / EngineCosts.token_s).
+        iteration grows (ModelConfig.flops_per_token_per_layer / EngineCosts.token_s).
       device_memory_bytes: accelerator memory.
       h2d_bytes_per_s, d2h_bytes_per_s: host <-> device copy rates (measured, not nominal).
       host_memory_bandwidth: host memory read bandwidth (bytes/s).

@@ -61,7 +61,7 @@ def lightning_policy(cfg: ModelConfig, hw: HardwareSpec, workload: Workload,
 
     def layer_time(batch):
         t_cpu = batch * (s + n / 2) * kvb / L / hw.cpu_attn_bytes_per_s
-        t_gpu = 2.0 * cfg.active_params_per_layer * batch / hw.gemm_flops
+        t_gpu = cfg.flops_per_token_per_layer * batch / hw.gemm_flops
         terms = {"comm": comm, "cpu_attention": t_cpu, "gpu": t_gpu}
         return max(terms.values()), max(terms, key=terms.get)
 

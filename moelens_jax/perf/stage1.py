@@ -92,7 +92,7 @@ def gemm_intensity(cfg: ModelConfig, n: float) -> float:
     """GEMM FLOPs per streamed weight byte when n tokens share one pass over a layer (exact
     for this config: 2 n * active params / layer bytes; the paper's
     n (6 m N_k + 2 + 2/s) / (6 m N_e + 2 + 2/s) for bf16)."""
-    return 2.0 * n * cfg.active_params_per_layer / cfg.weight_bytes_per_layer
+    return n * cfg.flops_per_token_per_layer / cfg.weight_bytes_per_layer
 
 
 def tokens_to_saturate(cfg: ModelConfig, hw: HardwareSpec) -> float:
@@ -147,8 +147,8 @@ def stage1(cfg: ModelConfig, hw: HardwareSpec, workload: Workload, kv_cache_byte
     streamed = cfg.num_layers * cfg.weight_bytes_per_layer
     delta = streamed / hw.h2d_bytes_per_s
     gen_frac = workload.generated_fraction
-    flops_per_token = (2.0 * cfg.num_layers * cfg.active_params_per_layer
-                       + 2.0 * cfg.vocab_size * cfg.hidden_size * gen_frac)
+    flops_per_token = (cfg.num_layers * cfg.flops_per_token_per_layer
+                       + cfg.lm_head_flops_per_row * gen_frac)
     t_kv = p_eff * m / delta
     t_gpu = hw.gemm_flops / flops_per_token
     t_attn = p_eff * hw.cpu_attn_bytes_per_s / kvb
