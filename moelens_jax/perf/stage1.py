@@ -173,7 +173,10 @@ def stage1(cfg: ModelConfig, hw: HardwareSpec, workload: Workload, kv_cache_byte
         bound_cpu_attn_tokens_per_s=t_attn,
         processed_tokens_per_s=t_max, generated_tokens_per_s=t_max * gen_frac,
         binding=binding,
-        turning_point_kv_bytes=min(t_gpu, t_attn) * delta / p_eff * kvb,
+        # Where t_kv meets the compute bound the binding uses (the shared-core combination
+        # on a CPU-only machine).
+        turning_point_kv_bytes=min(v for k, v in bounds.items() if k != "kv_capacity")
+        * delta / p_eff * kvb,
         host_bandwidth_need=b_kv + streamed / t_iter,
         host_bandwidth_available=hw.host_memory_bandwidth,
         cpu_attn_flops_need=2.0 * s * b_kv / kv_item,
