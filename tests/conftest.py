@@ -36,8 +36,9 @@ HF_CASES = {
 
 @pytest.fixture(autouse=True, scope="session")
 def _isolated_calibration_cache(tmp_path_factory):
-    """Engines pick their default token budget from a cached calibration: keep tests from
-    seeing the user's cache (~/.cache/moelens_jax) so every run starts from the same state."""
+    """`run_throughput` and `perf.calibrate` read a cached calibration (the engine itself reads
+    nothing from disk): keep tests from seeing the user's cache (~/.cache/moelens_jax) so every
+    run starts from the same state."""
     os.environ["MOELENS_CACHE"] = str(tmp_path_factory.mktemp("moelens_cache"))
 
 
