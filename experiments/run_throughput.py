@@ -57,15 +57,17 @@ _PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar (stderr).")
 def engine_config(cfg, settings: dict) -> tuple[EngineConfig, str]:
     """The run's `EngineConfig` and where its token budget comes from: the flag, else the
     performance model's choice from this machine's cached calibration, else the default."""
-    if _TOKEN_BUDGET.value is not None:
-        return EngineConfig(token_budget=_TOKEN_BUDGET.value, **settings), "--token_budget"
-    cal = perf.cached(cfg)
+    given = _TOKEN_BUDGET.value is not None
+    if given:
+        settings = {**settings, "token_budget": _TOKEN_BUDGET.value}
+    cal = perf.cached(cfg)  # also gives VSLPipe its calibrated split when the budget is given
     if cal is None:
         config = EngineConfig(**settings)
-        return config, (f"default {config.token_budget} (no calibration cached; "
+        return config, ("--token_budget" if given else
+                        f"default {config.token_budget} (no calibration cached; "
                         "python -m experiments.calibrate)")
     return (perf.engine_config(cfg, cal.hardware, cal.costs, **settings),
-            f"perf model ({cal.hardware.name})")
+            "--token_budget" if given else f"perf model ({cal.hardware.name})")
 
 
 def main(argv):
@@ -141,7 +143,7 @@ def main(argv):
                       processed_tokens_incl_recompute=st.processed_tokens,
                       h2d_gb_per_s=st.h2d_gb_per_s, h2d_bytes=st.h2d_bytes,
                       device_weight_bytes=engine.device_weight_bytes,
-                      token_budget=engine.token_budget,
+                      token_budget=engine.config.token_budget,
                       token_budget_source=budget_source,
                       stage_seconds=st.stage_seconds())
         if _PREDICT.value:

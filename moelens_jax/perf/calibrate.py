@@ -42,7 +42,9 @@ from moelens_jax import _cpu_ops, ops, workloads
 from moelens_jax.perf.costs import EngineCosts
 from moelens_jax.perf.hardware import HardwareSpec
 from moelens_jax.runtime.engine import Engine
+from moelens_jax.runtime.layout import IterationShape
 from moelens_jax.runtime.mover import WeightMover
+from moelens_jax.runtime.stats import IterationRecord
 
 CALIBRATION_VERSION = 5  # bump when the fitted terms change: older cache files are not read
 
@@ -108,7 +110,7 @@ def _stage_terms(cfg, shapes: list, ga_s, gb_s, host_s, kv_dtype
     L = cfg.num_layers
     col = {k: np.array([getattr(s, k) for s in shapes], float) for k in (
         "tokens", "padded_rows", "tile_pairs", "attended_keys", "kv_tokens_read")}
-    groups = np.array([len(s.groups) if hasattr(s, "groups") else 1 for s in shapes], float)
+    groups = np.array([len(s.groups) for s in shapes], float)
     ga = _nonneg_lstsq(np.stack([groups, col["tokens"], col["padded_rows"], col["tile_pairs"],
                                  col["attended_keys"]], 1), np.asarray(ga_s, float))
     gb = _nonneg_lstsq(np.stack([groups, col["tokens"], col["padded_rows"]], 1),
@@ -132,7 +134,8 @@ def fit_engine_costs(cfg, records: list, runs: list[tuple[float, float, int]] = 
     L = cfg.num_layers
     # Per-layer, per-group samples: the designed micro-profile (well conditioned: attended
     # keys, rows and KV read vary independently of tokens) plus every engine iteration.
-    samples = [(s, t["ga_s"], t["gb_s"], t["c_s"]) for s, t in stage_points or ()]
+    samples = [(IterationShape((s,)), t["ga_s"], t["gb_s"], t["c_s"])
+               for s, t in stage_points or ()]
     samples += [(r.shape, r.ga_s / L, r.gb_s / L, r.c_s / L) for r in records]
     dev, host = _stage_terms(cfg, *map(list, zip(*samples, strict=True)), kv_dtype)
     rest = _nonneg_lstsq(np.stack([np.ones(len(records)),
@@ -194,7 +197,7 @@ def _profile_workloads(vocab: int, seed: int) -> list[tuple[list, int]]:
 
 
 def profile_engine(model, kv_cache_bytes: int | None = None, seed: int = 0
-                   ) -> tuple[list[dict], list[tuple[float, float, int]]]:
+                   ) -> tuple[list[IterationRecord], list[tuple[float, float, int]]]:
     """Runs the engine (serial, stage-timed) on the profile workloads: each once untimed
     (compiles; the first run of a shape also pays allocation and warm-up well beyond the
     compile time jax reports), then recorded, repeated while cheap (up to 5 runs). Returns
@@ -226,8 +229,8 @@ class Calibration:
 
     def to_json(self) -> str:
         return json.dumps({"version": CALIBRATION_VERSION,
-                           "hardware": json.loads(self.hardware.to_json()),
-                           "costs": json.loads(self.costs.to_json())}, sort_keys=True)
+                           "hardware": dataclasses.asdict(self.hardware),
+                           "costs": dataclasses.asdict(self.costs)}, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> Calibration:

@@ -24,7 +24,6 @@ plus `request_s` per request outside the iterations.
 from __future__ import annotations
 
 import dataclasses
-import json
 
 from moelens_jax.config import ModelConfig
 from moelens_jax.model.stages import TILE
@@ -113,10 +112,3 @@ class EngineCosts:
         busy = max(t_io, t_dev + t_host) if self.shared_cores else max(t_io, t_dev, t_host)
         return {"dev": t_dev, "host": t_host, "io": t_io, "fixed": self.iteration_fixed_s,
                 "total": self.iteration_fixed_s + busy}
-
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> EngineCosts:
-        return cls(**json.loads(text))

@@ -58,7 +58,7 @@ from moelens_jax.runtime.layout import (
     IterationShape,
     build_group,
     logit_rows,
-    split_plan,
+    plan_groups,
 )
 from moelens_jax.runtime.mover import WeightMover, resident_bytes
 from moelens_jax.runtime.requests import GenerationResult, Request
@@ -103,7 +103,7 @@ class Engine:
 
     The engine reads nothing from disk: `perf.engine_config(...)` turns a calibration into a
     config with the performance model's token budget. Use it as a context manager (or call
-    `close()`) to free the weight mover's thread and the KV store promptly.
+    `close()`) to stop the weight mover's thread and free its window promptly.
     """
 
     def __init__(self, model: Model, config: EngineConfig | None = None, **overrides):
@@ -129,8 +129,7 @@ class Engine:
         # cap or a device-memory cap asks for a GPU to be emulated.
         self.mover = WeightMover(model, depth=config.device_weight_layers,
                                  h2d_limit_gb_per_s=config.h2d_limit_gb_per_s,
-                                 resident=not config.streams_weights(self.on_cpu)
-                                 if self.on_cpu else None)
+                                 resident=not config.streams_weights(self.on_cpu))
         self.device_weight_bytes = resident_bytes(model) + self.mover.device_bytes()
         cap = config.device_memory_bytes
         if cap is not None and self.device_weight_bytes > cap:
@@ -150,11 +149,6 @@ class Engine:
             lambda q, ids, layer: cpu_decode_attention(self.store, q, ids, layer))
         self.stats = RunStats()
 
-    # Settings read often, by name.
-    token_budget = property(lambda self: self.config.token_budget)
-    page_size = property(lambda self: self.config.page_size)
-    policy = property(lambda self: self.config.policy)
-
     def close(self) -> None:
         """Stops the weight mover's thread and frees its window (idempotent)."""
         self.mover.close()
@@ -171,9 +165,8 @@ class Engine:
 
     def _parts(self, plan: Plan, decode_kv: Sequence[int]):
         """The plan's token groups: VSLPipe's two (balanced on `config.split`) or one."""
-        if self.mode == "vslpipe":
-            return split_plan(plan, decode_kv, self.config.split)
-        return ((list(plan.decode), list(plan.prefill)),)
+        return plan_groups(plan, decode_kv,
+                           self.config.split if self.mode == "vslpipe" else None)
 
     @property
     def kv_pages(self) -> int:
@@ -391,9 +384,7 @@ class Engine:
         stats.iterations += 1
         stats.processed_tokens += plan.num_tokens
         t_end = time.perf_counter()
-        shape = IterationShape.of(plan, decode_kv,
-                                  self.config.split if self.mode == "vslpipe" else None,
-                                  tile_pairs=not self.on_cpu)
+        shape = IterationShape.of_groups(parts, plan, decode_kv, tile_pairs=not self.on_cpu)
         stats.per_iteration.append(IterationRecord(
             start_s=t_start - t0, wall_s=t_end - t_start, shape=shape,
             **{f"{k.lower()}_s": v for k, v in clock.sums.items()},

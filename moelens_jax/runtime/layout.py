@@ -130,11 +130,15 @@ class IterationShape:
     @classmethod
     def of(cls, plan: Plan, decode_kv: Sequence[int], split: SplitCosts | None = None,
            tile_pairs: bool = True) -> IterationShape:
-        """The layout of `plan` (`decode_kv[i]`: context of decode sequence i, as the engine
-        passes it to `split_plan`); with `split`, VSLPipe's two groups."""
+        """The layout of `plan` (`decode_kv[i]`: context of decode sequence i); with `split`,
+        VSLPipe's two groups (`plan_groups`)."""
+        return cls.of_groups(plan_groups(plan, decode_kv, split), plan, decode_kv, tile_pairs)
+
+    @classmethod
+    def of_groups(cls, parts, plan: Plan, decode_kv: Sequence[int],
+                  tile_pairs: bool = True) -> IterationShape:
+        """The layout of `plan` already split into `parts` (what `plan_groups` returned)."""
         kv = dict(zip(plan.decode, decode_kv, strict=True))
-        parts = (split_plan(plan, decode_kv, split) if split is not None
-                 else ((list(plan.decode), list(plan.prefill)),))
         return cls(tuple(GroupShape.of([n for _, n in p], [kv[r] for r in d], tile_pairs)
                          for d, p in parts))
 
@@ -249,3 +253,12 @@ def split_plan(plan: Plan, decode_kv: Sequence[int] | None = None,
     if not all(d or p for d, p in groups):
         return ((list(plan.decode), list(plan.prefill)),)
     return groups
+
+
+def plan_groups(plan: Plan, decode_kv: Sequence[int], split: SplitCosts | None
+                ) -> tuple[tuple[list[int], list[tuple[int, int]]], ...]:
+    """The plan's token groups as the engine runs them: VSLPipe's two (`split_plan`, balanced
+    on `split`) when `split` is given, else one."""
+    if split is not None:
+        return split_plan(plan, decode_kv, split)
+    return ((list(plan.decode), list(plan.prefill)),)
