@@ -236,14 +236,14 @@ def test_interrupted_run_resumes_without_recomputing(oracle, tmp_path):
 @pytest.mark.parametrize("seed", range(4))
 def test_tiled_prefill_attention_equals_dense_segment_attention(seed):
     """Random layouts: segments straddling tiles, tiles shared by segments and decode/padding
-    rows, pair counts that need bucket padding."""
+    rows, pair counts that need bucket padding; pairs in chunks of any size and order."""
     import jax.numpy as jnp
 
     from moelens_jax.model.stages import tiled_prefill_attention
     from moelens_jax.reference import segment_causal_attention
     from moelens_jax.runtime.layout import prefill_tile_pairs, row_bucket
     rng = np.random.default_rng(seed)
-    for _ in range(25):
+    for trial in range(12):
         lens = [int(x) for x in rng.integers(1, 140, rng.integers(1, 6))]
         n_pre = sum(lens)
         lead = int(rng.integers(0, 40))  # decode rows come first in an engine group
@@ -258,10 +258,16 @@ def test_tiled_prefill_attention_equals_dense_segment_attention(seed):
         k_ = rng.standard_normal((n, 2, 16)).astype(np.float32)
         v = rng.standard_normal((n, 2, 16)).astype(np.float32)
         pairs = prefill_tile_pairs(seg)
-        got = tiled_prefill_attention(q, k_, v, jnp.asarray(seg), jnp.asarray(pos),
-                                      jnp.asarray(pairs))
         want = segment_causal_attention(q, k_, v, jnp.asarray(seg), jnp.asarray(pos))
-        reference.assert_close(got, want, atol=1e-5, name=f"tiled prefill attention {lens}")
+        # Default chunk (all pairs at once here), and chunks that split a query tile's pairs
+        # across scan steps (the online-softmax merge), in shuffled pair order.
+        variants = [(None, None), (1, None), (3, rng.permutation(len(pairs)))]
+        for chunk, perm in variants if trial < 3 else variants[:1]:  # (each compiles a scan)
+            p_ = pairs if perm is None else pairs[perm]
+            got = tiled_prefill_attention(q, k_, v, jnp.asarray(seg), jnp.asarray(pos),
+                                          jnp.asarray(p_), chunk=chunk)
+            reference.assert_close(got, want, atol=1e-5,
+                                   name=f"tiled prefill attention {lens} chunk {chunk}")
         real = pairs[pairs[:, 2] > 0]
         assert len({tuple(p) for p in real}) == len(real)  # no pair counted twice
         fast = packed_prefill_attention(q, k_, v, jnp.asarray(seg), jnp.asarray(pos))

@@ -60,6 +60,26 @@ class Model:
         self.source = source
         self.tokenizer = None  # a `tokenizers.Tokenizer` when the checkpoint ships one
         self._device_weights = None
+        self._staged: dict[tuple, list[tuple[jax.Array, ...]]] = {}
+
+    def staged_layers(self, device, packet_bytes: int) -> list[tuple[jax.Array, ...]]:
+        """Each layer's buffer split into `packet_bytes` packets in `device`'s pinned host
+        memory: staged once per (device, packet size) and shared by every engine and weight
+        mover on this model (calibration and policy comparisons build several)."""
+        key = (device.platform, device.id, packet_bytes)
+        if key not in self._staged:
+            pinned = jax.sharding.SingleDeviceSharding(device, memory_kind="pinned_host")
+            self._staged[key] = [
+                tuple(jax.device_put(l.buffer[i:i + packet_bytes], pinned)
+                      for i in range(0, l.buffer.nbytes, packet_bytes))
+                for l in self.host_layers]
+        return self._staged[key]
+
+    @property
+    def host_bytes(self) -> int:
+        """Host memory this model holds: the pageable weights plus every pinned staging."""
+        staged = sum(a.nbytes for layers in self._staged.values() for pk in layers for a in pk)
+        return self.weight_bytes + staged
 
     @property
     def dtype(self) -> str:

@@ -34,8 +34,10 @@ class EngineConfig:
         "auto": serial on a CPU-only backend, vslpipe elsewhere (`resolved_pipeline`).
       h2d_limit_gb_per_s: optional cap on the host-to-device weight stream (research knob:
         puts a CPU box in the regime of a GPU behind PCIe).
-      device_memory_bytes: optional device-memory cap; the weight window plus resident
-        embedding/lm_head must fit under it.
+      device_memory_bytes: optional device-memory cap (on an accelerator the default is what
+        its allocator has left). The weight window plus resident embedding/lm_head must fit
+        under it, and the activations of the token budget beside them: the engine lowers
+        the budget (with a logged reason) until they do (`runtime.memory`).
       split: what VSLPipe's group split balances (`layout.split_plan`); token counts by default.
       record_stages: keep every per-layer stage interval for `RunStats.chrome_trace`.
     """

@@ -37,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import os
 import time
 from collections.abc import Callable, Sequence
 
@@ -60,6 +61,7 @@ from moelens_jax.runtime.layout import (
     logit_rows,
     plan_groups,
 )
+from moelens_jax.runtime.memory import DevicePlan, plan_device_memory
 from moelens_jax.runtime.mover import WeightMover, resident_bytes
 from moelens_jax.runtime.requests import GenerationResult, Request
 from moelens_jax.runtime.sampling import SamplingParams, sample
@@ -92,6 +94,46 @@ def _stage_functions(cfg, kv_dtype: str) -> _StageFunctions:
         greedy=jax.jit(lambda w, x, idx: jnp.argmax(transformer.logits(cfg, w, x[idx]), -1)))
 
 
+def host_device() -> jax.Device:
+    """JAX's CPU device, where stage C (K/V append, decode attention) runs.
+
+    Raises:
+      RuntimeError: JAX was started without its CPU backend (e.g. JAX_PLATFORMS=cuda)."""
+    try:
+        return jax.devices("cpu")[0]
+    except RuntimeError as e:
+        raise RuntimeError(
+            "the engine runs decode attention on the host (stage C) and needs JAX's CPU "
+            "backend beside the accelerator, but JAX started without it "
+            f"(JAX_PLATFORMS={os.environ.get('JAX_PLATFORMS')!r}): set "
+            "JAX_PLATFORMS=cuda,cpu or leave it unset") from e
+
+
+def device_capacity(device: jax.Device) -> int | None:
+    """Bytes the engine may still allocate on an accelerator (XLA's allocator limit minus what
+    is in use), or None where the backend does not say (the CPU)."""
+    stats = device.memory_stats() if device.platform != "cpu" else None
+    if not stats or "bytes_limit" not in stats:
+        return None
+    return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
+
+
+def _plan_device(model: Model, config: EngineConfig, device, on_cpu: bool) -> DevicePlan | None:
+    """The device-memory plan under the configured cap, or the accelerator's own capacity;
+    None where there is neither (a CPU-only run uses host memory in place)."""
+    cap = config.device_memory_bytes
+    if cap is None and not on_cpu:
+        cap = device_capacity(device)
+    if cap is None:
+        return None
+    depth = min(config.device_weight_layers, model.config.num_layers)
+    layer = model.host_layers[0].layout.nbytes
+    return plan_device_memory(
+        model.config, model.dtype, config.token_budget, resident_bytes(model) + depth * layer,
+        cap, window_desc=f"(window of {depth} layer(s) x {layer} B plus resident "
+                         "embedding/lm_head) ")
+
+
 class Engine:
     """Offline batch generation with host KV paging (MoE-Lens scheduling).
 
@@ -102,17 +144,28 @@ class Engine:
         is None): `Engine(model, kv_cache_bytes=2**30, page_size=16)`.
 
     The engine reads nothing from disk: `perf.engine_config(...)` turns a calibration into a
-    config with the performance model's token budget. Use it as a context manager (or call
+    config with the performance model's token budget. Device memory is planned first
+    (`device_plan`, `runtime.memory`): on an accelerator, or under a `device_memory_bytes`
+    cap, the weights must fit and the token budget is lowered until its activations fit too
+    (`config.token_budget` is the budget that runs). On a GPU, JAX needs its CPU backend too
+    (stage C runs there): `JAX_PLATFORMS=cuda,cpu` or unset. Use it as a context manager (or call
     `close()`) to stop the weight mover's thread and free its window promptly.
     """
 
     def __init__(self, model: Model, config: EngineConfig | None = None, **overrides):
         config = (EngineConfig(**overrides) if config is None
                   else dataclasses.replace(config, **overrides))
-        self.config = config
+        # Stage C runs on the host: an accelerator-only JAX (JAX_PLATFORMS=cuda) cannot run it.
+        self._host = host_device()
+        self._device = jax.devices()[0]
         self.on_cpu = jax.default_backend() == "cpu"
-        self.mode = config.resolved_pipeline(self.on_cpu)
         cfg = model.config
+        # Device memory is planned before the KV pool and the weight staging exist.
+        self.device_plan = _plan_device(model, config, self._device, self.on_cpu)
+        if self.device_plan is not None and self.device_plan.reason:
+            config = dataclasses.replace(config, token_budget=self.device_plan.token_budget)
+        self.config = config
+        self.mode = config.resolved_pipeline(self.on_cpu)
         self.model, self.cfg = model, cfg
         self.store = PagedKVStore.for_model(cfg, config.kv_cache_bytes,
                                             page_size=config.page_size,
@@ -129,22 +182,15 @@ class Engine:
         # cap or a device-memory cap asks for a GPU to be emulated.
         self.mover = WeightMover(model, depth=config.device_weight_layers,
                                  h2d_limit_gb_per_s=config.h2d_limit_gb_per_s,
-                                 resident=not config.streams_weights(self.on_cpu))
+                                 resident=not config.streams_weights(self.on_cpu),
+                                 device=self._device)
         self.device_weight_bytes = resident_bytes(model) + self.mover.device_bytes()
-        cap = config.device_memory_bytes
-        if cap is not None and self.device_weight_bytes > cap:
-            raise ValueError(
-                f"device_memory_bytes={cap} is too small: the weight window of "
-                f"{self.mover.depth} layer(s) x {self.mover.layer_bytes} B plus resident "
-                f"embedding/lm_head needs {self.device_weight_bytes} B")
         w = model.weights
         self._weights = jax.device_put(ModelWeights(embed=w.embed, layers=(),
                                                     final_norm=w.final_norm, lm_head=w.lm_head))
         self._fn = _stage_functions(cfg, self.store.dtype)
         # Stage C is jitted on the CPU device (inputs are committed there), so on a GPU machine
         # the callback never sits on the GPU stream.
-        self._host = jax.devices("cpu")[0]
-        self._device = jax.devices()[0]
         self._decode_attn = jax.jit(
             lambda q, ids, layer: cpu_decode_attention(self.store, q, ids, layer))
         self.stats = RunStats()
@@ -348,6 +394,7 @@ class Engine:
         stats.preemptions = sched.total_preemptions
         stats.h2d_bytes = self.mover.bytes_moved - h2d_before
         stats.h2d_gb_per_s = self.mover.h2d_gb_per_s
+        stats.host_weight_bytes = self.model.host_bytes
         assert self.store.free_pages() == self.kv_pages, "KV pages leaked"
         return results
 

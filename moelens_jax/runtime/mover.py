@@ -1,14 +1,19 @@
 """The weight mover: streams each layer's contiguous host buffer to the device on its own thread.
 
 Each decoder layer lives in one contiguous host buffer (`Model.host_layers[i].buffer`); the
-mover copies the whole buffer in one transfer into a device window of `depth` layers
-(double buffering at 2) while earlier layers compute, and unpacks it on the device into typed
-weights (slices + bitcasts, jitted). Embedding, final norm and lm_head stay resident.
+mover copies it in packets of `packet_bytes` (64 MiB by default) into a device window of
+`depth` layers (double buffering at 2) while earlier layers compute, and unpacks the packets on
+the device into typed weights (slices + bitcasts, jitted). Embedding, final norm and lm_head
+stay resident. Packets matter on an accelerator: host-to-device copies share one queue, and a
+whole-layer copy (2.9 GB for Mixtral 8x7B, ~60 ms at PCIe 4) would hold back the engine's small
+latency-critical copies (a group's q/k/v to the host, attention outputs back); each packet is
+waited for before the next is issued, so those copies queue behind one packet at most.
 
 For research on small machines the mover takes a link-bandwidth cap (`h2d_limit_gb_per_s`,
-enforced as a token bucket after each transfer) so a CPU box can be put in the regime of a GPU
+enforced as a token bucket after each packet) so a CPU box can be put in the regime of a GPU
 behind PCIe. Where the backend offers a `pinned_host` memory kind and the device is not the
-CPU itself, layer buffers are staged there once so every transfer starts from pinned memory.
+CPU itself, the packets are staged there once per model (`Model.staged_layers`, shared by
+every mover on the model) so every transfer starts from pinned memory.
 
 On the CPU backend the "device" is host memory, so by default (`resident=None`: a CPU device
 and no cap) nothing streams: every layer's typed weights are zero-copy views of its host buffer,
@@ -16,9 +21,6 @@ made once, and `get` returns them. Streaming there would only spend a core and m
 re-copying every layer each iteration (measured on a 2-core AVX2 box: 12-34 ms per 91 MB
 small-mixtral layer, on the cores the GEMMs need). Give a cap (or `resident=False`) to emulate a
 PCIe link: then each layer is copied and unpacked like on an accelerator.
-
-Small latency-critical copies (q/k/v to the host, attention outputs back) never wait behind
-weight copies: they are issued by the engine's thread, the mover copies on its own.
 """
 
 from __future__ import annotations
@@ -35,17 +37,36 @@ import numpy as np
 from moelens_jax.model.model import Model
 from moelens_jax.model.weights import LAYER_FIELDS, NP_DTYPES, LayerLayout, LayerWeights
 
+PACKET_BYTES = 64 << 20  # bytes per host-to-device weight copy
 
-@functools.partial(jax.jit, static_argnums=(0,))
-def unpack_layer(layout: LayerLayout, buf_u8: jax.Array) -> LayerWeights:
-    """Typed `LayerWeights` from a layer's raw uint8 buffer (on whatever device it lives)."""
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def unpack_packets(layout: LayerLayout, packet_bytes: int,
+                   packets: tuple[jax.Array, ...]) -> LayerWeights:
+    """Typed `LayerWeights` from a layer's raw uint8 buffer split into packets of
+    `packet_bytes` (the last may be shorter), on whatever device they live."""
     dt = NP_DTYPES[layout.dtype]
+
+    def raw(offset: int, nbytes: int) -> jax.Array:
+        pieces = []
+        while nbytes > 0:
+            i, o = divmod(offset, packet_bytes)
+            take = min(nbytes, packet_bytes - o)
+            pieces.append(jax.lax.slice(packets[i], (o,), (o + take,)))
+            offset, nbytes = offset + take, nbytes - take
+        return pieces[0] if len(pieces) == 1 else jnp.concatenate(pieces)
+
     fields = dict.fromkeys(LAYER_FIELDS)
     for slot in layout.slots:
-        raw = jax.lax.slice(buf_u8, (slot.offset,), (slot.offset + slot.nbytes,))
-        typed = jax.lax.bitcast_convert_type(raw.reshape(-1, dt.itemsize), jnp.dtype(dt))
+        typed = jax.lax.bitcast_convert_type(raw(slot.offset, slot.nbytes)
+                                             .reshape(-1, dt.itemsize), jnp.dtype(dt))
         fields[slot.name] = typed.reshape(slot.shape)
     return LayerWeights(**fields)
+
+
+def unpack_layer(layout: LayerLayout, buf_u8: jax.Array) -> LayerWeights:
+    """Typed `LayerWeights` from a layer's whole raw uint8 buffer."""
+    return unpack_packets(layout, int(buf_u8.shape[0]), (buf_u8,))
 
 
 class WeightMover:
@@ -58,14 +79,20 @@ class WeightMover:
       device: target device (default: the default device).
       resident: keep every layer on the device as zero-copy views instead of streaming; only
         possible where the device is the host CPU. Default: there, when no cap is given.
+      packet_bytes: bytes per host-to-device copy.
+      pinned: stage the packets in pinned host memory (`Model.staged_layers`). Default: where
+        the device is not the CPU and offers it.
     """
 
     def __init__(self, model: Model, depth: int = 2, h2d_limit_gb_per_s: float | None = None,
-                 device=None, resident: bool | None = None):
+                 device=None, resident: bool | None = None, packet_bytes: int = PACKET_BYTES,
+                 pinned: bool | None = None):
         if depth < 1:
             raise ValueError(f"device_weight_layers must be >= 1, got {depth}")
         if h2d_limit_gb_per_s is not None and h2d_limit_gb_per_s <= 0:
             raise ValueError("h2d_limit_gb_per_s must be positive")
+        if packet_bytes < 1:
+            raise ValueError(f"packet_bytes must be >= 1, got {packet_bytes}")
         self.model = model
         self.num_layers = len(model.host_layers)
         self.depth = min(depth, self.num_layers)
@@ -82,41 +109,50 @@ class WeightMover:
             self._resident = [jax.tree.map(lambda a: jax.device_put(a, self.device), l.weights)
                               for l in model.host_layers]
         kinds = {m.kind for m in self.device.addressable_memories()}
-        self.pinned = self.device.platform != "cpu" and "pinned_host" in kinds
-        if self.pinned:
-            sharding = jax.sharding.SingleDeviceSharding(self.device, memory_kind="pinned_host")
-            self._src = [jax.device_put(l.buffer, sharding) for l in model.host_layers]
+        if pinned is None:
+            pinned = not on_host and "pinned_host" in kinds
+        self.pinned, self.packet_bytes = pinned, packet_bytes
+        if pinned:
+            self._src = model.staged_layers(self.device, packet_bytes)
+            self._dst = jax.sharding.SingleDeviceSharding(self.device, memory_kind="device")
         else:
-            self._src = [l.buffer for l in model.host_layers]
+            self._src = [tuple(l.buffer[i:i + packet_bytes]
+                               for i in range(0, l.buffer.nbytes, packet_bytes))
+                         for l in model.host_layers]
+            self._dst = self.device
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="weight-mover")
         self._window: dict[int, concurrent.futures.Future] = {}
         self._lock = threading.Lock()
         self._next_free = 0.0  # token bucket: earliest time the link is free again
         self.bytes_moved = 0
+        self.transfers = 0  # host-to-device copies issued (packets)
         self.copy_s = 0.0  # time spent copying
         self.link_s = 0.0  # time the (possibly capped) link was busy: copy + throttle
 
     def _copy(self, layer: int, after=None) -> LayerWeights:
         if after is not None:  # the slot's previous layer is still in use until `after` is ready
             jax.block_until_ready(after)
-        t0 = time.perf_counter()
-        buf = jax.device_put(self._src[layer], self.device)
-        buf.block_until_ready()
-        t1 = time.perf_counter()
-        end = t1
-        if self.limit:
-            start = max(t0, self._next_free)
-            end = max(t1, start + self.layer_bytes / (self.limit * 1e9))
-            self._next_free = end
-            if end > t1:
-                time.sleep(end - t1)
-        weights = unpack_layer(self.layout, buf)
-        jax.block_until_ready(weights)
-        with self._lock:
-            self.bytes_moved += self.layer_bytes
-            self.copy_s += t1 - t0
-            self.link_s += end - t0
-        return weights
+        copied = []
+        for src in self._src[layer]:  # one packet in flight at a time (module docstring)
+            t0 = time.perf_counter()
+            buf = jax.device_put(src, self._dst)
+            buf.block_until_ready()
+            t1 = time.perf_counter()
+            end = t1
+            if self.limit:
+                start = max(t0, self._next_free)
+                end = max(t1, start + src.nbytes / (self.limit * 1e9))
+                self._next_free = end
+                if end > t1:
+                    time.sleep(end - t1)
+            copied.append(buf)
+            with self._lock:
+                self.bytes_moved += src.nbytes
+                self.transfers += 1
+                self.copy_s += t1 - t0
+                self.link_s += end - t0
+        weights = unpack_packets(self.layout, self.packet_bytes, tuple(copied))
+        return jax.block_until_ready(weights)
 
     def prefetch(self, layer: int, after=None) -> None:
         """Starts copying `layer` (mod num_layers) unless it is resident or in flight; with

@@ -60,6 +60,7 @@ class RunStats:
     kv_peak_pages: int = 0
     kv_pages: int = 0
     h2d_bytes: int = 0  # weight bytes streamed host -> device in this run
+    host_weight_bytes: int = 0  # host memory of the model's weights (pageable + pinned staging)
     h2d_gb_per_s: float | None = None  # achieved over the link's busy time (engine lifetime)
     mode: str = "serial"  # the pipeline that ran ("serial" or "vslpipe")
     per_iteration: list[IterationRecord] = dataclasses.field(default_factory=list)

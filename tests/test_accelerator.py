@@ -1,0 +1,195 @@
+"""GPU readiness, checked on a CPU: the accelerator's code paths compiled here at real model
+shapes (XLA's memory analysis), the weight mover's packets and pinned staging, the device
+memory plan, and the clear error when JAX has no CPU backend for stage C."""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import moelens_jax as mj
+from moelens_jax import reference
+from moelens_jax.model import moe, transformer
+from moelens_jax.model.stages import ga_stage, tiled_prefill_attention
+from moelens_jax.model.weights import abstract_weights
+from moelens_jax.runtime import engine as engine_mod
+from moelens_jax.runtime import memory
+from moelens_jax.runtime.engine import Engine
+from moelens_jax.runtime.layout import tile_pair_count
+from moelens_jax.runtime.mover import WeightMover, resident_bytes
+from moelens_jax.runtime.requests import Request
+
+GiB = 2**30
+
+
+def _ga_memory(cfg, n: int, pairs: int, weight_dtype: str, kv_dtype, chunk=None):
+    lw = abstract_weights(cfg, weight_dtype).layers[0]
+    args = (lw, jax.ShapeDtypeStruct((n, cfg.hidden_size), jnp.float32),
+            jax.ShapeDtypeStruct((n,), jnp.int32), jax.ShapeDtypeStruct((n,), jnp.int32),
+            jax.ShapeDtypeStruct((pairs, 3), jnp.int32))
+    attention = functools.partial(tiled_prefill_attention, chunk=chunk)
+    f = functools.partial(ga_stage, cfg, kv_dtype, attention=attention)
+    return jax.jit(f).trace(*args).lower().compile().memory_analysis()
+
+
+def _gb_memory(cfg, n: int, weight_dtype: str):
+    lw = abstract_weights(cfg, weight_dtype).layers[0]
+
+    def gb_blocked(lw, x_nh, attn_nqd, mask_n):  # what `gb_stage` lowers to off the CPU
+        x, xn, routing = transformer.attention_out_and_route(cfg, lw, x_nh, attn_nqd)
+        ffn = functools.partial(moe.expert_ffn, impl="blocked")
+        return transformer.experts_residual(cfg, lw, x, xn, routing, ffn, mask_n)
+
+    args = (lw, jax.ShapeDtypeStruct((n, cfg.hidden_size), jnp.float32),
+            jax.ShapeDtypeStruct((n, cfg.num_heads, cfg.head_dim), jnp.float32),
+            jax.ShapeDtypeStruct((n,), jnp.bool_))
+    return jax.jit(gb_blocked).trace(*args).lower().compile().memory_analysis()
+
+
+@pytest.mark.parametrize("prompt_len", [926, 32768])
+def test_accelerator_ga_temporaries_at_mixtral_scale(prompt_len):
+    """One GA call on the accelerator path (tiled prefill attention) at Mixtral-8x7B shapes
+    with a 32,768-token iteration of RAG-like 926-token prompts (~5k tile pairs), or one
+    32,768-token prompt (~131k pairs): <= 4 GiB of temporaries, independent of the pair count.
+    All pairs in one chunk (the layout before chunking) needs ~17 GiB."""
+    cfg = mj.config.get_preset("mixtral-8x7b")
+    n = 32768
+    pairs = tile_pair_count([prompt_len] * (n // prompt_len), 0)
+    mem = _ga_memory(cfg, n, pairs, "bfloat16", jnp.bfloat16)
+    assert mem.temp_size_in_bytes <= 4 * GiB, mem.temp_size_in_bytes / GiB
+    if prompt_len == 926:
+        unchunked = _ga_memory(cfg, n, pairs, "bfloat16", jnp.bfloat16, chunk=pairs)
+        assert unchunked.temp_size_in_bytes > 4 * GiB
+
+
+@pytest.mark.parametrize("preset", ["mixtral-8x7b", "qwen3-30b-a3b", "qwen2-57b-a14b",
+                                    "tiny-qwen3-moe"])
+@pytest.mark.parametrize("n", [1024, 32768])
+def test_activation_bound_covers_xla_memory_analysis(preset, n):
+    """The device plan's activation bound against XLA's memory analysis of the same GA and GB
+    code compiled here (float32 weights: the widest activations): never below it, and at most
+    2x above it, so the plan neither overcommits nor wastes half the device. Covers GQA with 8
+    experts (Mixtral), 128 experts top-8 (Qwen3), a shared expert (Qwen2) and a tiny model."""
+    cfg = mj.config.get_preset(preset)
+    pairs = tile_pair_count([926] * (n // 926) or [n], 0)
+    ga = _ga_memory(cfg, n, pairs, "float32", jnp.float32)
+    gb = _gb_memory(cfg, n, "float32")
+    for name, got, bound in [
+            ("GA", ga.temp_size_in_bytes + ga.output_size_in_bytes,
+             memory.ga_activation_bytes(cfg, n)),
+            ("GB", gb.temp_size_in_bytes + gb.output_size_in_bytes,
+             memory.gb_activation_bytes(cfg, n, "float32"))]:
+        assert got <= bound <= 2 * got, (name, got / GiB, bound / GiB)
+
+
+def test_max_iteration_rows_is_the_worst_split():
+    from moelens_jax.runtime.layout import padded_rows
+    for budget in [1, 7, 64, 100, 2048, 3000]:
+        brute = max(padded_rows(budget - d, d) for d in range(budget + 1))
+        assert memory.max_iteration_rows(budget) == brute
+
+
+def test_plan_lowers_the_budget_to_the_largest_that_fits(caplog):
+    cfg = mj.config.get_preset("mixtral-8x7b")
+    weights = 10 * GiB
+
+    def act(b):
+        return memory.stage_activation_bytes(cfg, memory.max_iteration_rows(b), "bfloat16")
+
+    cap = weights + act(4096) + 1
+    with caplog.at_level(logging.WARNING):
+        plan = memory.plan_device_memory(cfg, "bfloat16", 32768, weights, cap)
+    assert 4096 <= plan.token_budget < 32768
+    assert act(plan.token_budget) <= cap - weights < act(plan.token_budget + 1)
+    assert plan.reason and "32768 ->" in plan.reason and "32768 ->" in caplog.text
+    roomy = memory.plan_device_memory(cfg, "bfloat16", 2048, weights, 100 * GiB)
+    assert roomy.token_budget == 2048 and roomy.reason is None
+    with pytest.raises(ValueError, match="too small: the weights"):
+        memory.plan_device_memory(cfg, "bfloat16", 2048, weights, weights - 1)
+    with pytest.raises(ValueError, match="1-token iteration"):
+        memory.plan_device_memory(cfg, "bfloat16", 2048, weights, weights + 1000)
+
+
+def _tiny():
+    return mj.load_model("tiny-mixtral", dtype="float32", seed=3)
+
+
+def test_engine_checks_device_memory_before_allocating(monkeypatch):
+    """Weights that cannot fit fail before the KV pool (host memory) is allocated."""
+    model = _tiny()
+
+    def no_store(*a, **k):
+        raise AssertionError("the KV pool was allocated before the device-memory check")
+
+    monkeypatch.setattr(engine_mod.PagedKVStore, "for_model", no_store)
+    with pytest.raises(ValueError, match="device_memory_bytes=1000 is too small"):
+        Engine(model, kv_cache_bytes=1 << 20, device_memory_bytes=1000)
+
+
+def test_engine_lowers_token_budget_to_fit_device_memory(caplog):
+    """A cap that holds the weights but not the activations of the requested budget: the
+    engine runs with the planned budget (logged) and gives the oracle's tokens."""
+    model = _tiny()
+    cfg = model.config
+    depth = 2
+    weights = resident_bytes(model) + depth * model.host_layers[0].layout.nbytes
+    act = memory.stage_activation_bytes(cfg, memory.max_iteration_rows(64), model.dtype)
+    with caplog.at_level(logging.WARNING):
+        eng = Engine(model, kv_cache_bytes=4096 * cfg.kv_bytes_per_token("float32"),
+                     token_budget=4096, device_weight_layers=depth,
+                     device_memory_bytes=weights + act)
+    assert 64 <= eng.config.token_budget < 4096
+    assert eng.device_plan.reason and "token_budget 4096 ->" in caplog.text
+    rng = np.random.default_rng(0)
+    reqs = [Request(tuple(rng.integers(0, cfg.vocab_size, n).tolist()), 4) for n in (40, 90, 7)]
+    want = reference.greedy_generate(model, [r.prompt for r in reqs], [4] * 3)
+    assert [r.tokens for r in eng.generate(reqs)] == want
+    assert max(it.shape.tokens for it in eng.stats.per_iteration) <= max(
+        eng.config.token_budget, 90 + 2)  # a prompt longer than the budget runs alone
+    eng.close()
+
+
+def test_engine_without_cpu_backend_says_what_to_set(monkeypatch):
+    real = jax.devices
+
+    def devices(backend=None):
+        if backend == "cpu":
+            raise RuntimeError("Unknown backend cpu")
+        return real(backend)
+
+    monkeypatch.setattr(jax, "devices", devices)
+    monkeypatch.setenv("JAX_PLATFORMS", "cuda")
+    with pytest.raises(RuntimeError, match="JAX_PLATFORMS=cuda,cpu"):
+        Engine(_tiny(), kv_cache_bytes=1 << 20)
+
+
+@pytest.mark.parametrize("packet_bytes", [4096, 10_000, 1 << 30])
+def test_mover_packets_from_pinned_staging(packet_bytes):
+    """Layers copied in packets from pinned host memory (staged once per model, shared by
+    movers) arrive bit-exact; one transfer per packet; the model reports the staged bytes."""
+    model = _tiny()
+    layer_bytes = model.host_layers[0].layout.nbytes
+    movers = [WeightMover(model, depth=2, resident=False, pinned=True, packet_bytes=packet_bytes)
+              for _ in range(2)]
+    assert movers[0]._src is movers[1]._src  # staged once, shared
+    assert all(p.sharding.memory_kind == "pinned_host" for p in movers[0]._src[0])
+    assert model.host_bytes == 2 * model.weight_bytes - resident_bytes(model)
+    m = movers[0]
+    for layer in range(model.config.num_layers):
+        got = m.get(layer)
+        for name in got.__dataclass_fields__:
+            a, b = getattr(got, name), getattr(model.host_layers[layer].weights, name)
+            if a is None:
+                assert b is None
+                continue
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=name)
+    per_layer = -(-layer_bytes // packet_bytes)
+    assert m.transfers == per_layer * m.bytes_moved // layer_bytes
+    assert m.bytes_moved >= model.config.num_layers * layer_bytes
+    for mv in movers:
+        mv.close()
