@@ -215,3 +215,26 @@ def test_bench_peers_engine_and_hf():
     assert result["speedup_vs_hf"] > 0 and result["gemm_roof_gflop_per_s"] > 0
     assert 0 < result["engine_gemm_roof_fraction"] < 1
     assert result["engine_gemm_tflop"] < result["hf_gemm_tflop"]  # HF pads to the longest prompt
+
+
+def test_gpu_check_dry_run(tmp_path, cache_env):
+    """`gpu_check --dry_run` runs every step at tiny sizes on this CPU and writes every key
+    (the command a GPU session runs is the same code at real sizes)."""
+    out = tmp_path / "gpu"
+    proc = subprocess.run([sys.executable, "-m", "experiments.gpu_check", "--dry_run",
+                           f"--out={out}"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600, env=cache_env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert json.loads((out / "gpu_check.json").read_text()) == result
+    assert result["dry_run"] and result["machine"]["backend"] == "cpu"
+    for name, step in result["steps"].items():
+        assert "error" not in step, (name, step["error"])
+    assert result["engine_equals_oracle"] is True
+    assert len(result["steps"]["oracle"]["runs"]) == 4  # 2 models x 2 pipelines
+    assert result["steps"]["overlap"]["same_tokens"] is True
+    for key in ("h2d_gb_per_s", "link_datasheet_gb_per_s", "expert_gemm_fraction_of_dense",
+                "prefill_attention_tflops", "overlap_efficiency", "prediction_mean_accuracy",
+                "prediction_min_accuracy"):
+        assert isinstance(result[key], float) and result[key] > 0, key
+    assert result["prediction_mean_accuracy"] <= 1
