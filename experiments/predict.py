@@ -3,6 +3,13 @@
     python -m experiments.predict --model mixtral-8x7b --hardware a40 --kv_cache_gb 70 \
         --prompt_len 98 --gen_len 32
     python -m experiments.predict --hardware local     # calibrates this machine (cached)
+    python -m experiments.predict --policy moe-lightning --hardware a40 --cpu_memory_gb 265 \
+        --device_memory_gb 16 --prompt_len 98 --gen_len 32   # MoE-Lightning's own plan
+
+With `--policy moe-lightning` it prints MoE-Lightning's plan from its published planner
+(`perf.lightning_planner`: N, mu, micro-batches, r_w, r_c) with its own throughput prediction
+and memory use; `--lightning_constants artifact` (default) uses the artifact's hardware
+constants (its L4/T4 entries, its fallback for any other GPU), `datasheet` our preset's.
 """
 
 from __future__ import annotations
@@ -24,11 +31,58 @@ _NUM_REQUESTS = flags.DEFINE_integer("num_requests", None,
 _PAGE_SIZE = flags.DEFINE_integer("page_size", 16, "Tokens per KV page.")
 _TOKEN_BUDGET = flags.DEFINE_integer("token_budget", None,
                                      "Tokens per iteration (default: tokens to saturate).")
+_POLICY = flags.DEFINE_enum("policy", "moe-lens", ["moe-lens", "moe-lightning"],
+                            "Whose plan to predict.")
+_CPU_MEMORY_GB = flags.DEFINE_float("cpu_memory_gb", 265.0,
+                                    "moe-lightning: host memory its planner may use (1e9 B).")
+_DEVICE_MEMORY_GB = flags.DEFINE_float("device_memory_gb", None,
+                                       "moe-lightning: GPU memory cap (default: the GPU's).")
+_CONSTANTS = flags.DEFINE_enum("lightning_constants", "artifact", ["artifact", "datasheet"],
+                               "moe-lightning: the artifact's hardware constants or ours.")
+
+
+def lightning(settings) -> None:
+    from moelens_jax.perf import lightning_planner as lp
+    cfg = mj.config.resolve_config(_MODEL.value)
+    cmem = _CPU_MEMORY_GB.value * 1e9
+    gmem = _DEVICE_MEMORY_GB.value * 1e9 if _DEVICE_MEMORY_GB.value else None
+    if _CONSTANTS.value == "artifact":
+        hw = lp.LightningHardware.artifact(_HARDWARE.value, cmem, gpu_memory_bytes=gmem)
+    else:
+        hw = lp.LightningHardware.from_spec(perf.get_hardware(_HARDWARE.value), cmem,
+                                            gpu_memory_bytes=gmem)
+    p = lp.plan(cfg, hw, _PROMPT_LEN.value, _GEN_LEN.value)
+    terms = ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in p.terms.items())
+    print(common.table([
+        ("model", cfg.name), ("hardware", f"{hw.name} ({_CONSTANTS.value} constants): GPU "
+                                          f"{hw.gpu_memory / 2**30:.1f} GiB, link "
+                                          f"{hw.ctog_bandwidth / 2**30:.1f} GiB/s"),
+        ("workload", f"s={_PROMPT_LEN.value} n={_GEN_LEN.value}"),
+        ("plan", f"N={p.batch_size} = mu {p.micro_batch} x {p.num_micro_batches} micro-batches,"
+                 f" r_w={p.weights_on_gpu:.3f}, r_c=0 (KV and attention on the CPU)"),
+        ("per layer", f"T = {p.layer_s * 1e3:.1f} ms ({terms})"),
+        ("throughput", f"{p.generated_tokens_per_s:,.1f} generated tok/s (decode only, its "
+                       "own model)"),
+        ("GPU memory", f"{p.gpu_memory_bytes / 2**30:.2f} of {p.gpu_limit_bytes / 2**30:.2f} GiB"),
+        ("CPU memory", f"{p.cpu_memory_bytes / 1e9:.1f} GB = "
+                       f"{p.cpu_memory_utilisation(cmem):.1%} of {cmem / 1e9:.0f} GB"),
+    ], "== MoE-Lightning plan =="))
+    common.print_json({
+        "model": cfg.name, "hardware": hw.name, "policy": "moe-lightning",
+        "prompt_len": _PROMPT_LEN.value, "gen_len": _GEN_LEN.value,
+        "batch_size": p.batch_size, "micro_batch": p.micro_batch,
+        "num_micro_batches": p.num_micro_batches, "weights_on_gpu": p.weights_on_gpu,
+        "kv_on_gpu": 0.0, "layer_s": p.layer_s, "terms_s": p.terms,
+        "generated_tokens_per_s": p.generated_tokens_per_s,
+        "gpu_memory_bytes": p.gpu_memory_bytes, "cpu_memory_bytes": p.cpu_memory_bytes,
+        "cpu_memory_utilisation": p.cpu_memory_utilisation(cmem), "flags": settings})
 
 
 def main(argv):
     del argv
     settings = common.log_flags(__name__)
+    if _POLICY.value == "moe-lightning":
+        return lightning(settings)
     if _HARDWARE.value == "local":
         model = mj.load_model(_MODEL.value)
         cal = perf.calibrate(model)

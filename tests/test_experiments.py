@@ -238,3 +238,17 @@ def test_gpu_check_dry_run(tmp_path, cache_env):
                 "prediction_min_accuracy"):
         assert isinstance(result[key], float) and result[key] > 0, key
     assert result["prediction_mean_accuracy"] <= 1
+
+
+def test_predict_moe_lightning_plan():
+    """`predict --policy moe-lightning` prints MoE-Lightning's own plan: the README's worked
+    example through the command line (L4 constants, 184.29 GiB of host memory)."""
+    result, stdout = _run("experiments.predict", "--policy=moe-lightning", "--hardware=l4",
+                          f"--cpu_memory_gb={197880360960.0 / 1e9}", "--prompt_len=77",
+                          "--gen_len=32")
+    assert "== MoE-Lightning plan ==" in stdout
+    assert (result["micro_batch"], result["num_micro_batches"]) == (324, 14)
+    assert result["batch_size"] == 4536 and result["kv_on_gpu"] == 0.0
+    assert abs(result["generated_tokens_per_s"] - 944.66) < 0.1
+    assert 0 < result["cpu_memory_utilisation"] <= 0.8
+    assert result["gpu_memory_bytes"] <= 0.86 * 24 * 2**30

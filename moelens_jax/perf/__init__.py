@@ -5,6 +5,7 @@ from moelens_jax.perf.calibrate import Calibration, cached, calibrate, fingerpri
 from moelens_jax.perf.costs import EngineCosts
 from moelens_jax.perf.hardware import PRESETS, HardwareSpec, get_hardware
 from moelens_jax.perf.lightning import LightningPolicy, lightning_policy
+from moelens_jax.perf.lightning_planner import LightningHardware, LightningPlan
 from moelens_jax.perf.policy import default_token_budget, engine_config, split_costs
 from moelens_jax.perf.stage1 import (
     Stage1Result,
@@ -24,4 +25,4 @@ __all__ = ["HardwareSpec", "EngineCosts", "Calibration", "PRESETS", "get_hardwar
            "workload_pme", "overlap_factor", "paper_table2", "tokens_to_saturate",
            "tokens_to_saturate_approx", "engine_pages", "streamed_bytes",
            "default_token_budget", "split_costs", "engine_config", "cached", "LightningPolicy",
-           "lightning_policy"]
+           "lightning_policy", "LightningHardware", "LightningPlan"]
