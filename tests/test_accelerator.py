@@ -16,7 +16,7 @@ import moelens_jax as mj
 from moelens_jax import reference
 from moelens_jax.model import moe, transformer
 from moelens_jax.model.stages import ga_stage, tiled_prefill_attention
-from moelens_jax.model.weights import abstract_weights
+from moelens_jax.model.weights import abstract_weights, unpack_packets
 from moelens_jax.runtime import engine as engine_mod
 from moelens_jax.runtime import memory
 from moelens_jax.runtime.engine import Engine
@@ -193,3 +193,60 @@ def test_mover_packets_from_pinned_staging(packet_bytes):
     assert m.bytes_moved >= model.config.num_layers * layer_bytes
     for mv in movers:
         mv.close()
+
+
+def test_release_pageable_keeps_one_host_copy(tmp_path):
+    """After the pinned staging exists, the pageable layers can go: movers stream from the
+    staging bit-exactly, `forward` unpacks from it (same logits), and everything that needs
+    the pageable copy says so instead of producing garbage."""
+    model = _tiny()
+    tokens = np.arange(12, dtype=np.int32).reshape(2, 6) % model.config.vocab_size
+    want = np.asarray(model.forward(tokens))
+    host = [np.asarray(l.buffer).copy() for l in model.host_layers]
+    with pytest.raises(ValueError, match="needs a pinned staging first"):
+        model.release_pageable()
+    mover = WeightMover(model, depth=2, resident=False, pinned=True, packet_bytes=10_000)
+    before = model.host_bytes
+    freed = model.release_pageable()
+    assert freed == sum(h.nbytes for h in host) and not model.pageable
+    assert model.host_bytes == before - freed
+    for layer in range(model.config.num_layers):
+        got = mover.get(layer)
+        layout = model.host_layers[layer].layout
+        again = unpack_packets(layout, layout.nbytes, (jnp.asarray(host[layer]),))
+        for name in got.__dataclass_fields__:
+            a, b = getattr(got, name), getattr(again, name)
+            assert (a is None) == (b is None)
+            if a is not None:
+                np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=name)
+    mover.close()
+    np.testing.assert_array_equal(np.asarray(model.forward(tokens)), want)
+    with pytest.raises(ValueError, match="saving needs the model's pageable host weights"):
+        mj.save_model(model, tmp_path / "ckpt")
+    with pytest.raises(ValueError, match="without pinned staging needs"):
+        WeightMover(model, resident=False, pinned=False)
+    with pytest.raises(ValueError, match="staging another copy needs"):
+        WeightMover(model, resident=False, pinned=True, packet_bytes=4096)
+
+
+def test_engine_frees_the_pageable_copy_when_streaming_from_pinned(monkeypatch):
+    """An engine whose mover streams from pinned memory (an accelerator's; forced here) frees
+    the pageable layers unless asked to keep them, and still gives the oracle's tokens."""
+    import functools as ft
+    model = _tiny()
+    rng = np.random.default_rng(1)
+    reqs = [Request(tuple(rng.integers(0, model.config.vocab_size, n).tolist()), 3)
+            for n in (5, 17, 33)]
+    want = reference.greedy_generate(model, [r.prompt for r in reqs], [3] * 3)
+    monkeypatch.setattr(engine_mod, "WeightMover", ft.partial(WeightMover, pinned=True))
+    kv = 2048 * model.config.kv_bytes_per_token("float32")
+    with Engine(model, kv_cache_bytes=kv, device_memory_bytes=1 << 30,
+                keep_pageable_weights=True) as eng:
+        assert model.pageable
+        assert [r.tokens for r in eng.generate(reqs)] == want
+    with Engine(model, kv_cache_bytes=kv, device_memory_bytes=1 << 30) as eng:
+        assert not model.pageable
+        assert [r.tokens for r in eng.generate(reqs)] == want
+        assert eng.stats.host_weight_bytes == model.host_bytes
+    # The reference path now reads the layers from the pinned staging.
+    assert reference.greedy_generate(model, [r.prompt for r in reqs], [3] * 3) == want

@@ -195,6 +195,7 @@ def load_hf(folder: str, dtype: str | None = None, progress: bool = False) -> Mo
 def save_hf(model: Model, folder: str) -> None:
     """Writes `model` as a HF checkpoint folder (config.json + model.safetensors) that
     `transformers` and `load_hf` both read; the inverse of `load_hf`, bit for bit."""
+    model.require_pageable("saving")
     cfg = model.config.replace(dtype=model.dtype)
     if os.path.exists(folder) and os.listdir(folder):
         raise FileExistsError(f"{folder} exists and is not empty")

@@ -9,7 +9,13 @@ import numpy as np
 
 from moelens_jax.config import ConfigError, ModelConfig
 from moelens_jax.model import transformer
-from moelens_jax.model.weights import HostLayer, ModelWeights, assemble, weights_nbytes
+from moelens_jax.model.weights import (
+    HostLayer,
+    ModelWeights,
+    assemble,
+    unpack_packets,
+    weights_nbytes,
+)
 
 
 class TokenError(ValueError):
@@ -68,6 +74,7 @@ class Model:
         mover on this model (calibration and policy comparisons build several)."""
         key = (device.platform, device.id, packet_bytes)
         if key not in self._staged:
+            self.require_pageable("staging another copy")
             pinned = jax.sharding.SingleDeviceSharding(device, memory_kind="pinned_host")
             self._staged[key] = [
                 tuple(jax.device_put(l.buffer[i:i + packet_bytes], pinned)
@@ -75,9 +82,44 @@ class Model:
                 for l in self.host_layers]
         return self._staged[key]
 
+    def release_pageable(self) -> int:
+        """Frees the pageable layer buffers, leaving a pinned staging as the layers' only host
+        copy (an accelerator engine does this unless told to keep both: the weights would
+        otherwise sit in host memory twice). Afterwards `forward` unpacks the layers from
+        the staging; `host_layers[i].buffer` / `.weights`, another staging and saving are
+        unavailable (`require_pageable` says so). Returns the bytes freed.
+
+        Raises:
+          ValueError: nothing is staged yet.
+        """
+        if not self._staged:
+            raise ValueError("release_pageable needs a pinned staging first "
+                             "(Model.staged_layers); the layers would be lost")
+        freed = 0
+        for layer in self.host_layers:
+            if layer.buffer is not None:
+                freed += layer.buffer.nbytes
+                layer.buffer, layer.weights = None, None
+        self.weights = self.weights.replace(layers=())
+        self._device_weights = None
+        return freed
+
+    @property
+    def pageable(self) -> bool:
+        """Whether the layers still have their pageable host buffers (`release_pageable`)."""
+        return self.host_layers[0].buffer is not None
+
+    def require_pageable(self, what: str) -> None:
+        """Raises ValueError naming `what` if the pageable layer buffers were released."""
+        if not self.pageable:
+            raise ValueError(f"{what} needs the model's pageable host weights, which were "
+                             "released to the pinned staging (an accelerator engine does this; "
+                             "pass keep_pageable_weights=True to keep them, or load again)")
+
     @property
     def host_bytes(self) -> int:
-        """Host memory this model holds: the pageable weights plus every pinned staging."""
+        """Host memory this model holds: the pageable weights (embedding and lm_head only,
+        once the layers are released) plus every pinned staging."""
         staged = sum(a.nbytes for layers in self._staged.values() for pk in layers for a in pk)
         return self.weight_bytes + staged
 
@@ -95,7 +137,17 @@ class Model:
         The engine never does this; it streams layers from `host_layers`.
         """
         if self._device_weights is None:
-            self._device_weights = jax.device_put(self.weights)
+            if self.pageable:
+                self._device_weights = jax.device_put(self.weights)
+            else:  # from the pinned staging, unpacked on the device
+                (platform, dev_id, packet_bytes), layers = next(iter(self._staged.items()))
+                dev = next(d for d in jax.devices(platform) if d.id == dev_id)
+                dst = jax.sharding.SingleDeviceSharding(dev, memory_kind="device")
+                layout = self.host_layers[0].layout
+                typed = tuple(unpack_packets(layout, packet_bytes,
+                                             tuple(jax.device_put(p, dst) for p in packets))
+                              for packets in layers)
+                self._device_weights = jax.device_put(self.weights.replace(layers=typed), dev)
         return self._device_weights
 
     def forward(self, tokens_bt) -> jax.Array:

@@ -28,9 +28,11 @@ expert width, d head_dim):
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from flax import struct
@@ -216,3 +218,27 @@ def random_init(cfg: ModelConfig, seed: int = 0, dtype: str | None = None,
 def assemble(host_layers: list[HostLayer], rest: dict[str, np.ndarray]) -> ModelWeights:
     return ModelWeights(embed=rest["embed"], layers=tuple(l.weights for l in host_layers),
                         final_norm=rest["final_norm"], lm_head=rest.get("lm_head"))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def unpack_packets(layout: LayerLayout, packet_bytes: int,
+                   packets: tuple[jax.Array, ...]) -> LayerWeights:
+    """Typed `LayerWeights` from a layer's raw uint8 buffer split into packets of
+    `packet_bytes` (the last may be shorter), on whatever device they live."""
+    dt = NP_DTYPES[layout.dtype]
+
+    def raw(offset: int, nbytes: int) -> jax.Array:
+        pieces = []
+        while nbytes > 0:
+            i, o = divmod(offset, packet_bytes)
+            take = min(nbytes, packet_bytes - o)
+            pieces.append(jax.lax.slice(packets[i], (o,), (o + take,)))
+            offset, nbytes = offset + take, nbytes - take
+        return pieces[0] if len(pieces) == 1 else jnp.concatenate(pieces)
+
+    fields = dict.fromkeys(LAYER_FIELDS)
+    for slot in layout.slots:
+        typed = jax.lax.bitcast_convert_type(raw(slot.offset, slot.nbytes)
+                                             .reshape(-1, dt.itemsize), jnp.dtype(dt))
+        fields[slot.name] = typed.reshape(slot.shape)
+    return LayerWeights(**fields)

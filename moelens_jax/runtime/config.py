@@ -40,6 +40,9 @@ class EngineConfig:
         the budget (with a logged reason) until they do (`runtime.memory`).
       split: what VSLPipe's group split balances (`layout.split_plan`); token counts by default.
       record_stages: keep every per-layer stage interval for `RunStats.chrome_trace`.
+      keep_pageable_weights: where the layers stream from pinned host memory (an
+        accelerator), keep the model's pageable copy too; by default the engine frees it
+        (`Model.release_pageable`) so the weights are in host memory once.
     """
 
     kv_cache_bytes: int
@@ -54,6 +57,7 @@ class EngineConfig:
     device_memory_bytes: int | None = None
     split: SplitCosts = TOKEN_COUNT_SPLIT
     record_stages: bool = False
+    keep_pageable_weights: bool = False
 
     def __post_init__(self):
         def bad(msg):

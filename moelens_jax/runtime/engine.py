@@ -37,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import logging
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -67,6 +68,8 @@ from moelens_jax.runtime.requests import GenerationResult, Request
 from moelens_jax.runtime.sampling import SamplingParams, sample
 from moelens_jax.runtime.scheduler import Plan, RequestRejected, make_scheduler
 from moelens_jax.runtime.stats import IterationRecord, RunStats, StageClock
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,6 +188,10 @@ class Engine:
                                  resident=not config.streams_weights(self.on_cpu),
                                  device=self._device)
         self.device_weight_bytes = resident_bytes(model) + self.mover.device_bytes()
+        if self.mover.pinned and model.pageable and not config.keep_pageable_weights:
+            freed = model.release_pageable()
+            log.info("freed the %.2f GB pageable copy of the layers: the pinned staging is "
+                     "their only host copy now", freed / 1e9)
         w = model.weights
         self._weights = jax.device_put(ModelWeights(embed=w.embed, layers=(),
                                                     final_norm=w.final_norm, lm_head=w.lm_head))

@@ -26,42 +26,16 @@ PCIe link: then each layer is copied and unpacked like on an accelerator.
 from __future__ import annotations
 
 import concurrent.futures
-import functools
 import threading
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from moelens_jax.model.model import Model
-from moelens_jax.model.weights import LAYER_FIELDS, NP_DTYPES, LayerLayout, LayerWeights
+from moelens_jax.model.weights import LayerLayout, LayerWeights, unpack_packets
 
 PACKET_BYTES = 64 << 20  # bytes per host-to-device weight copy
-
-
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def unpack_packets(layout: LayerLayout, packet_bytes: int,
-                   packets: tuple[jax.Array, ...]) -> LayerWeights:
-    """Typed `LayerWeights` from a layer's raw uint8 buffer split into packets of
-    `packet_bytes` (the last may be shorter), on whatever device they live."""
-    dt = NP_DTYPES[layout.dtype]
-
-    def raw(offset: int, nbytes: int) -> jax.Array:
-        pieces = []
-        while nbytes > 0:
-            i, o = divmod(offset, packet_bytes)
-            take = min(nbytes, packet_bytes - o)
-            pieces.append(jax.lax.slice(packets[i], (o,), (o + take,)))
-            offset, nbytes = offset + take, nbytes - take
-        return pieces[0] if len(pieces) == 1 else jnp.concatenate(pieces)
-
-    fields = dict.fromkeys(LAYER_FIELDS)
-    for slot in layout.slots:
-        typed = jax.lax.bitcast_convert_type(raw(slot.offset, slot.nbytes)
-                                             .reshape(-1, dt.itemsize), jnp.dtype(dt))
-        fields[slot.name] = typed.reshape(slot.shape)
-    return LayerWeights(**fields)
 
 
 def unpack_layer(layout: LayerLayout, buf_u8: jax.Array) -> LayerWeights:
@@ -104,13 +78,15 @@ class WeightMover:
         if resident and not on_host:
             raise ValueError(f"resident weights need the CPU device, not {self.device}")
         self.resident = (on_host and h2d_limit_gb_per_s is None) if resident is None else resident
+        if not model.pageable and (self.resident or pinned is False):
+            model.require_pageable("a weight mover without pinned staging")
         if self.resident:
             self.depth = self.num_layers
             self._resident = [jax.tree.map(lambda a: jax.device_put(a, self.device), l.weights)
                               for l in model.host_layers]
         kinds = {m.kind for m in self.device.addressable_memories()}
         if pinned is None:
-            pinned = not on_host and "pinned_host" in kinds
+            pinned = (not on_host and "pinned_host" in kinds) or not model.pageable
         self.pinned, self.packet_bytes = pinned, packet_bytes
         if pinned:
             self._src = model.staged_layers(self.device, packet_bytes)
