@@ -47,7 +47,11 @@ def lightning(settings) -> None:
     cmem = _CPU_MEMORY_GB.value * 1e9
     gmem = _DEVICE_MEMORY_GB.value * 1e9 if _DEVICE_MEMORY_GB.value else None
     if _CONSTANTS.value == "artifact":
-        hw = lp.LightningHardware.artifact(_HARDWARE.value, cmem, gpu_memory_bytes=gmem)
+        # For a GPU it has no entry for, the artifact plans with its fallback host (192 GiB)
+        # whatever the machine has; utilisation is still reported against --cpu_memory_gb.
+        known = _HARDWARE.value in lp.ARTIFACT_GPUS
+        hw = lp.LightningHardware.artifact(_HARDWARE.value, cmem if known else None,
+                                           gpu_memory_bytes=gmem)
     else:
         hw = lp.LightningHardware.from_spec(perf.get_hardware(_HARDWARE.value), cmem,
                                             gpu_memory_bytes=gmem)
@@ -57,7 +61,8 @@ def lightning(settings) -> None:
         ("model", cfg.name), ("hardware", f"{hw.name} ({_CONSTANTS.value} constants): GPU "
                                           f"{hw.gpu_memory / 2**30:.1f} GiB, link "
                                           f"{hw.ctog_bandwidth / 2**30:.1f} GiB/s"),
-        ("workload", f"s={_PROMPT_LEN.value} n={_GEN_LEN.value}"),
+        ("workload", f"s={_PROMPT_LEN.value} n={_GEN_LEN.value}; the planner's host memory "
+                     f"{hw.cpu_memory / 2**30:.1f} GiB"),
         ("plan", f"N={p.batch_size} = mu {p.micro_batch} x {p.num_micro_batches} micro-batches,"
                  f" r_w={p.weights_on_gpu:.3f}, r_c=0 (KV and attention on the CPU)"),
         ("per layer", f"T = {p.layer_s * 1e3:.1f} ms ({terms})"),

@@ -89,9 +89,15 @@ def test_activation_bound_covers_xla_memory_analysis(preset, n):
 
 def test_max_iteration_rows_is_the_worst_split():
     from moelens_jax.runtime.layout import padded_rows
-    for budget in [1, 7, 64, 100, 2048, 3000]:
-        brute = max(padded_rows(budget - d, d) for d in range(budget + 1))
-        assert memory.max_iteration_rows(budget) == brute
+
+    def one(b):
+        return max(padded_rows(b - d, d) for d in range(b + 1))
+
+    for budget in [1, 7, 64, 100, 333, 2048, 3000]:
+        assert memory.max_iteration_rows(budget) == one(budget)
+        # Two groups padded apart (VSLPipe): never below any split, and not far above.
+        two = max(one(a) + one(budget - a) for a in range(budget + 1))
+        assert two <= memory.max_iteration_rows(budget, groups=2) <= 1.1 * two + 64
 
 
 def test_plan_lowers_the_budget_to_the_largest_that_fits(caplog):
@@ -109,6 +115,11 @@ def test_plan_lowers_the_budget_to_the_largest_that_fits(caplog):
     assert plan.reason and "32768 ->" in plan.reason and "32768 ->" in caplog.text
     roomy = memory.plan_device_memory(cfg, "bfloat16", 2048, weights, 100 * GiB)
     assert roomy.token_budget == 2048 and roomy.reason is None
+    # The longest prompt that fits alone: its rows' activations fit, one row bucket more not.
+    from moelens_jax.runtime.layout import row_bucket
+    n = roomy.max_prompt_tokens
+    act_alone = lambda k: memory.stage_activation_bytes(cfg, row_bucket(k), "bfloat16")  # noqa
+    assert act_alone(n) <= 90 * GiB < act_alone(n + 1)
     with pytest.raises(ValueError, match="too small: the weights"):
         memory.plan_device_memory(cfg, "bfloat16", 2048, weights, weights - 1)
     with pytest.raises(ValueError, match="1-token iteration"):
@@ -136,8 +147,8 @@ def test_engine_lowers_token_budget_to_fit_device_memory(caplog):
     engine runs with the planned budget (logged) and gives the oracle's tokens."""
     model = _tiny()
     cfg = model.config
-    depth = 2
-    weights = resident_bytes(model) + depth * model.host_layers[0].layout.nbytes
+    depth = 2  # the window, plus one layer in flight
+    weights = resident_bytes(model) + (depth + 1) * model.host_layers[0].layout.nbytes
     act = memory.stage_activation_bytes(cfg, memory.max_iteration_rows(64), model.dtype)
     with caplog.at_level(logging.WARNING):
         eng = Engine(model, kv_cache_bytes=4096 * cfg.kv_bytes_per_token("float32"),
@@ -150,7 +161,12 @@ def test_engine_lowers_token_budget_to_fit_device_memory(caplog):
     want = reference.greedy_generate(model, [r.prompt for r in reqs], [4] * 3)
     assert [r.tokens for r in eng.generate(reqs)] == want
     assert max(it.shape.tokens for it in eng.stats.per_iteration) <= max(
-        eng.config.token_budget, 90 + 2)  # a prompt longer than the budget runs alone
+        eng.config.token_budget, 90)  # a prompt longer than the budget runs alone
+    # A prompt whose lone iteration cannot fit is rejected; the rest of the batch completes.
+    too_long = eng.device_plan.max_prompt_tokens + 1
+    res = eng.generate([Request((1,) * too_long, 2), reqs[0]])
+    assert res[0].finish_reason == "rejected" and "do not fit the device" in res[0].error
+    assert res[1].tokens == want[0]
     eng.close()
 
 

@@ -60,17 +60,17 @@ def test_readme_recommended_policies(key):
 
 
 def test_moe_lens_table1_cpu_memory_utilisation():
-    """MoE-Lens Table 1: MoE-Lightning's plans use 52.0 % / 56.2 % / 35.0 % of 265 GB of CPU
-    memory at (prompt, generation) = (98, 32) / (98, 64) / (926, 128) on its A40. The artifact
-    has no A40 entry (its fallback constants apply) and MoE-Lens capped the A40 to 16-24 GB;
-    within +-5 points here with a 16 GiB cap (at 24 GiB the plans use 76-84 %). The cap was
-    chosen by comparing with this table, so this pins the planner's behaviour rather than
-    validating it independently."""
-    cmem = 265e9
-    hw = lp.LightningHardware.artifact("a40", cmem, gpu_memory_bytes=16 * GIB)
+    """MoE-Lens Table 1: MoE-Lightning's plans use 52.0 % / 56.2 % / 35.0 % of the 265 GB host
+    at (prompt, generation) = (98, 32) / (98, 64) / (926, 128) on its A40. The artifact has no
+    A40 entry, so its fallback constants apply whole (192 GiB of host memory among them), and
+    MoE-Lens capped the A40 to 16-24 GB: within +-5 points here with a 16 GiB cap (at 24 GiB
+    the plans use 61 %). The cap was chosen by comparing with this table, so this pins the
+    planner's behaviour rather than validating it independently."""
+    hw = lp.LightningHardware.artifact("a40", gpu_memory_bytes=16 * GIB)
+    assert hw.cpu_memory == 192 * GIB
     for (s, n), want in {(98, 32): 52.0, (98, 64): 56.2, (926, 128): 35.0}.items():
         p = lp.plan(MIXTRAL, hw, s, n)
-        assert 100 * p.cpu_memory_utilisation(cmem) == pytest.approx(want, abs=5), (s, n)
+        assert 100 * p.cpu_memory_utilisation(265e9) == pytest.approx(want, abs=5), (s, n)
         assert p.cpu_memory_bytes <= p.cpu_limit_bytes and p.gpu_memory_bytes <= p.gpu_limit_bytes
 
 
@@ -92,6 +92,8 @@ def test_plan_errors():
     tiny_host = lp.LightningHardware.artifact("l4", 10 * GIB)
     with pytest.raises(ValueError, match="no MoE-Lightning policy fits"):
         lp.plan(MIXTRAL, tiny_host, 77, 32)
+    with pytest.raises(ValueError, match="pass cpu_memory_bytes"):
+        lp.LightningHardware.artifact("t4")
     with pytest.raises(ValueError, match=">= 1"):
         lp.plan(MIXTRAL, lp.LightningHardware.artifact("l4", README_CMEM), 77, 0)
     with pytest.raises(ValueError, match="no GPU memory bandwidth"):

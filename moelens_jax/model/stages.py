@@ -25,8 +25,9 @@ PAIR_CHUNK_BYTES = 256 << 20  # temporaries of one chunk of tile pairs (bounds G
 
 def pair_bytes(heads: int, kv_heads: int, head_dim: int, itemsize: int) -> int:
     """Temporaries of one tile pair in `tiled_prefill_attention`: gathered q/k/v, float32
-    logits, probabilities and their mask, float32 partial output."""
-    return (TILE * heads * head_dim * (itemsize + 8) + 2 * TILE * kv_heads * head_dim * itemsize
+    logits, probabilities and their mask, float32 partial output, its merged and gathered
+    running state."""
+    return (TILE * heads * head_dim * (itemsize + 12) + 2 * TILE * kv_heads * head_dim * itemsize
             + 3 * TILE * TILE * heads * 4)
 
 

@@ -26,8 +26,9 @@ later candidate.
 
 Units follow the artifact: its "GB" is 2^30 bytes (memory sizes and bandwidths), FLOP/s are
 decimal, weights and KV are 2-byte (fp16/bf16). The artifact's GPU table has L4 and T4 only;
-any other GPU name falls back to its class defaults (`LightningHardware.artifact`), which is
-what a user of the artifact on another GPU (MoE-Lens on its A40) gets;
+any other GPU name falls back to its class defaults, host memory included
+(`LightningHardware.artifact`), which is what a user of the artifact on another GPU (MoE-Lens
+on its A40) gets;
 `LightningHardware.from_spec` maps our datasheet presets instead.
 """
 
@@ -46,6 +47,7 @@ BYTES = 2  # fp16/bf16 weights, activations and KV
 # host memory GiB/s as its README runs it), and its fallback for any other name.
 ARTIFACT_GPUS = {"l4": (24, 16, 285, 104e12, 1.6e12, 76), "t4": (15, 16, 300, 65e12, 0.8e12, 76)}
 ARTIFACT_DEFAULT = (24, 16, 300, 104e12, 13e12, 100)
+ARTIFACT_DEFAULT_CPU_GIB = 192
 # Datasheet GPU memory bandwidths for `LightningHardware.from_spec` (bytes/s).
 GPU_MEMORY_BANDWIDTH = {"a40": 696e9, "l40": 864e9, "l4": 300e9, "t4": 320e9, "a100": 2039e9,
                         "h100": 3350e9, "h200": 4800e9}
@@ -74,16 +76,26 @@ class LightningHardware:
     cpu_flops: float
 
     @classmethod
-    def artifact(cls, name: str, cpu_memory_bytes: float, *,
+    def artifact(cls, name: str, cpu_memory_bytes: float | None = None, *,
                  cpu_bandwidth: float | None = None, gpu_memory_bytes: float | None = None)\
             -> LightningHardware:
-        """The artifact's own constants (`fastmoe/backend/utils.py`): "l4" and "t4" have
-        entries; any other name gets its fallback defaults, as the artifact does (a 24 GiB,
-        104 TFLOP/s GPU behind a 16 GiB/s link, 300 GiB/s of GPU memory, 13 TFLOP/s of CPU).
-        The host memory is an input (the artifact reads what is available); the host
-        bandwidth defaults to 76 GiB/s for L4/T4 (its README's flag) and 100 GiB/s otherwise.
+        """The artifact's own constants (`fastmoe/backend/utils.py`). "l4" and "t4" have
+        entries and take the host memory as an input (the artifact reads what is available;
+        required here) and its bandwidth (default 76 GiB/s, its README's flag). Any other
+        name gets the artifact's fallback, whole, as the artifact gives it: its class
+        defaults, which ignore the host (a 24 GiB, 104 TFLOP/s GPU behind a 16 GiB/s link,
+        300 GiB/s of GPU memory, 13 TFLOP/s and 100 GiB/s of CPU, 192 GiB of CPU memory);
+        `cpu_memory_bytes` then overrides the 192 GiB only if given. `gpu_memory_bytes` caps
+        the GPU (MoE-Lens capped its A40 to 16-24 GB).
         """
-        gmem, ctog, gbw, gflops, cflops, cbw = ARTIFACT_GPUS.get(name, ARTIFACT_DEFAULT)
+        if name in ARTIFACT_GPUS:
+            if cpu_memory_bytes is None:
+                raise ValueError(f"the artifact plans {name} with the host memory available: "
+                                 "pass cpu_memory_bytes")
+            gmem, ctog, gbw, gflops, cflops, cbw = ARTIFACT_GPUS[name]
+        else:
+            gmem, ctog, gbw, gflops, cflops, cbw = ARTIFACT_DEFAULT
+            cpu_memory_bytes = cpu_memory_bytes or ARTIFACT_DEFAULT_CPU_GIB * GIB
         return cls(name, gpu_memory_bytes or gmem * GIB, cpu_memory_bytes, ctog * GIB,
                    gbw * GIB, cpu_bandwidth or cbw * GIB, gflops, cflops)
 

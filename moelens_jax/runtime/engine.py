@@ -112,13 +112,18 @@ def host_device() -> jax.Device:
             "JAX_PLATFORMS=cuda,cpu or leave it unset") from e
 
 
+DEVICE_HEADROOM = 0.05  # of the allocator's free bytes, for library workspaces (cuBLAS, ...)
+
+
 def device_capacity(device: jax.Device) -> int | None:
     """Bytes the engine may still allocate on an accelerator (XLA's allocator limit minus what
-    is in use), or None where the backend does not say (the CPU)."""
+    is in use, less `DEVICE_HEADROOM` for what no analysis sees), or None where the backend
+    does not say (the CPU; the platform allocator)."""
     stats = device.memory_stats() if device.platform != "cpu" else None
     if not stats or "bytes_limit" not in stats:
         return None
-    return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
+    free = int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
+    return int(free * (1 - DEVICE_HEADROOM))
 
 
 def _plan_device(model: Model, config: EngineConfig, device, on_cpu: bool) -> DevicePlan | None:
@@ -129,12 +134,16 @@ def _plan_device(model: Model, config: EngineConfig, device, on_cpu: bool) -> De
         cap = device_capacity(device)
     if cap is None:
         return None
-    depth = min(config.device_weight_layers, model.config.num_layers)
+    # The window, plus one layer in flight (its packets until they are unpacked) unless
+    # every layer fits the window.
+    held = min(config.device_weight_layers + 1, model.config.num_layers)
     layer = model.host_layers[0].layout.nbytes
+    groups = 2 if config.resolved_pipeline(on_cpu) == "vslpipe" else 1
     return plan_device_memory(
-        model.config, model.dtype, config.token_budget, resident_bytes(model) + depth * layer,
-        cap, window_desc=f"(window of {depth} layer(s) x {layer} B plus resident "
-                         "embedding/lm_head) ")
+        model.config, model.dtype, config.token_budget, resident_bytes(model) + held * layer,
+        cap, groups, window_desc=f"({held} layer(s) of {layer} B: the window of "
+                                 f"{config.device_weight_layers} plus one in flight, and the "
+                                 "resident embedding/lm_head) ")
 
 
 class Engine:
@@ -216,6 +225,15 @@ class Engine:
         c = self.config
         return make_scheduler(c.policy, self.kv_pages, c.page_size, c.token_budget, c.max_batch)
 
+    def _check_prompt(self, i: int, n: int) -> None:
+        """Rejects a prompt whose iteration cannot fit the device (`DevicePlan`)."""
+        plan = self.device_plan
+        if plan is not None and n > plan.max_prompt_tokens:
+            raise RequestRejected(
+                f"request {i}: its {n}-token prompt would run as one iteration whose "
+                f"activations do not fit the device memory beside the weights (at most "
+                f"{plan.max_prompt_tokens} tokens fit)")
+
     def _parts(self, plan: Plan, decode_kv: Sequence[int]):
         """The plan's token groups: VSLPipe's two (balanced on `config.split`) or one."""
         return plan_groups(plan, decode_kv,
@@ -255,6 +273,7 @@ class Engine:
         tokens: dict[int, list[int]] = {}
         for i, r in enumerate(reqs):
             with contextlib.suppress(RequestRejected, TypeError, ValueError):
+                self._check_prompt(i, len(r.prompt))
                 sched.add(i, len(r.prompt), int(r.max_new_tokens))
                 tokens[i] = [0] * len(r.prompt)
         seen: set[tuple] = set()
@@ -374,6 +393,7 @@ class Engine:
                 if bad:
                     raise RequestRejected(f"request {i}: token id {bad[0]} is outside the "
                                           f"vocabulary [0, {self.cfg.vocab_size})")
+                self._check_prompt(i, len(r.prompt))
                 sched.add(i, len(r.prompt), r.max_new_tokens)
                 tokens[i] = [int(t) for t in r.prompt]
             except RequestRejected as e:

@@ -16,29 +16,43 @@ bfloat16 weights only make the activations smaller (x and K/V cast to the narrow
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 
 from moelens_jax.config import ModelConfig, dtype_itemsize
 from moelens_jax.model import moe
 from moelens_jax.model.stages import TILE, pair_bytes, pair_chunk
-from moelens_jax.runtime.layout import bucket, padded_rows
+from moelens_jax.runtime.layout import bucket, padded_rows, row_bucket
 
 log = logging.getLogger(__name__)
 
 F32 = 4
 
 
-def max_iteration_rows(token_budget: int) -> int:
-    """The most rows one iteration computes under `token_budget` (bucket padding of its
-    decode and prefill rows included; a prompt longer than the budget runs alone and is not
-    covered)."""
+@functools.lru_cache(maxsize=4096)
+def _group_rows(tokens: int) -> int:
+    """The most rows one group of `tokens` tokens computes (any decode/prefill split)."""
     # Decode rows are bucketed: the padding is largest just past a bucket size, and the
     # row bucket of the total is monotone, so those counts (and the ends) are the candidates.
-    candidates, d = {0, token_budget}, 1
-    while d <= token_budget:
+    candidates, d = {0, tokens}, 1
+    while d <= tokens:
         candidates.add(d)
         d = bucket(d) + 1
-    return max(padded_rows(token_budget - d, d) for d in candidates)
+    return max(padded_rows(tokens - d, d) for d in candidates)
+
+
+def max_iteration_rows(token_budget: int, groups: int = 1) -> int:
+    """An upper bound on the rows one iteration computes under `token_budget` (bucket padding
+    included): exact for one group; for VSLPipe's two groups, padded apart, a bound over
+    every split of the tokens (rows are monotone in tokens, so a grid of splits bounds the
+    splits between). A prompt longer than the budget runs alone: `DevicePlan`
+    `max_prompt_tokens` covers it."""
+    if groups == 1:
+        return _group_rows(token_budget)
+    step = max(1, token_budget // 256)
+    cuts = sorted({*range(0, token_budget, step), token_budget})
+    return max(_group_rows(hi) + _group_rows(token_budget - lo)
+               for lo, hi in zip(cuts, cuts[1:] + [token_budget], strict=True))
 
 
 def ga_activation_bytes(cfg: ModelConfig, rows: int) -> int:
@@ -79,6 +93,8 @@ class DevicePlan:
       weight_bytes: resident weights + the streamed layer window.
       activation_bytes: `stage_activation_bytes` at the token budget's rows.
       token_budget: the budget that fits (the requested one unless `reason` says otherwise).
+      max_prompt_tokens: the longest prompt whose iteration (it runs alone when it exceeds the
+        budget) fits; the engine rejects longer ones.
       reason: why the budget was lowered (None if it was not).
     """
 
@@ -86,14 +102,16 @@ class DevicePlan:
     weight_bytes: int
     activation_bytes: int
     token_budget: int
+    max_prompt_tokens: int
     reason: str | None = None
 
 
 def plan_device_memory(cfg: ModelConfig, weight_dtype: str, token_budget: int,
-                       weight_bytes: int, capacity_bytes: int, window_desc: str = "")\
-        -> DevicePlan:
+                       weight_bytes: int, capacity_bytes: int, groups: int = 1,
+                       window_desc: str = "") -> DevicePlan:
     """Checks the weights against `capacity_bytes`, then lowers `token_budget` (logging why)
-    until the activations of an iteration fit beside them.
+    until the activations of an iteration (of `groups` token groups) fit beside them, and
+    finds the longest prompt that fits when it runs alone.
 
     Raises:
       ValueError: the weights alone, or the weights plus the activations of a 1-token budget,
@@ -102,22 +120,32 @@ def plan_device_memory(cfg: ModelConfig, weight_dtype: str, token_budget: int,
     if weight_bytes > capacity_bytes:
         raise ValueError(f"device_memory_bytes={capacity_bytes} is too small: the weights "
                          f"{window_desc}need {weight_bytes} B")
+    free = capacity_bytes - weight_bytes
 
     def act(budget: int) -> int:
-        return stage_activation_bytes(cfg, max_iteration_rows(budget), weight_dtype)
+        return stage_activation_bytes(cfg, max_iteration_rows(budget, groups), weight_dtype)
 
-    free = capacity_bytes - weight_bytes
-    if act(token_budget) <= free:
-        return DevicePlan(capacity_bytes, weight_bytes, act(token_budget), token_budget)
-    lo, hi = 0, token_budget  # act(lo) fits (or lo == 0), act(hi) does not
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if act(mid) <= free else (lo, mid)
-    if lo == 0:
+    def largest_fitting(cost, hi: int) -> int:
+        """The largest n in [0, hi] with cost(n) <= free (cost nondecreasing; 0 if none)."""
+        if cost(hi) <= free:
+            return hi
+        lo = 0  # cost(lo) fits (or lo == 0), cost(hi) does not
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if cost(mid) <= free else (lo, mid)
+        return lo
+
+    budget = largest_fitting(act, token_budget)
+    if budget == 0:
         raise ValueError(
             f"device_memory_bytes={capacity_bytes}: after {weight_bytes} B of weights, "
             f"{free} B are left, less than the activations of a 1-token iteration ({act(1)} B)")
-    reason = (f"token_budget {token_budget} -> {lo}: its activations ({act(token_budget)} B) "
-              f"do not fit the {free} B the device has beside {weight_bytes} B of weights")
-    log.warning("device memory plan: %s", reason)
-    return DevicePlan(capacity_bytes, weight_bytes, act(lo), lo, reason)
+    alone = lambda n: stage_activation_bytes(cfg, row_bucket(n), weight_dtype)  # noqa: E731
+    max_prompt = largest_fitting(alone, 1 << 22)
+    reason = None
+    if budget < token_budget:
+        reason = (f"token_budget {token_budget} -> {budget}: its activations "
+                  f"({act(token_budget)} B) do not fit the {free} B the device has beside "
+                  f"{weight_bytes} B of weights")
+        log.warning("device memory plan: %s", reason)
+    return DevicePlan(capacity_bytes, weight_bytes, act(budget), budget, max_prompt, reason)
