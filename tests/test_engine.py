@@ -426,6 +426,48 @@ def test_moe_lightning_policy_equals_oracle(oracle, kv_tokens, max_batch):
                for it in eng.stats.per_iteration)  # prefill and decode never share a pass
 
 
+@pytest.mark.parametrize("pipeline", ["serial", "vslpipe"])
+def test_moe_lightning_micro_batches_equal_oracle_and_stage2(oracle, pipeline):
+    """N sequences as mu-sized micro-batches (MoE-Lightning's plan) through either executor:
+    the oracle's tokens, every iteration in ceil(sequences / mu) groups of at most mu, and
+    Stage 2 planning the same iterations laid out exactly as the engine ran them."""
+    import dataclasses
+
+    from moelens_jax import perf
+    model, reqs, want = oracle
+    mu = 2
+    config = mj.EngineConfig(kv_cache_bytes=_kv_bytes(model.config, 4096, 16),
+                             policy="moe-lightning", max_batch=5, micro_batch=mu,
+                             pipeline=pipeline, record_stages=True)
+    with Engine(model, config) as eng:
+        assert [r.tokens for r in eng.generate(reqs)] == want
+        records = eng.stats.per_iteration
+    for it in records:
+        seqs = it.shape.decode_tokens + it.shape.prefill_seqs
+        assert len(it.shape.groups) == -(-seqs // mu)
+        assert all(g.decode_tokens + g.prefill_seqs <= mu for g in it.shape.groups)
+    costs = perf.EngineCosts.from_hardware(model.config, perf.get_hardware("a40"))
+    costs = dataclasses.replace(costs, shared_cores=True)  # the engine ran on a CPU
+    pred = perf.predict(model.config, costs, perf.Workload.from_requests(reqs), config)
+    assert pred.iterations == len(records)
+    # The layout rule Stage 2 charges (IterationShape.of on the simulated plans) is the one
+    # the engine ran, iteration by iteration.
+    from moelens_jax.runtime.layout import IterationShape
+    from moelens_jax.runtime.scheduler import make_scheduler
+    sched = make_scheduler("moe-lightning", eng.kv_pages, 16, config.token_budget, 5)
+    for i, r in enumerate(reqs):
+        sched.add(i, len(r.prompt), r.max_new_tokens)
+    shapes = []
+    while not sched.done:
+        plan = sched.schedule()
+        kv = [sched.seqs[rid].total for rid in plan.decode]
+        shapes.append(IterationShape.of(plan, kv, tile_pairs=False, micro_batch=mu))
+        sched.complete(plan, set())
+    assert shapes == [it.shape for it in records]
+    with pytest.raises(ValueError, match="micro_batch is MoE-Lightning's"):
+        mj.EngineConfig(kv_cache_bytes=1 << 20, micro_batch=4)
+
+
 def test_profile_group_times_a_designed_layout_and_frees_its_pages():
     """The calibration micro-profile: shape as Stage 2 charges it, positive stage times, no
     page left behind, the engine still generates the oracle's tokens afterwards."""

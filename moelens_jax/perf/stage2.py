@@ -100,7 +100,8 @@ def predict(cfg: ModelConfig, costs: EngineCosts | HardwareSpec, workload: Workl
         if plan.empty:
             raise RuntimeError("scheduler made no progress in simulation")
         decode_kv = [sched.seqs[rid].total for rid in plan.decode]
-        shape = IterationShape.of(plan, decode_kv, split, tile_pairs=not on_cpu)
+        shape = IterationShape.of(plan, decode_kv, split, tile_pairs=not on_cpu,
+                                  micro_batch=config.micro_batch)
         cost = costs.iteration(cfg, shape, streamed, config.kv_dtype)
         kv_use.append(sched.used_pages() / num_pages)
         sched.complete(plan, set())

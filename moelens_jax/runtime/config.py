@@ -29,6 +29,9 @@ class EngineConfig:
       policy: "moe-lens" (continuous admission, KV paged as tokens arrive) or
         "moe-lightning" (its static batches with KV reserved for prompt + generation).
       max_batch: "moe-lightning" batch size N (None: what the KV reservation allows).
+      micro_batch: "moe-lightning" micro-batch size mu: each iteration's sequences run as
+        groups of mu through the layers (pipelined as VSLPipe pipelines its two groups: one
+        group's CPU attention overlaps the device work of the others); None: one group.
       pipeline: "serial" (stages one after another, each timed), "vslpipe" (two token groups
         interleaved so one group's host attention overlaps the other's device stages), or
         "auto": serial on a CPU-only backend, vslpipe elsewhere (`resolved_pipeline`).
@@ -52,6 +55,7 @@ class EngineConfig:
     token_budget: int = DEFAULT_TOKEN_BUDGET
     policy: str = "moe-lens"
     max_batch: int | None = None
+    micro_batch: int | None = None
     pipeline: str = "auto"
     h2d_limit_gb_per_s: float | None = None
     device_memory_bytes: int | None = None
@@ -74,6 +78,11 @@ class EngineConfig:
             bad(f"unknown policy {self.policy!r}; choose from {POLICIES}")
         if self.max_batch is not None and self.max_batch < 1:
             bad(f"max_batch must be >= 1, got {self.max_batch}")
+        if self.micro_batch is not None and self.micro_batch < 1:
+            bad(f"micro_batch must be >= 1, got {self.micro_batch}")
+        if self.micro_batch is not None and self.policy != "moe-lightning":
+            bad("micro_batch is MoE-Lightning's (policy='moe-lightning'); MoE-Lens splits "
+                "iterations with its pipeline")
         if self.pipeline not in PIPELINES:
             bad(f"pipeline must be one of {PIPELINES}, got {self.pipeline!r}")
         if self.pipeline == "vslpipe" and self.device_weight_layers < 2:

@@ -235,9 +235,11 @@ class Engine:
                 f"{plan.max_prompt_tokens} tokens fit)")
 
     def _parts(self, plan: Plan, decode_kv: Sequence[int]):
-        """The plan's token groups: VSLPipe's two (balanced on `config.split`) or one."""
+        """The plan's token groups: MoE-Lightning's micro-batches (`config.micro_batch`),
+        VSLPipe's two (balanced on `config.split`), or one."""
         return plan_groups(plan, decode_kv,
-                           self.config.split if self.mode == "vslpipe" else None)
+                           self.config.split if self.mode == "vslpipe" else None,
+                           self.config.micro_batch)
 
     @property
     def kv_pages(self) -> int:

@@ -122,17 +122,19 @@ class GroupShape:
 
 @dataclasses.dataclass(frozen=True)
 class IterationShape:
-    """One planned iteration as the engine lays it out: its groups (one, or VSLPipe's two).
+    """One planned iteration as the engine lays it out: its groups (one, VSLPipe's two, or
+    MoE-Lightning's micro-batches).
     Totals over the groups are properties; Stage 2 charges them, the engine records them."""
 
     groups: tuple[GroupShape, ...]
 
     @classmethod
     def of(cls, plan: Plan, decode_kv: Sequence[int], split: SplitCosts | None = None,
-           tile_pairs: bool = True) -> IterationShape:
+           tile_pairs: bool = True, micro_batch: int | None = None) -> IterationShape:
         """The layout of `plan` (`decode_kv[i]`: context of decode sequence i); with `split`,
-        VSLPipe's two groups (`plan_groups`)."""
-        return cls.of_groups(plan_groups(plan, decode_kv, split), plan, decode_kv, tile_pairs)
+        VSLPipe's two groups, with `micro_batch`, MoE-Lightning's (`plan_groups`)."""
+        return cls.of_groups(plan_groups(plan, decode_kv, split, micro_batch), plan, decode_kv,
+                             tile_pairs)
 
     @classmethod
     def of_groups(cls, parts, plan: Plan, decode_kv: Sequence[int],
@@ -255,10 +257,24 @@ def split_plan(plan: Plan, decode_kv: Sequence[int] | None = None,
     return groups
 
 
-def plan_groups(plan: Plan, decode_kv: Sequence[int], split: SplitCosts | None
+def micro_batches(plan: Plan, micro_batch: int
+                  ) -> tuple[tuple[list[int], list[tuple[int, int]]], ...]:
+    """MoE-Lightning's micro-batches: the plan's sequences (decode, then prefill, in plan
+    order) in consecutive groups of `micro_batch`."""
+    seqs = [(0, rid) for rid in plan.decode] + [(1, p) for p in plan.prefill]
+    return tuple(([x for k, x in chunk if k == 0], [x for k, x in chunk if k == 1])
+                 for chunk in (seqs[i:i + micro_batch]
+                               for i in range(0, len(seqs), micro_batch)))
+
+
+def plan_groups(plan: Plan, decode_kv: Sequence[int], split: SplitCosts | None,
+                micro_batch: int | None = None
                 ) -> tuple[tuple[list[int], list[tuple[int, int]]], ...]:
-    """The plan's token groups as the engine runs them: VSLPipe's two (`split_plan`, balanced
-    on `split`) when `split` is given, else one."""
+    """The plan's token groups as the engine runs them: MoE-Lightning's micro-batches of
+    `micro_batch` sequences when given; else VSLPipe's two (`split_plan`, balanced on `split`)
+    when `split` is given; else one."""
+    if micro_batch is not None:
+        return micro_batches(plan, micro_batch)
     if split is not None:
         return split_plan(plan, decode_kv, split)
     return ((list(plan.decode), list(plan.prefill)),)
