@@ -10,7 +10,10 @@ Artefacts:
   fig3a        maximum GPU utilisation over a (prompt, generation) grid, A40, 100 GB KV
   fig3b        throughput bound vs KV capacity (p=100, g=128) with the turning point
   headline     predicted MoE-Lens vs MoE-Lightning, Mixtral 8x7B / 8x22B / DBRX, A40 (24 GB
-               usable, PCIe 19.5 GB/s), 70 and 210 GB KV, MTBench g=32..256 and RAG
+               usable, PCIe 19.5 GB/s), 70 and 210 GB KV, MTBench g=32..256 and RAG;
+               MoE-Lightning as its own planner plans it (`perf.lightning_planner`, the
+               artifact's fallback constants) and, for comparison, at the largest batch
+               the KV allows
   measured     compare_policies on this machine (both policies on the same engine)
   accuracy     validate_model's predicted-vs-measured scatter
 """
@@ -29,6 +32,7 @@ import moelens_jax as mj
 from experiments import common, model_validation, policy_comparison
 from moelens_jax import perf
 from moelens_jax.config import get_preset
+from moelens_jax.perf import lightning_planner
 from moelens_jax.runtime import EngineConfig
 
 _OUT = flags.DEFINE_string("out", "paper_out", "Output directory.")
@@ -132,8 +136,27 @@ def headline(out, reduced):
                 light = perf.predict(cfg, hw, wk, EngineConfig(
                     kv_cache_bytes=kv, policy="moe-lightning", max_batch=lp.batch_size,
                     token_budget=1 << 22))
+                # MoE-Lightning as it plans itself: its published planner on the artifact's
+                # constants for a GPU it has no entry for (a 24 GiB GPU), given the host
+                # memory MoE-Lens uses in this setting (weights + KV), its plan (N, mu) run by
+                # Stage 2 with KV for exactly its N reserved sequences.
+                lhw = lightning_planner.LightningHardware.artifact(
+                    "a40", cpu_memory_bytes=cfg.total_weight_bytes + kv)
+                plan = lightning_planner.plan(cfg, lhw, p, g)
+                kv_plan = int(plan.batch_size * (p + g + 16) * cfg.kv_bytes_per_token())
+                faithful = perf.predict(cfg, hw, wk, EngineConfig(
+                    kv_cache_bytes=kv_plan, policy="moe-lightning", max_batch=plan.batch_size,
+                    micro_batch=plan.micro_batch, token_budget=1 << 22))
                 rows.append({"model": name, "kv_gb": kv / 1e9, "prompt_len": p, "gen_len": g,
                              "num_requests": k,
+                             "planner_batch_size": plan.batch_size,
+                             "planner_micro_batch": plan.micro_batch,
+                             "planner_weights_on_gpu": plan.weights_on_gpu,
+                             "planner_generated_tokens_per_s": plan.generated_tokens_per_s,
+                             "moe_lightning_planned_generated_tokens_per_s":
+                                 faithful.generated_tokens_per_s,
+                             "speedup_vs_planned": lens.generated_tokens_per_s
+                             / faithful.generated_tokens_per_s,
                              "moe_lens_generated_tokens_per_s": lens.generated_tokens_per_s,
                              "moe_lightning_generated_tokens_per_s":
                                  light.generated_tokens_per_s,
@@ -144,10 +167,13 @@ def headline(out, reduced):
                              "lightning_batch_size": lp.batch_size,
                              "moe_lens_token_budget": budget})
     sp = np.array([r["speedup"] for r in rows])
+    sp_planned = np.array([r["speedup_vs_planned"] for r in rows])
     plt = _plt()
     fig, ax = plt.subplots(figsize=(max(5, 0.5 * len(rows)), 3.5), dpi=110)
-    ax.bar(range(len(rows)), sp)
-    ax.set_xticks(range(len(rows)))
+    x = np.arange(len(rows))
+    ax.bar(x - 0.2, sp_planned, 0.4, label="vs its own planner's plan")
+    ax.bar(x + 0.2, sp, 0.4, label="vs largest N the KV allows")
+    ax.set_xticks(x)
     ax.set_xticklabels([f"{r['model'].replace('mixtral-', 'mx')} {r['kv_gb']:.0f}G "
                         f"p{r['prompt_len']} g{r['gen_len']}" for r in rows], rotation=90,
                        fontsize=6)
@@ -155,8 +181,11 @@ def headline(out, reduced):
     ax.set(ylabel="predicted speedup", title="MoE-Lens vs MoE-Lightning (predicted, A40)")
     ax.legend(fontsize=8)
     fig.savefig(os.path.join(out, "headline.png"), bbox_inches="tight")
-    return {"rows": rows, "mean_speedup": float(sp.mean()), "max_speedup": float(sp.max()),
-            "paper": PAPER_HEADLINE}
+    return {"rows": rows, "mean_speedup": float(sp_planned.mean()),
+            "max_speedup": float(sp_planned.max()),
+            "mean_speedup_kv_bound_baseline": float(sp.mean()),
+            "max_speedup_kv_bound_baseline": float(sp.max()), "paper": PAPER_HEADLINE,
+            "lightning_hardware": "artifact fallback (24 GiB GPU), host = weights + KV"}
 
 
 def measured(out, reduced, seed):
@@ -201,7 +230,10 @@ def report(out, results) -> str:
         "| | mean speedup | max speedup |", "|---|---|---|",
         f"| paper (measured, A40) | {PAPER_HEADLINE['mean_speedup']}x | "
         f"{PAPER_HEADLINE['max_speedup']}x |",
-        f"| ours, predicted for A40 | {h['mean_speedup']:.2f}x | {h['max_speedup']:.2f}x |",
+        f"| ours, predicted for A40, vs MoE-Lightning's own plan (its planner) | "
+        f"{h['mean_speedup']:.2f}x | {h['max_speedup']:.2f}x |",
+        f"| ours, predicted for A40, vs the largest batch the KV allows | "
+        f"{h['mean_speedup_kv_bound_baseline']:.2f}x | {h['max_speedup_kv_bound_baseline']:.2f}x |",
         f"| ours, measured here (scaled workloads) | {c['mean_speedup']:.2f}x | "
         f"{c['max_speedup']:.2f}x |", "",
         f"Stage-2 accuracy here: mean {v['mean_accuracy']:.3f}, min {v['min_accuracy']:.3f} "
