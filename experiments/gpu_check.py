@@ -54,7 +54,7 @@ from experiments import common
 from moelens_jax import perf, reference, workloads
 from moelens_jax.model import Model, moe
 from moelens_jax.model.stages import prefill_attention
-from moelens_jax.model.weights import NORM_FIELDS, NP_DTYPES, HostLayer, LayerLayout
+from moelens_jax.model.weights import random_init
 from moelens_jax.runtime.layout import prefill_tile_pairs, row_bucket
 from moelens_jax.runtime.mover import PACKET_BYTES
 
@@ -233,31 +233,23 @@ def step_memory(sizes) -> dict:
             "model": cfg.name, "rows": out}
 
 
+def _device_normal(out: np.ndarray, key: tuple[int, ...], std: float) -> None:
+    """`random_init`'s filler drawn on the default device and copied back."""
+    k = jax.random.key(0)
+    for part in key:
+        k = jax.random.fold_in(k, part)
+    out[...] = np.asarray(_draw(k, out.shape, jnp.dtype(out.dtype), std))
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _draw(key, shape, dtype, std):
+    return (jax.random.normal(key, shape, jnp.float32) * std).astype(dtype)
+
+
 def device_random_model(cfg, seed: int) -> Model:
     """A `Model` with N(0, 0.02) weights drawn on the default device (seconds per Mixtral layer
     where numpy takes half a minute) and copied into the host buffers."""
-    dt = NP_DTYPES[cfg.dtype]
-    layout = LayerLayout.for_config(cfg, cfg.dtype)
-    key = jax.random.key(seed)
-    draw = jax.jit(lambda k, shape: (jax.random.normal(k, shape, jnp.float32) * 0.02)
-                   .astype(jnp.dtype(dt)), static_argnums=1)
-
-    def fill(out, name, i):
-        out[...] = 1 if name in NORM_FIELDS else np.asarray(draw(jax.random.fold_in(key, i),
-                                                                  out.shape))
-
-    layers = []
-    for li in range(cfg.num_layers):
-        layer = HostLayer.allocate(layout)
-        for fi, slot in enumerate(layout.slots):
-            fill(getattr(layer.weights, slot.name), slot.name, li * 100 + fi)
-        layers.append(layer)
-    V, h = cfg.vocab_size, cfg.hidden_size
-    rest = {"embed": np.empty((V, h), dt), "final_norm": np.empty((h,), dt)}
-    if not cfg.tie_word_embeddings:
-        rest["lm_head"] = np.empty((V, h), dt)
-    for i, (name, arr) in enumerate(rest.items()):
-        fill(arr, name, 10**6 + i)
+    layers, rest = random_init(cfg, seed, normal=_device_normal)
     return Model(cfg, layers, rest, source=f"device-random:seed={seed}")
 
 

@@ -175,12 +175,26 @@ def weights_nbytes(weights: ModelWeights) -> int:
                for x in jax.tree.leaves(weights))
 
 
+def _numpy_normal(out: np.ndarray, key: tuple[int, ...], std: float) -> None:
+    """Fills `out` with N(0, std) from numpy's stream `key`, in chunks (peak extra memory
+    64 MiB, not a full float32 copy)."""
+    rng = np.random.default_rng(key)
+    flat = out.reshape(-1)
+    chunk = 1 << 24
+    for i in range(0, flat.size, chunk):
+        n = min(chunk, flat.size - i)
+        flat[i:i + n] = (rng.standard_normal(n, dtype=np.float32) * std).astype(out.dtype)
+
+
 def random_init(cfg: ModelConfig, seed: int = 0, dtype: str | None = None,
-                init_std: float = 0.02) -> tuple[list[HostLayer], dict[str, np.ndarray]]:
+                init_std: float = 0.02, normal=_numpy_normal
+                ) -> tuple[list[HostLayer], dict[str, np.ndarray]]:
     """Random weights (N(0, init_std), norm scales = 1) written straight into host buffers.
 
     Deterministic for a given (config, seed): every tensor draws from its own stream keyed by
-    (seed, layer, field), so changing one shape does not reshuffle the others.
+    (seed, layer, field), so changing one shape does not reshuffle the others. `normal(out,
+    key, std)` fills one tensor (numpy by default; `experiments.gpu_check` draws on the
+    device, where numpy takes half a minute per Mixtral layer).
 
     Returns:
       (host layers, {"embed", "final_norm", "lm_head"(absent when tied)}).
@@ -192,13 +206,8 @@ def random_init(cfg: ModelConfig, seed: int = 0, dtype: str | None = None,
     def fill(out: np.ndarray, name: str, key: tuple[int, ...]) -> None:
         if name in NORM_FIELDS:
             out[...] = 1
-            return
-        rng = np.random.default_rng((seed, *key))
-        flat = out.reshape(-1)
-        chunk = 1 << 24  # convert in chunks: peak extra memory 64 MiB, not a full fp32 copy
-        for i in range(0, flat.size, chunk):
-            n = min(chunk, flat.size - i)
-            flat[i:i + n] = (rng.standard_normal(n, dtype=np.float32) * init_std).astype(dt)
+        else:
+            normal(out, (seed, *key), init_std)
 
     layers = []
     for li in range(cfg.num_layers):
