@@ -13,7 +13,6 @@ bytes), the FFI path inside jit, and thread scaling 1..N. Medians over repeats.
 from __future__ import annotations
 
 import os
-import time
 
 import jax
 import jax.numpy as jnp
@@ -38,17 +37,6 @@ _NUMPY_SEQS = flags.DEFINE_integer("numpy_seqs", 8, "Sequences timed for the num
 _SKIP_XLA = flags.DEFINE_bool("skip_xla", False, "Skip the XLA dense baseline.")
 
 
-def median_time(fn, repeats: int, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        fn()
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return float(np.median(ts))
-
-
 def interleaved_rates(attend, kv_bytes: int, probe_bytes: int, repeats: int):
     """Per repeat: streaming-read GB/s over `probe_bytes`, then the kernel's KV GB/s."""
     probe = np.ones(probe_bytes, np.uint8)  # touched here, so no page faults while timing
@@ -58,8 +46,8 @@ def interleaved_rates(attend, kv_bytes: int, probe_bytes: int, repeats: int):
         attend()
     mem, ker = [], []
     for _ in range(repeats):
-        mem.append(probe_bytes / median_time(read, 1, 0) / 1e9)
-        ker.append(kv_bytes / median_time(attend, 1, 0) / 1e9)
+        mem.append(probe_bytes / common.median_time(read, 1, 0) / 1e9)
+        ker.append(kv_bytes / common.median_time(attend, 1, 0) / 1e9)
     return mem, ker
 
 
@@ -124,13 +112,13 @@ def main(argv):
     # FFI inside jit (the engine's path on the CPU backend).
     ffi_fn = jax.jit(lambda q, ids: cpu_decode_attention(store, q, ids, 0, path="ffi"))
     jq, jids = jnp.asarray(q), jnp.asarray(ids, jnp.int32)
-    t_ffi = median_time(lambda: jax.block_until_ready(ffi_fn(jq, jids)), _REPEATS.value)
+    t_ffi = common.median_time(lambda: ffi_fn(jq, jids), _REPEATS.value)
 
     # (d) thread scaling.
     scaling = []
     for n in range(1, threads + 1):
         _cpu_ops.set_num_threads(n)
-        t = median_time(lambda: store.decode_attention(q, ids, 0, out=out), _REPEATS.value)
+        t = common.median_time(lambda: store.decode_attention(q, ids, 0, out=out), _REPEATS.value)
         scaling.append({"threads": n, "kv_read_gb_per_s": kv_bytes / t / 1e9})
     _cpu_ops.set_num_threads(threads)
 
@@ -144,12 +132,12 @@ def main(argv):
     if not _SKIP_XLA.value:
         jk, jv = jnp.asarray(dense_k), jnp.asarray(dense_v)
         xla_fn = jax.jit(lambda q, k, v: xla_attention(q, k, v, s))
-        t_xla = median_time(lambda: jax.block_until_ready(xla_fn(jq, jk, jv)), _REPEATS.value)
+        t_xla = common.median_time(lambda: xla_fn(jq, jk, jv), _REPEATS.value)
         xla_gbs = kv_bytes / t_xla / 1e9
         max_err_xla = float(np.max(np.abs(np.asarray(xla_fn(jq, jk, jv)) - out)))
         del jk, jv
     nb = min(_NUMPY_SEQS.value, B)
-    t_np = median_time(lambda: numpy_attention(q[:nb], dense_k[:nb], dense_v[:nb], s),
+    t_np = common.median_time(lambda: numpy_attention(q[:nb], dense_k[:nb], dense_v[:nb], s),
                        max(1, _REPEATS.value // 2), warmup=0)
     numpy_gbs = kv_bytes * nb / B / t_np / 1e9
 

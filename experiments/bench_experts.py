@@ -29,7 +29,6 @@ the minimum of attainable / grouped time over cases with >= 512 rows.
 from __future__ import annotations
 
 import functools
-import time
 
 import jax
 import jax.numpy as jnp
@@ -72,16 +71,6 @@ def group_sizes(skew: str, m: int, num_experts: int, k: int, rng) -> np.ndarray:
     return rng.multinomial(m, p).astype(np.int32)
 
 
-def timed(fn, repeats: int) -> list[float]:
-    jax.block_until_ready(fn())  # compile + warm-up
-    out = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        out.append(time.perf_counter() - t0)
-    return out
-
-
 def run_case(name: str, w: list, x, gs: np.ndarray, fns: dict,
              stream_gb_per_s: float) -> dict:
     """Times the dense roof and each path on one case, interleaved; medians."""
@@ -101,9 +90,9 @@ def run_case(name: str, w: list, x, gs: np.ndarray, fns: dict,
     dense = functools.partial(fns["dense"], x, w[0][0], w[1][0], w[2][0])
     t_dense, t_path = [], {p: [] for p in paths}
     for _ in range(_REPEATS.value):  # interleaved: each ratio compares moments-apart times
-        t_dense += timed(dense, 1)
+        t_dense += common.timed(dense, 1)
         for p, fn in paths.items():
-            t_path[p] += timed(fn, 1)
+            t_path[p] += common.timed(fn, 1)
     flops = 6 * w[0].shape[1] * w[0].shape[2] * m
     td = float(np.median(t_dense))
     weight_bytes = int((gs > 0).sum()) * 3 * w[0].shape[1] * w[0].shape[2] * w[0].dtype.itemsize

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import math
 import platform
+import statistics
+import time
 
 from absl import flags, logging
 
@@ -25,6 +27,25 @@ def machine_fingerprint() -> dict:
     return {"cpu": platform.processor() or platform.machine(), "cpu_count": info["cpu_count"],
             "isa": info["isa"], "jax": jax.__version__, "backend": jax.default_backend(),
             "devices": [str(d) for d in jax.devices()]}
+
+
+def timed(fn, repeats: int, warmup: int = 1) -> list[float]:
+    """Seconds of each of `repeats` calls of `fn` (its result waited for with
+    `jax.block_until_ready`), after `warmup` untimed calls (compilation)."""
+    import jax
+    for _ in range(warmup):
+        jax.block_until_ready(fn())
+    out = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def median_time(fn, repeats: int, warmup: int = 1) -> float:
+    """Median of `timed`."""
+    return float(statistics.median(timed(fn, repeats, warmup)))
 
 
 def table(rows: list[tuple[str, object]], title: str = "") -> str:

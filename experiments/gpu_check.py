@@ -55,7 +55,7 @@ from moelens_jax import perf, reference, workloads
 from moelens_jax.model import Model, moe
 from moelens_jax.model.stages import prefill_attention
 from moelens_jax.model.weights import random_init
-from moelens_jax.runtime.layout import prefill_tile_pairs, row_bucket
+from moelens_jax.runtime.layout import build_group
 from moelens_jax.runtime.mover import PACKET_BYTES
 
 _OUT = flags.DEFINE_string("out", None, "Folder for gpu_check.json.", required=True)
@@ -82,16 +82,6 @@ DRY = {"link_bytes": 24 << 20, "small_copy_bytes": 1 << 20,
        "overlap_requests": (24, 20, 6), "overlap_budget": 256, "overlap_device_memory": 1 << 30,
        "prediction_model": "tiny-mixtral",
        "prediction_rows": 1, "repeats": 2}
-
-
-def _median_time(fn, repeats: int) -> float:
-    jax.block_until_ready(fn())  # compile + warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
 
 
 def step_oracle(sizes) -> dict:
@@ -145,8 +135,8 @@ def step_link(sizes) -> dict:
     whole = jax.device_put(host, pinned)
     small = jax.device_put(host[:sizes["small_copy_bytes"]], pinned)
     reps = sizes["repeats"]
-    t_packets = _median_time(lambda: _copy_packets(packets, dst), reps)
-    t_whole = _median_time(lambda: jax.device_put(whole, dst), reps)
+    t_packets = common.median_time(lambda: _copy_packets(packets, dst), reps)
+    t_whole = common.median_time(lambda: jax.device_put(whole, dst), reps)
     wait_p = float(np.median([_wait_behind(lambda: _copy_packets(packets, dst), small, dst)
                               for _ in range(reps)]))
     wait_w = float(np.median([_wait_behind(lambda: jax.device_put(whole, dst)
@@ -172,8 +162,8 @@ def step_experts(sizes) -> dict:
         gs = jnp.asarray(gs, jnp.int32)
         grouped = functools.partial(jax.jit(moe.expert_ffn), wg, wu, wd, x, gs)
         dense = functools.partial(jax.jit(moe._swiglu), x, wg[0], wu[0], wd[0])
-        t_g = _median_time(grouped, sizes["repeats"])
-        t_d = _median_time(dense, sizes["repeats"])
+        t_g = common.median_time(grouped, sizes["repeats"])
+        t_d = common.median_time(dense, sizes["repeats"])
         flops = 6 * m * h * f
         shapes[name] = {"experts": E, "top_k": k, "hidden": h, "width": f, "rows": m,
                         "expert_tflops": flops / t_g / 1e12, "dense_tflops": flops / t_d / 1e12,
@@ -185,20 +175,15 @@ def step_experts(sizes) -> dict:
 def step_prefill(sizes) -> dict:
     n, plen, hq, g, d = sizes["prefill"]
     lens = [plen] * (n // plen)
-    rows = row_bucket(sum(lens))
-    seg, pos = np.full(rows, -1, np.int32), np.zeros(rows, np.int32)
-    r = 0
-    for i, ln in enumerate(lens):
-        seg[r:r + ln], pos[r:r + ln] = i, np.arange(ln)
-        r += ln
-    pairs = prefill_tile_pairs(seg)
+    group = build_group([], list(enumerate(lens)), {i: [0] * ln for i, ln in enumerate(lens)})
+    rows, pairs = group.tok.shape[0], np.asarray(group.pairs)
     key = jax.random.split(jax.random.key(_SEED.value), 3)
     q = jax.random.normal(key[0], (rows, hq, d), jnp.float32)
     k = jax.random.normal(key[1], (rows, g, d), jnp.float32).astype(jnp.bfloat16)
     v = jax.random.normal(key[2], (rows, g, d), jnp.float32).astype(jnp.bfloat16)
     f = jax.jit(prefill_attention)
-    args = [jnp.asarray(a) for a in (seg, pos, pairs)]
-    t = _median_time(lambda: f(q, k, v, *args), sizes["repeats"])
+    t = common.median_time(lambda: f(q, k, v, group.seg, group.pos, group.pairs),
+                           sizes["repeats"])
     flops = sum(4 * ln * (ln + 1) // 2 * hq * d for ln in lens)
     return {"prefill_attention_tflops": flops / t / 1e12, "prefill_attention_ms": t * 1e3,
             "rows": rows, "prompts": len(lens), "tile_pairs": int((pairs[:, 2] > 0).sum())}
@@ -208,25 +193,13 @@ def step_memory(sizes) -> dict:
     """XLA's memory analysis of GA and GB compiled for this device at Mixtral-8x7B shapes,
     against the device plan's activation bound (`runtime.memory`; on a CPU the test suite ties
     them, here the accelerator's own compiler does)."""
-    from moelens_jax.model.stages import ga_stage, gb_stage
-    from moelens_jax.model.weights import abstract_weights
     from moelens_jax.runtime import memory
-    from moelens_jax.runtime.layout import tile_pair_count
     cfg = mj.get_preset(sizes["memory_model"])
-    lw = abstract_weights(cfg, "bfloat16").layers[0]
     out = {}
     for n in sizes["memory_rows"]:
-        pairs = tile_pair_count([926] * (n // 926) or [n], 0)
-        h = cfg.hidden_size
-        ga = jax.jit(functools.partial(ga_stage, cfg, jnp.bfloat16)).trace(
-            lw, jax.ShapeDtypeStruct((n, h), jnp.float32), jax.ShapeDtypeStruct((n,), jnp.int32),
-            jax.ShapeDtypeStruct((n,), jnp.int32), jax.ShapeDtypeStruct((pairs, 3), jnp.int32))
-        gb = jax.jit(functools.partial(gb_stage, cfg)).trace(
-            lw, jax.ShapeDtypeStruct((n, h), jnp.float32),
-            jax.ShapeDtypeStruct((n, cfg.num_heads, cfg.head_dim), jnp.float32),
-            jax.ShapeDtypeStruct((n,), jnp.bool_))
         used = sum(m.temp_size_in_bytes + m.output_size_in_bytes for m in (
-            ga.lower().compile().memory_analysis(), gb.lower().compile().memory_analysis()))
+            memory.compiled_ga_memory(cfg, n, "bfloat16"),
+            memory.compiled_gb_memory(cfg, n, "bfloat16")))
         bound = memory.stage_activation_bytes(cfg, n, "bfloat16")
         out[str(n)] = {"xla_bytes": used, "bound_bytes": bound, "ratio": bound / used}
     return {"activation_bound_ratio": min(v["ratio"] for v in out.values()),

@@ -143,6 +143,7 @@ def headline(out, reduced):
                 lhw = lightning_planner.LightningHardware.artifact(
                     "a40", cpu_memory_bytes=cfg.total_weight_bytes + kv)
                 plan = lightning_planner.plan(cfg, lhw, p, g)
+                # (+16: each sequence's last page is partly empty at the default page size)
                 kv_plan = int(plan.batch_size * (p + g + 16) * cfg.kv_bytes_per_token())
                 faithful = perf.predict(cfg, hw, wk, EngineConfig(
                     kv_cache_bytes=kv_plan, policy="moe-lightning", max_batch=plan.batch_size,

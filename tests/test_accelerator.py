@@ -14,9 +14,9 @@ import pytest
 
 import moelens_jax as mj
 from moelens_jax import reference
-from moelens_jax.model import moe, transformer
-from moelens_jax.model.stages import ga_stage, tiled_prefill_attention
-from moelens_jax.model.weights import abstract_weights, unpack_packets
+from moelens_jax.model import moe
+from moelens_jax.model.stages import tiled_prefill_attention
+from moelens_jax.model.weights import unpack_packets
 from moelens_jax.runtime import engine as engine_mod
 from moelens_jax.runtime import memory
 from moelens_jax.runtime.engine import Engine
@@ -27,30 +27,6 @@ from moelens_jax.runtime.requests import Request
 GiB = 2**30
 
 
-def _ga_memory(cfg, n: int, pairs: int, weight_dtype: str, kv_dtype, chunk=None):
-    lw = abstract_weights(cfg, weight_dtype).layers[0]
-    args = (lw, jax.ShapeDtypeStruct((n, cfg.hidden_size), jnp.float32),
-            jax.ShapeDtypeStruct((n,), jnp.int32), jax.ShapeDtypeStruct((n,), jnp.int32),
-            jax.ShapeDtypeStruct((pairs, 3), jnp.int32))
-    attention = functools.partial(tiled_prefill_attention, chunk=chunk)
-    f = functools.partial(ga_stage, cfg, kv_dtype, attention=attention)
-    return jax.jit(f).trace(*args).lower().compile().memory_analysis()
-
-
-def _gb_memory(cfg, n: int, weight_dtype: str):
-    lw = abstract_weights(cfg, weight_dtype).layers[0]
-
-    def gb_blocked(lw, x_nh, attn_nqd, mask_n):  # what `gb_stage` lowers to off the CPU
-        x, xn, routing = transformer.attention_out_and_route(cfg, lw, x_nh, attn_nqd)
-        ffn = functools.partial(moe.expert_ffn, impl="blocked")
-        return transformer.experts_residual(cfg, lw, x, xn, routing, ffn, mask_n)
-
-    args = (lw, jax.ShapeDtypeStruct((n, cfg.hidden_size), jnp.float32),
-            jax.ShapeDtypeStruct((n, cfg.num_heads, cfg.head_dim), jnp.float32),
-            jax.ShapeDtypeStruct((n,), jnp.bool_))
-    return jax.jit(gb_blocked).trace(*args).lower().compile().memory_analysis()
-
-
 @pytest.mark.parametrize("prompt_len", [926, 32768])
 def test_accelerator_ga_temporaries_at_mixtral_scale(prompt_len):
     """One GA call on the accelerator path (tiled prefill attention) at Mixtral-8x7B shapes
@@ -59,11 +35,14 @@ def test_accelerator_ga_temporaries_at_mixtral_scale(prompt_len):
     All pairs in one chunk (the layout before chunking) needs ~17 GiB."""
     cfg = mj.config.get_preset("mixtral-8x7b")
     n = 32768
-    pairs = tile_pair_count([prompt_len] * (n // prompt_len), 0)
-    mem = _ga_memory(cfg, n, pairs, "bfloat16", jnp.bfloat16)
+    mem = memory.compiled_ga_memory(cfg, n, "bfloat16", prompt_len,
+                                    attention=tiled_prefill_attention)
     assert mem.temp_size_in_bytes <= 4 * GiB, mem.temp_size_in_bytes / GiB
     if prompt_len == 926:
-        unchunked = _ga_memory(cfg, n, pairs, "bfloat16", jnp.bfloat16, chunk=pairs)
+        pairs = tile_pair_count([prompt_len] * (n // prompt_len), 0)
+        all_at_once = functools.partial(tiled_prefill_attention, chunk=pairs)
+        unchunked = memory.compiled_ga_memory(cfg, n, "bfloat16", prompt_len,
+                                              attention=all_at_once)
         assert unchunked.temp_size_in_bytes > 4 * GiB
 
 
@@ -76,9 +55,9 @@ def test_activation_bound_covers_xla_memory_analysis(preset, n):
     2x above it, so the plan neither overcommits nor wastes half the device. Covers GQA with 8
     experts (Mixtral), 128 experts top-8 (Qwen3), a shared expert (Qwen2) and a tiny model."""
     cfg = mj.config.get_preset(preset)
-    pairs = tile_pair_count([926] * (n // 926) or [n], 0)
-    ga = _ga_memory(cfg, n, pairs, "float32", jnp.float32)
-    gb = _gb_memory(cfg, n, "float32")
+    ga = memory.compiled_ga_memory(cfg, n, "float32", attention=tiled_prefill_attention)
+    blocked = functools.partial(moe.expert_ffn, impl="blocked")  # the accelerators' path
+    gb = memory.compiled_gb_memory(cfg, n, "float32", expert_ffn=blocked)
     for name, got, bound in [
             ("GA", ga.temp_size_in_bytes + ga.output_size_in_bytes,
              memory.ga_activation_bytes(cfg, n)),

@@ -13,6 +13,7 @@ from moelens_jax.model.weights import (
     HostLayer,
     ModelWeights,
     assemble,
+    packets,
     unpack_packets,
     weights_nbytes,
 )
@@ -76,10 +77,9 @@ class Model:
         if key not in self._staged:
             self.require_pageable("staging another copy")
             pinned = jax.sharding.SingleDeviceSharding(device, memory_kind="pinned_host")
-            self._staged[key] = [
-                tuple(jax.device_put(l.buffer[i:i + packet_bytes], pinned)
-                      for i in range(0, l.buffer.nbytes, packet_bytes))
-                for l in self.host_layers]
+            self._staged[key] = [tuple(jax.device_put(p, pinned)
+                                       for p in packets(l.buffer, packet_bytes))
+                                 for l in self.host_layers]
         return self._staged[key]
 
     def release_pageable(self) -> int:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from moelens_jax.model import transformer
+from moelens_jax.model import moe, transformer
 from moelens_jax.ops.prefill import packed_prefill_attention
 
 TILE = 64  # rows per tile of the block-sparse prefill attention
@@ -129,9 +129,11 @@ def prefill_attention(q_nhd, k_ngd, v_ngd, seg_n, pos_n, pairs_p3):
         default=tiled_prefill_attention)
 
 
-def gb_stage(cfg, lw, x_nh, attn_nqd, mask_n):
+def gb_stage(cfg, lw, x_nh, attn_nqd, mask_n, expert_ffn=None):
     """GB in one computation on every backend: O projection, residual, norm, router, experts
     over the routed rows only (`moe.expert_ffn`'s default path: the C++ grouped kernel on CPU,
-    "blocked" elsewhere; the group sizes never leave the device), residual."""
+    "blocked" elsewhere; the group sizes never leave the device), residual. Tests pass
+    `expert_ffn` (e.g. "blocked") to compile the accelerator's path on a CPU."""
     x, xn, routing = transformer.attention_out_and_route(cfg, lw, x_nh, attn_nqd)
-    return transformer.experts_residual(cfg, lw, x, xn, routing, token_mask_n=mask_n)
+    return transformer.experts_residual(cfg, lw, x, xn, routing,
+                                        expert_ffn or moe.expert_ffn, token_mask_n=mask_n)

@@ -229,6 +229,12 @@ def assemble(host_layers: list[HostLayer], rest: dict[str, np.ndarray]) -> Model
                         final_norm=rest["final_norm"], lm_head=rest.get("lm_head"))
 
 
+def packets(buffer: np.ndarray, packet_bytes: int) -> tuple[np.ndarray, ...]:
+    """A layer's uint8 buffer as consecutive views of `packet_bytes` (the last may be
+    shorter): the unit of every host-to-device weight copy, and what `unpack_packets` reads."""
+    return tuple(buffer[i:i + packet_bytes] for i in range(0, buffer.nbytes, packet_bytes))
+
+
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def unpack_packets(layout: LayerLayout, packet_bytes: int,
                    packets: tuple[jax.Array, ...]) -> LayerWeights:

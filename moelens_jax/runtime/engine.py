@@ -63,7 +63,7 @@ from moelens_jax.runtime.layout import (
     plan_groups,
 )
 from moelens_jax.runtime.memory import DevicePlan, plan_device_memory
-from moelens_jax.runtime.mover import WeightMover, resident_bytes
+from moelens_jax.runtime.mover import WeightMover, resident_bytes, streamed_layers_held
 from moelens_jax.runtime.requests import GenerationResult, Request
 from moelens_jax.runtime.sampling import SamplingParams, sample
 from moelens_jax.runtime.scheduler import Plan, RequestRejected, make_scheduler
@@ -134,9 +134,7 @@ def _plan_device(model: Model, config: EngineConfig, device, on_cpu: bool) -> De
         cap = device_capacity(device)
     if cap is None:
         return None
-    # The window, plus one layer in flight (its packets until they are unpacked) unless
-    # every layer fits the window.
-    held = min(config.device_weight_layers + 1, model.config.num_layers)
+    held = streamed_layers_held(config.device_weight_layers, model.config.num_layers)
     layer = model.host_layers[0].layout.nbytes
     groups = 2 if config.resolved_pipeline(on_cpu) == "vslpipe" else 1
     return plan_device_memory(

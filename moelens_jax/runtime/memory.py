@@ -19,10 +19,14 @@ import dataclasses
 import functools
 import logging
 
+import jax
+import jax.numpy as jnp
+
 from moelens_jax.config import ModelConfig, dtype_itemsize
 from moelens_jax.model import moe
-from moelens_jax.model.stages import TILE, pair_bytes, pair_chunk
-from moelens_jax.runtime.layout import bucket, padded_rows, row_bucket
+from moelens_jax.model.stages import TILE, ga_stage, gb_stage, pair_bytes, pair_chunk
+from moelens_jax.model.weights import abstract_weights
+from moelens_jax.runtime.layout import bucket, padded_rows, row_bucket, tile_pair_count
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +86,33 @@ def stage_activation_bytes(cfg: ModelConfig, rows: int, weight_dtype: str) -> in
     """GA's plus GB's bound (both groups of VSLPipe live at once: their rows sum to the
     iteration's)."""
     return ga_activation_bytes(cfg, rows) + gb_activation_bytes(cfg, rows, weight_dtype)
+
+
+def compiled_ga_memory(cfg: ModelConfig, rows: int, weight_dtype: str, prompt_len: int = 926,
+                       attention=None):
+    """What the GA bound stands for, measured: XLA's memory analysis of one GA call over
+    `rows` rows of `prompt_len`-token prompts (RAG-like by default; one prompt when `rows` is
+    smaller), compiled for the default backend at abstract weights (nothing is allocated),
+    K/V stored in the weight dtype. `attention` overrides the per-backend choice (tests
+    compile the accelerator's tiled path on a CPU)."""
+    sds = jax.ShapeDtypeStruct
+    pairs = tile_pair_count([prompt_len] * (rows // prompt_len) or [rows], 0)
+    f = functools.partial(ga_stage, cfg, jnp.dtype(weight_dtype), attention=attention)
+    return jax.jit(f).trace(
+        abstract_weights(cfg, weight_dtype).layers[0], sds((rows, cfg.hidden_size), jnp.float32),
+        sds((rows,), jnp.int32), sds((rows,), jnp.int32), sds((pairs, 3), jnp.int32)
+    ).lower().compile().memory_analysis()
+
+
+def compiled_gb_memory(cfg: ModelConfig, rows: int, weight_dtype: str, expert_ffn=None):
+    """XLA's memory analysis of one GB call over `rows` rows (as `compiled_ga_memory`);
+    `expert_ffn` overrides the per-backend expert path."""
+    sds = jax.ShapeDtypeStruct
+    f = functools.partial(gb_stage, cfg, expert_ffn=expert_ffn)
+    return jax.jit(f).trace(
+        abstract_weights(cfg, weight_dtype).layers[0], sds((rows, cfg.hidden_size), jnp.float32),
+        sds((rows, cfg.num_heads, cfg.head_dim), jnp.float32), sds((rows,), jnp.bool_)
+    ).lower().compile().memory_analysis()
 
 
 @dataclasses.dataclass(frozen=True)

@@ -33,9 +33,15 @@ import jax
 import numpy as np
 
 from moelens_jax.model.model import Model
-from moelens_jax.model.weights import LayerLayout, LayerWeights, unpack_packets
+from moelens_jax.model.weights import LayerLayout, LayerWeights, packets, unpack_packets
 
 PACKET_BYTES = 64 << 20  # bytes per host-to-device weight copy
+
+
+def streamed_layers_held(depth: int, num_layers: int) -> int:
+    """Layers a streaming mover holds on the device at its peak: the window of `depth`, plus
+    the layer in flight (its packets until they are unpacked), at most every layer."""
+    return min(depth + 1, num_layers)
 
 
 def unpack_layer(layout: LayerLayout, buf_u8: jax.Array) -> LayerWeights:
@@ -92,9 +98,7 @@ class WeightMover:
             self._src = model.staged_layers(self.device, packet_bytes)
             self._dst = jax.sharding.SingleDeviceSharding(self.device, memory_kind="device")
         else:
-            self._src = [tuple(l.buffer[i:i + packet_bytes]
-                               for i in range(0, l.buffer.nbytes, packet_bytes))
-                         for l in model.host_layers]
+            self._src = [packets(l.buffer, packet_bytes) for l in model.host_layers]
             self._dst = self.device
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="weight-mover")
         self._window: dict[int, concurrent.futures.Future] = {}
@@ -165,8 +169,11 @@ class WeightMover:
         return self.bytes_moved / self.link_s / 1e9 if self.link_s else None
 
     def device_bytes(self) -> int:
-        """Device bytes the layer window holds (every layer when resident)."""
-        return self.depth * self.layer_bytes
+        """Device bytes of the layers at peak: every layer when resident, else
+        `streamed_layers_held`."""
+        held = (self.num_layers if self.resident
+                else streamed_layers_held(self.depth, self.num_layers))
+        return held * self.layer_bytes
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
