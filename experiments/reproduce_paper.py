@@ -126,20 +126,16 @@ def headline(out, reduced):
         for kv in ((70e9,) if reduced else (70e9, 210e9)):
             for p, g in settings:
                 w = perf.Workload.fixed(p, g)
-                lp = perf.lightning_policy(cfg, hw, w, kv)
                 k = max(64, int((1 if reduced else 3) * perf.stage1(cfg, hw, w, kv).kv_tokens
                                 / (p + g / 2)))
                 wk = perf.Workload.fixed(p, g, k)
                 lens_cfg = perf.engine_config(cfg, hw, kv_cache_bytes=kv)
                 budget = lens_cfg.token_budget
                 lens = perf.predict(cfg, hw, wk, lens_cfg)
-                light = perf.predict(cfg, hw, wk, EngineConfig(
-                    kv_cache_bytes=kv, policy="moe-lightning", max_batch=lp.batch_size,
-                    token_budget=1 << 22))
                 # MoE-Lightning as it plans itself: its published planner on the artifact's
                 # constants for a GPU it has no entry for (a 24 GiB GPU), given the host
-                # memory MoE-Lens uses in this setting (weights + KV), its plan (N, mu) run by
-                # Stage 2 with KV for exactly its N reserved sequences.
+                # memory MoE-Lens uses in this setting (weights + KV), its plan (N, mu, r_w) run
+                # by Stage 2 with KV for exactly its N reserved sequences.
                 lhw = lightning_planner.LightningHardware.artifact(
                     "a40", cpu_memory_bytes=cfg.total_weight_bytes + kv)
                 plan = lightning_planner.plan(cfg, lhw, p, g)
@@ -147,7 +143,14 @@ def headline(out, reduced):
                 kv_plan = int(plan.batch_size * (p + g + 16) * cfg.kv_bytes_per_token())
                 faithful = perf.predict(cfg, hw, wk, EngineConfig(
                     kv_cache_bytes=kv_plan, policy="moe-lightning", max_batch=plan.batch_size,
-                    micro_batch=plan.micro_batch, token_budget=1 << 22))
+                    micro_batch=plan.micro_batch, token_budget=1 << 22,
+                    resident_weight_fraction=plan.resident_weight_fraction(cfg)))
+                # The KV-bound baseline: the largest static batch MoE-Lens's KV budget holds
+                # reserved, with the plan's weight residency (so the factor between the two
+                # baselines is the planner's N and mu alone).
+                light = perf.predict(cfg, hw, wk, EngineConfig(
+                    kv_cache_bytes=kv, policy="moe-lightning", token_budget=1 << 22,
+                    resident_weight_fraction=plan.resident_weight_fraction(cfg)))
                 rows.append({"model": name, "kv_gb": kv / 1e9, "prompt_len": p, "gen_len": g,
                              "num_requests": k,
                              "planner_batch_size": plan.batch_size,
@@ -161,11 +164,8 @@ def headline(out, reduced):
                              "moe_lens_generated_tokens_per_s": lens.generated_tokens_per_s,
                              "moe_lightning_generated_tokens_per_s":
                                  light.generated_tokens_per_s,
-                             "moe_lightning_hrm_generated_tokens_per_s":
-                                 lp.hrm_generated_tokens_per_s,
                              "speedup": lens.generated_tokens_per_s
                              / light.generated_tokens_per_s,
-                             "lightning_batch_size": lp.batch_size,
                              "moe_lens_token_budget": budget})
     sp = np.array([r["speedup"] for r in rows])
     sp_planned = np.array([r["speedup_vs_planned"] for r in rows])
@@ -237,10 +237,45 @@ def _headline_factors(rows) -> list[str]:
     for r, f in zip(rows, plan, strict=True):
         by_model.setdefault(r["model"], []).append(f)
     lines += ["Planner factor by model: " + ", ".join(
-        f"{m} {np.exp(np.log(v).mean()):.2f}x" for m, v in by_model.items())
-        + ". Not modelled: MoE-Lightning's implementation (its kernels, transfer API calls); "
-        "the paper's 4.6x is measured and includes them.", ""]
+        f"{m} {np.exp(np.log(v).mean()):.2f}x" for m, v in by_model.items()) + ".", ""]
     return lines
+
+
+def _difference_terms(h, c) -> list[str]:
+    """The REPORT paragraph on the remaining difference from the paper's 4.6x / 25.5x, term
+    by term, from the numbers of this run."""
+    rows = h["rows"]
+    sched = np.exp(np.log([r["speedup"] for r in rows]).mean())
+    plan = np.exp(np.log([r["moe_lightning_generated_tokens_per_s"]
+                          / r["moe_lightning_planned_generated_tokens_per_s"]
+                          for r in rows]).mean())
+    rw = np.mean([r["planner_weights_on_gpu"] for r in rows])
+    return [
+        "**The remaining difference from the paper's 4.6x mean / 25.5x max, term by term.**",
+        f"(1) *KV reservation, static batches and prefill passes* (MoE-Lens's scheduling "
+        f"against the largest batch its KV budget holds reserved for prompt + generation, "
+        f"prefilled in its own passes): {sched:.2f}x predicted (geometric mean); measured "
+        f"here, where it is the only term in play, {c['mean_speedup']:.2f}x (predicted "
+        f"{c['mean_predicted_speedup']:.2f}x for the same runs). "
+        f"(2) *Planner under-use*: its 80 % host limit, after the experts and their pinned "
+        f"double buffer, leaves less KV than MoE-Lens gets, and its GPU limit sizes "
+        f"micro-batch activations by the prompt: {plan:.2f}x predicted. This term is set by "
+        f"the host memory we assume (weights + KV; the paper does not give its host size per "
+        f"setting): with a host of this size the 8x22B and DBRX plans fit only a few "
+        f"sequences, which is why our predicted mean exceeds the paper's measured 4.6x. "
+        f"(3) *Weight residency*: the plans keep r_w = {rw:.3f} of the experts on the GPU on "
+        f"average; Stage 2 streams only the rest for MoE-Lightning (both baselines), so this "
+        f"term is in its favour. "
+        "(4) *Pipeline bubbles*: Stage 2 charges both systems a perfect overlap of link, GPU "
+        "and CPU at datasheet rates with no fixed costs, so the micro-batch count costs "
+        "nothing in the prediction; CGOPipe's ramp-up and drain per layer and its "
+        "mu-sized GEMMs below the GPU's roof would only raise the speedup. Measured here, "
+        "MoE-Lightning's micro-batches run through the engine's serial executor (each "
+        "group's stages dispatched on their own), and the model charges each group's fixed "
+        "costs. "
+        "(5) *Kernel speed*: both systems are predicted on our kernels; the paper measured "
+        "MoE-Lightning's own implementation, whose kernel efficiency is not modelled here.",
+        ""]
 
 
 def report(out, results) -> str:
@@ -265,6 +300,7 @@ def report(out, results) -> str:
         f"| ours, measured here (scaled workloads) | {c['mean_speedup']:.2f}x | "
         f"{c['max_speedup']:.2f}x |", "",
         *_headline_factors(h["rows"]),
+        *_difference_terms(h, c),
         f"Stage-2 accuracy here: mean {v['mean_accuracy']:.3f}, min {v['min_accuracy']:.3f} "
         f"over {v['n_configs']} configurations.", "",
         f"Fig. 3(b) turning point: {results['fig3b']['turning_point_kv_gb']:.0f} GB of KV.", ""]

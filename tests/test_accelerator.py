@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 
 import moelens_jax as mj
-from moelens_jax import reference
+from moelens_jax import perf, reference
 from moelens_jax.model import moe
 from moelens_jax.model.stages import tiled_prefill_attention
 from moelens_jax.model.weights import unpack_packets
+from moelens_jax.runtime import EngineConfig, memory
 from moelens_jax.runtime import engine as engine_mod
-from moelens_jax.runtime import memory
 from moelens_jax.runtime.engine import Engine
 from moelens_jax.runtime.layout import tile_pair_count
 from moelens_jax.runtime.mover import WeightMover, resident_bytes
@@ -190,6 +190,63 @@ def test_mover_packets_from_pinned_staging(packet_bytes):
         mv.close()
 
 
+@pytest.mark.parametrize("pinned", [False, True])
+@pytest.mark.parametrize("kept_fraction", [0.01, 0.37, 0.99])
+def test_mover_keeps_a_prefix_of_every_layer(pinned, kept_fraction):
+    """MoE-Lightning's partial residency: a mover keeping the first bytes of every layer on
+    the device streams only the rest each pass (counted and throttled), holds the prefix of
+    every layer plus the window, and unpacks bit-exact weights (slots across the cut)."""
+    model = _tiny()
+    layer_bytes = model.host_layers[0].layout.nbytes
+    kept = int(kept_fraction * layer_bytes) // 256 * 256
+    L = model.config.num_layers
+    mover = WeightMover(model, depth=2, resident=False, pinned=pinned, packet_bytes=4096,
+                        kept_bytes=kept)
+    for layer in range(L):
+        got = mover.get(layer)
+        for name in got.__dataclass_fields__:
+            a, b = getattr(got, name), getattr(model.host_layers[layer].weights, name)
+            assert (a is None) == (b is None)
+            if a is not None:
+                np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=name)
+    mover.close()
+    assert mover.bytes_moved == L * (layer_bytes - kept)
+    assert mover.transfers == L * -(-(layer_bytes - kept) // 4096)
+    assert mover.device_bytes() == L * kept + min(3, L) * (layer_bytes - kept)
+    with pytest.raises(ValueError, match="kept_bytes must lie in"):
+        WeightMover(model, resident=False, kept_bytes=layer_bytes)
+
+
+def test_engine_keeping_weights_on_device_streams_less():
+    """`resident_weight_fraction` keeps part of every layer on the (emulated) device: same
+    tokens as the oracle, fewer streamed bytes, and Stage 2 charges exactly those bytes."""
+    model = _tiny()
+    cfg = model.config
+    rng = np.random.default_rng(3)
+    reqs = [Request(tuple(rng.integers(0, cfg.vocab_size, n).tolist()), 3) for n in (5, 11)]
+    want = reference.greedy_generate(model, [r.prompt for r in reqs], [3] * 2)
+    kv = 1024 * cfg.kv_bytes_per_token("float32")
+    moved = {}
+    for f in (0.0, 0.5):
+        config = EngineConfig(kv_cache_bytes=kv, h2d_limit_gb_per_s=100.0,
+                              device_weight_layers=1, resident_weight_fraction=f)
+        with Engine(model, config) as eng:
+            assert [r.tokens for r in eng.generate(reqs)] == want
+            layer = model.host_layers[0].layout.nbytes
+            kept = config.kept_layer_bytes(layer)
+            assert eng.mover.kept_bytes == kept
+            moved[f] = eng.stats.h2d_bytes
+            # every pass streams each layer's rest (a prefetch may run one layer ahead)
+            passes = eng.stats.iterations * cfg.num_layers
+            assert moved[f] % (layer - kept) == 0
+            assert passes <= moved[f] // (layer - kept) <= passes + 1
+        assert perf.streamed_bytes(cfg, config, on_cpu=True) == cfg.num_layers * (
+            cfg.weight_bytes_per_layer - config.kept_layer_bytes(cfg.weight_bytes_per_layer))
+    assert moved[0.5] < 0.6 * moved[0.0]
+    with pytest.raises(ValueError, match="resident_weight_fraction must lie in"):
+        EngineConfig(kv_cache_bytes=kv, resident_weight_fraction=1.0)
+
+
 def test_release_pageable_keeps_one_host_copy(tmp_path):
     """After the pinned staging exists, the pageable layers can go: movers stream from the
     staging bit-exactly, `forward` unpacks from it (same logits), and everything that needs
@@ -208,7 +265,7 @@ def test_release_pageable_keeps_one_host_copy(tmp_path):
     for layer in range(model.config.num_layers):
         got = mover.get(layer)
         layout = model.host_layers[layer].layout
-        again = unpack_packets(layout, layout.nbytes, (jnp.asarray(host[layer]),))
+        again = unpack_packets(layout, (0,), (jnp.asarray(host[layer]),))
         for name in got.__dataclass_fields__:
             a, b = getattr(got, name), getattr(again, name)
             assert (a is None) == (b is None)

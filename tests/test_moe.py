@@ -237,3 +237,20 @@ def test_grouped_kernel_odd_shapes_and_group_sizes(h, f, dtype):
     got = moe.expert_ffn(*w, x, jnp.asarray(gs), "grouped")
     want = reference.expert_ffn_loop(*w, x, jnp.asarray(gs))
     reference.assert_close(got, want, rel_l2=REL_L2[dtype])
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_logits_of_one_row_equal_that_row_in_a_batch(dtype):
+    """The lm_head's one-row path (two rows on a 16-bit head, working around XLA CPU's slow
+    one-row GEMV) gives the row's logits as a batch computes them, for [1, h] and [h]."""
+    from moelens_jax.model import transformer
+    model = mj.load_model("tiny-mixtral", dtype=dtype, seed=0)
+    w, cfg = model.weights, model.config
+    x = jax.random.normal(jax.random.PRNGKey(0), (3, cfg.hidden_size), jnp.float32)
+    batch = np.asarray(transformer.logits(cfg, w, x))
+    one = np.asarray(transformer.logits(cfg, w, x[1:2]))
+    assert one.shape == (1, cfg.vocab_size)
+    np.testing.assert_allclose(one[0], batch[1], rtol=1e-5, atol=1e-5)
+    flat = np.asarray(transformer.logits(cfg, w, x[1]))
+    assert flat.shape == (cfg.vocab_size,)
+    np.testing.assert_allclose(flat, batch[1], rtol=1e-5, atol=1e-5)

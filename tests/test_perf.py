@@ -10,6 +10,7 @@ from moelens_jax import perf
 from moelens_jax.config import get_preset
 from moelens_jax.perf import EngineCosts, Workload
 from moelens_jax.runtime import EngineConfig, GroupShape, IterationRecord, IterationShape
+from moelens_jax.runtime.scheduler import make_scheduler
 
 MIXTRAL = get_preset("mixtral-8x7b")
 A40 = perf.get_hardware("a40")
@@ -205,23 +206,25 @@ def test_calibration_fit_recovers_known_costs():
             assert getattr(fit, f.name) == pytest.approx(getattr(truth, f.name), rel=1e-6), f.name
 
 
-def test_moe_lightning_policy_and_prediction():
-    """HRM picks the largest batch whose reservation fits; Stage 2 of the static policy on the
-    same machine is slower than MoE-Lens when KV capacity binds (the paper's regime)."""
-    w, kv = Workload.fixed(98, 128), 10e9
-    lp = perf.lightning_policy(MIXTRAL, A40, w, kv, device_memory_bytes=24e9)
+def test_moe_lightning_kv_bound_batch_and_prediction():
+    """Without a planned N, the static policy takes the largest batch whose p+g reservation
+    fits the KV cache; Stage 2 of it on the same machine is slower than MoE-Lens when KV
+    capacity binds (the paper's regime), and it never preempts."""
+    kv = 10e9
     per_seq = (98 + 128) * MIXTRAL.kv_bytes_per_token()
-    assert lp.batch_size == int(kv // per_seq) and lp.kv_reserved_bytes <= kv
-    assert lp.binding == "comm" and lp.hrm_generated_tokens_per_s > 0
-    k = 3 * lp.batch_size
+    n_kv = int(kv // per_seq)
     config = EngineConfig(kv_cache_bytes=kv, token_budget=32768)
-    lens = perf.predict(MIXTRAL, A40, Workload.fixed(98, 128, k), config)
-    light = perf.predict(MIXTRAL, A40, Workload.fixed(98, 128, k), dataclasses.replace(
-        config, policy="moe-lightning", max_batch=lp.batch_size))
+    w = Workload.fixed(98, 128, 3 * n_kv)
+    lens = perf.predict(MIXTRAL, A40, w, config)
+    light = perf.predict(MIXTRAL, A40, w, dataclasses.replace(config, policy="moe-lightning"))
     assert light.preemptions == 0
+    sched = make_scheduler("moe-lightning", perf.engine_pages(MIXTRAL, kv, 16), 16, 32768)
+    for rid in range(3 * n_kv):
+        sched.add(rid, 98, 128)
+    sched.complete(sched.schedule(), set())
+    # pages round each reservation up to whole pages: a batch holds a little less than n_kv
+    assert 0.9 * n_kv <= len(sched.batches[0]) <= n_kv
     assert lens.generated_tokens_per_s > 1.2 * light.generated_tokens_per_s
-    with pytest.raises(ValueError, match="cannot hold one reserved sequence"):
-        perf.lightning_policy(MIXTRAL, A40, w, 1e6)
 
 
 def test_datasheet_costs_and_zero_terms():

@@ -13,6 +13,7 @@ from moelens_jax.model.weights import (
     HostLayer,
     ModelWeights,
     assemble,
+    packet_bounds,
     packets,
     unpack_packets,
     weights_nbytes,
@@ -69,16 +70,18 @@ class Model:
         self._device_weights = None
         self._staged: dict[tuple, list[tuple[jax.Array, ...]]] = {}
 
-    def staged_layers(self, device, packet_bytes: int) -> list[tuple[jax.Array, ...]]:
-        """Each layer's buffer split into `packet_bytes` packets in `device`'s pinned host
-        memory: staged once per (device, packet size) and shared by every engine and weight
-        mover on this model (calibration and policy comparisons build several)."""
-        key = (device.platform, device.id, packet_bytes)
+    def staged_layers(self, device, packet_bytes: int, cut: int = 0)\
+            -> list[tuple[jax.Array, ...]]:
+        """Each layer's buffer split into packets (`weights.packets(..., packet_bytes, cut)`)
+        in `device`'s pinned host memory: staged once per (device, packet size, cut) and
+        shared by every engine and weight mover on this model (calibration and policy
+        comparisons build several)."""
+        key = (device.platform, device.id, packet_bytes, cut)
         if key not in self._staged:
             self.require_pageable("staging another copy")
             pinned = jax.sharding.SingleDeviceSharding(device, memory_kind="pinned_host")
             self._staged[key] = [tuple(jax.device_put(p, pinned)
-                                       for p in packets(l.buffer, packet_bytes))
+                                       for p in packets(l.buffer, packet_bytes, cut))
                                  for l in self.host_layers]
         return self._staged[key]
 
@@ -140,11 +143,12 @@ class Model:
             if self.pageable:
                 self._device_weights = jax.device_put(self.weights)
             else:  # from the pinned staging, unpacked on the device
-                (platform, dev_id, packet_bytes), layers = next(iter(self._staged.items()))
+                (platform, dev_id, packet_bytes, cut), layers = next(iter(self._staged.items()))
                 dev = next(d for d in jax.devices(platform) if d.id == dev_id)
                 dst = jax.sharding.SingleDeviceSharding(dev, memory_kind="device")
                 layout = self.host_layers[0].layout
-                typed = tuple(unpack_packets(layout, packet_bytes,
+                bounds = packet_bounds(layout.nbytes, packet_bytes, cut)
+                typed = tuple(unpack_packets(layout, bounds,
                                              tuple(jax.device_put(p, dst) for p in packets))
                               for packets in layers)
                 self._device_weights = jax.device_put(self.weights.replace(layers=typed), dev)

@@ -16,6 +16,8 @@ host, the device or nowhere (`jax.eval_shape`), rather than state owned by a mod
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 
@@ -71,8 +73,15 @@ def logits(cfg: ModelConfig, weights: ModelWeights, x_nh: jax.Array) -> jax.Arra
     with jax.named_scope("lm_head"):
         xn = rms_norm(x_nh, weights.final_norm, cfg.rms_norm_eps)
         head = weights.embed if weights.lm_head is None else weights.lm_head
-        return jnp.einsum("...h,vh->...v", xn.astype(head.dtype), head,
-                          preferred_element_type=jnp.float32)
+        single = math.prod(x_nh.shape[:-1]) == 1 and head.dtype.itemsize < 4
+        if single:
+            # XLA's CPU backend runs a one-row 16-bit GEMV ~10x slower than two rows
+            # (measured: 41 ms vs 3.6 ms for a 32000 x 512 bfloat16 head, 2-core AVX2): one
+            # sequence per group (a micro-batch of 1) would pay it every iteration.
+            xn = jnp.concatenate([xn.reshape(1, -1)] * 2)
+        out = jnp.einsum("...h,vh->...v", xn.astype(head.dtype), head,
+                         preferred_element_type=jnp.float32)
+        return out[:1].reshape(*x_nh.shape[:-1], -1) if single else out
 
 
 def hidden_states(cfg: ModelConfig, weights: ModelWeights, tokens_bt: jax.Array,

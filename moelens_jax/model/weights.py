@@ -27,6 +27,7 @@ expert width, d head_dim):
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import functools
 from typing import Any
@@ -229,24 +230,36 @@ def assemble(host_layers: list[HostLayer], rest: dict[str, np.ndarray]) -> Model
                         final_norm=rest["final_norm"], lm_head=rest.get("lm_head"))
 
 
-def packets(buffer: np.ndarray, packet_bytes: int) -> tuple[np.ndarray, ...]:
-    """A layer's uint8 buffer as consecutive views of `packet_bytes` (the last may be
-    shorter): the unit of every host-to-device weight copy, and what `unpack_packets` reads."""
-    return tuple(buffer[i:i + packet_bytes] for i in range(0, buffer.nbytes, packet_bytes))
+def packet_bounds(nbytes: int, packet_bytes: int, cut: int = 0) -> tuple[int, ...]:
+    """Start offsets of a layer buffer's packets: one packet [0, cut) when `cut` > 0 (the
+    part a weight mover keeps on the device), then packets of `packet_bytes` (the last may be
+    shorter) over the rest."""
+    if not 0 <= cut < nbytes:
+        raise ValueError(f"packet cut {cut} must lie in [0, {nbytes})")
+    return ((0,) if cut else ()) + tuple(range(cut, nbytes, packet_bytes))
+
+
+def packets(buffer: np.ndarray, packet_bytes: int, cut: int = 0) -> tuple[np.ndarray, ...]:
+    """A layer's uint8 buffer as consecutive views at `packet_bounds`: the unit of every
+    host-to-device weight copy, and what `unpack_packets` reads."""
+    bounds = packet_bounds(buffer.nbytes, packet_bytes, cut)
+    return tuple(buffer[a:b] for a, b in zip(bounds, bounds[1:] + (buffer.nbytes,),
+                                              strict=True))
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
-def unpack_packets(layout: LayerLayout, packet_bytes: int,
+def unpack_packets(layout: LayerLayout, bounds: tuple[int, ...],
                    packets: tuple[jax.Array, ...]) -> LayerWeights:
-    """Typed `LayerWeights` from a layer's raw uint8 buffer split into packets of
-    `packet_bytes` (the last may be shorter), on whatever device they live."""
+    """Typed `LayerWeights` from a layer's raw uint8 buffer split into packets starting at
+    `bounds` (`packet_bounds`), on whatever device they live."""
     dt = NP_DTYPES[layout.dtype]
 
     def raw(offset: int, nbytes: int) -> jax.Array:
         pieces = []
         while nbytes > 0:
-            i, o = divmod(offset, packet_bytes)
-            take = min(nbytes, packet_bytes - o)
+            i = bisect.bisect_right(bounds, offset) - 1
+            o = offset - bounds[i]
+            take = min(nbytes, packets[i].shape[0] - o)
             pieces.append(jax.lax.slice(packets[i], (o,), (o + take,)))
             offset, nbytes = offset + take, nbytes - take
         return pieces[0] if len(pieces) == 1 else jnp.concatenate(pieces)

@@ -4,7 +4,6 @@
 from moelens_jax.perf.calibrate import Calibration, cached, calibrate, fingerprint
 from moelens_jax.perf.costs import EngineCosts
 from moelens_jax.perf.hardware import PRESETS, HardwareSpec, get_hardware
-from moelens_jax.perf.lightning import LightningPolicy, lightning_policy
 from moelens_jax.perf.lightning_planner import LightningHardware, LightningPlan
 from moelens_jax.perf.policy import default_token_budget, engine_config, split_costs
 from moelens_jax.perf.stage1 import (
@@ -24,5 +23,5 @@ __all__ = ["HardwareSpec", "EngineCosts", "Calibration", "PRESETS", "get_hardwar
            "fingerprint", "Workload", "Stage1Result", "Stage2Result", "stage1", "predict", "pme",
            "workload_pme", "overlap_factor", "paper_table2", "tokens_to_saturate",
            "tokens_to_saturate_approx", "engine_pages", "streamed_bytes",
-           "default_token_budget", "split_costs", "engine_config", "cached", "LightningPolicy",
-           "lightning_policy", "LightningHardware", "LightningPlan"]
+           "default_token_budget", "split_costs", "engine_config", "cached", "LightningHardware",
+           "LightningPlan"]

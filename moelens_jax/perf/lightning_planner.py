@@ -144,6 +144,13 @@ class LightningPlan:
     def kv_reserved_fraction(self) -> float:
         return self.cpu_memory_bytes / self.cpu_limit_bytes
 
+    def resident_weight_fraction(self, cfg: ModelConfig) -> float:
+        """The fraction of each decoder layer's bytes this plan keeps on the GPU, as our
+        engine takes it (`EngineConfig.resident_weight_fraction`): everything but the routed
+        experts (the planner holds every layer's attention on the GPU) and r_w of them."""
+        experts = cfg.num_experts * cfg.expert_params * cfg.itemsize
+        return 1.0 - experts * (1.0 - self.weights_on_gpu) / cfg.weight_bytes_per_layer
+
     def cpu_memory_utilisation(self, cpu_memory_bytes: float) -> float:
         """Peak host memory the plan uses, as a fraction of `cpu_memory_bytes`."""
         return self.cpu_memory_bytes / cpu_memory_bytes
@@ -214,8 +221,9 @@ def _rw_range(m: _Sizes, hw: LightningHardware, s: float, n: int, mu: int, n_ub:
     return max(0.0, lo), min(1.0, hi), gpu0, cpu0
 
 
-def _evaluate(m, hw, s, n, mu, n_ub) -> LightningPlan | None:
+def _evaluate(m, hw, s, n, mu, n_ub, max_rw=1.0) -> LightningPlan | None:
     lo, hi, gpu0, cpu0 = _rw_range(m, hw, s, n, mu, n_ub)
+    hi = min(hi, max_rw)
     if lo > hi:
         return None
     rw = hi  # T only falls as more experts stay on the GPU
@@ -232,16 +240,16 @@ def _evaluate(m, hw, s, n, mu, n_ub) -> LightningPlan | None:
         cpu_limit_bytes=CPU_MEMORY_FRACTION * hw.cpu_memory)
 
 
-def _max_micro_batches(m, hw, s, n, mu) -> int:
+def _max_micro_batches(m, hw, s, n, mu, max_rw=1.0) -> int:
     """The largest feasible n_ub for micro-batch `mu` (0 if none): doubling, then binary
     search, as the artifact searches."""
     nb = 1
-    while _evaluate(m, hw, s, n, mu, nb) is not None:
+    while _evaluate(m, hw, s, n, mu, nb, max_rw) is not None:
         nb *= 2
     left, right = max(nb // 2, 1), nb
     while left < right:
         mid = (left + right) // 2
-        if _evaluate(m, hw, s, n, mu, mid) is not None:
+        if _evaluate(m, hw, s, n, mu, mid, max_rw) is not None:
             left = mid + 1
         else:
             right = mid
@@ -256,9 +264,13 @@ def micro_batch_sizes():
         mu += 1 if mu < 4 else 32
 
 
-def plan(cfg: ModelConfig, hw: LightningHardware, prompt_len: float, gen_len: int)\
-        -> LightningPlan:
+def plan(cfg: ModelConfig, hw: LightningHardware, prompt_len: float, gen_len: int, *,
+         max_weights_on_gpu: float = 1.0) -> LightningPlan:
     """MoE-Lightning's decode policy for average prompt `prompt_len` and generation `gen_len`.
+
+    `max_weights_on_gpu` caps r_w (the artifact: 1). An emulation whose model is too shallow
+    to scale the paper's residency down (with 4 layers the double buffer is half the model)
+    caps it at 0 and says so.
 
     Raises:
       ValueError: not even one sequence fits.
@@ -268,12 +280,12 @@ def plan(cfg: ModelConfig, hw: LightningHardware, prompt_len: float, gen_len: in
     m = _Sizes.of(cfg)
     best = None
     for mu in micro_batch_sizes():
-        n_max = _max_micro_batches(m, hw, prompt_len, gen_len, mu)
+        n_max = _max_micro_batches(m, hw, prompt_len, gen_len, mu, max_weights_on_gpu)
         if n_max == 0:
             break
         prev = 0.0
         for n_ub in range(1, n_max + 1):
-            p = _evaluate(m, hw, prompt_len, gen_len, mu, n_ub)
+            p = _evaluate(m, hw, prompt_len, gen_len, mu, n_ub, max_weights_on_gpu)
             if p.generated_tokens_per_s < prev:
                 break
             prev = p.generated_tokens_per_s
@@ -283,3 +295,24 @@ def plan(cfg: ModelConfig, hw: LightningHardware, prompt_len: float, gen_len: in
         raise ValueError(f"no MoE-Lightning policy fits {hw.name}: one sequence of "
                          f"{prompt_len}+{gen_len} tokens exceeds its GPU or CPU memory")
     return best
+
+
+def host_memory_for(cfg: ModelConfig, prompt_len: float, gen_len: int, kv_bytes: float)\
+        -> float:
+    """The host memory on which the planner's CPU limit (80 %) holds, at r_w = 0, every
+    layer's experts, its pinned double buffer, and sequences whose KV reserved for prompt +
+    generation fills `kv_bytes` (with their prompt activations): the inverse of its CPU
+    constraint, for emulating its host at a given KV budget."""
+    m = _Sizes.of(cfg)
+    n_seq = kv_bytes / (4 * (prompt_len + gen_len) * m.kv_width * m.layers)
+    return (m.expert_bytes * (m.layers + 2) + kv_bytes
+            + 2 * m.h1 * n_seq * prompt_len) / CPU_MEMORY_FRACTION
+
+
+def device_memory_for(cfg: ModelConfig, activation_bytes: float) -> float:
+    """The GPU memory on which the planner's GPU limit (86 %) holds every layer's attention
+    weights, a double buffer of one layer's experts and `activation_bytes` besides: the
+    inverse of its GPU constraint at r_w = 0, for emulating a device with a given
+    activation allowance."""
+    m = _Sizes.of(cfg)
+    return (m.other_bytes + 2 * m.expert_bytes + activation_bytes) / GPU_MEMORY_FRACTION

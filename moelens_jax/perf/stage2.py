@@ -52,12 +52,14 @@ def engine_pages(cfg: ModelConfig, kv_cache_bytes: float, page_size: int,
 
 
 def streamed_bytes(cfg: ModelConfig, config: EngineConfig, on_cpu: bool) -> float:
-    """Weight bytes the engine streams per iteration: every layer each pass, unless the window
-    holds the whole model (after the first pass) or the layers are used in place (a CPU-only
-    backend with no link or device-memory cap)."""
+    """Weight bytes the engine streams per iteration: every layer each pass less the part
+    kept on the device (`resident_weight_fraction`), unless the window holds the whole model
+    (after the first pass) or the layers are used in place (a CPU-only backend with no link
+    or device-memory cap)."""
     if not config.streams_weights(on_cpu) or config.device_weight_layers >= cfg.num_layers:
         return 0.0
-    return float(cfg.num_layers * cfg.weight_bytes_per_layer)
+    layer = cfg.weight_bytes_per_layer
+    return float(cfg.num_layers * (layer - config.kept_layer_bytes(layer)))
 
 
 def predict(cfg: ModelConfig, costs: EngineCosts | HardwareSpec, workload: Workload,

@@ -24,6 +24,10 @@ class EngineConfig:
       kv_dtype: KV storage dtype (None: the model's dtype).
       page_size: tokens per KV page.
       device_weight_layers: decoder layers resident on the device at once (2 = double buffer).
+      resident_weight_fraction: where the layers stream, the fraction of each decoder layer's
+        bytes kept on the device for the whole run (a prefix of its buffer: attention, router,
+        then the experts); only the rest streams each pass. MoE-Lightning's partial weight
+        residency r_w (`perf.lightning_planner.LightningPlan.resident_weight_fraction`).
       token_budget: tokens per iteration that prefill admission fills up to (n_real);
         `perf.engine_config` chooses it from a calibration.
       policy: "moe-lens" (continuous admission, KV paged as tokens arrive) or
@@ -52,6 +56,7 @@ class EngineConfig:
     kv_dtype: str | None = None
     page_size: int = 16
     device_weight_layers: int = 2
+    resident_weight_fraction: float = 0.0
     token_budget: int = DEFAULT_TOKEN_BUDGET
     policy: str = "moe-lens"
     max_batch: int | None = None
@@ -72,6 +77,9 @@ class EngineConfig:
             bad(f"page_size must be >= 1, got {self.page_size}")
         if self.device_weight_layers < 1:
             bad(f"device_weight_layers must be >= 1, got {self.device_weight_layers}")
+        if not 0.0 <= self.resident_weight_fraction < 1.0:
+            bad(f"resident_weight_fraction must lie in [0, 1), got "
+                f"{self.resident_weight_fraction}")
         if self.token_budget < 1:
             bad(f"token_budget must be >= 1, got {self.token_budget}")
         if self.policy not in POLICIES:
@@ -91,6 +99,11 @@ class EngineConfig:
             bad(f"h2d_limit_gb_per_s must be positive, got {self.h2d_limit_gb_per_s}")
         if self.device_memory_bytes is not None and not self.device_memory_bytes > 0:
             bad(f"device_memory_bytes must be positive, got {self.device_memory_bytes}")
+
+    def kept_layer_bytes(self, layer_bytes: int) -> int:
+        """Bytes of a `layer_bytes` layer kept on the device (`resident_weight_fraction`,
+        rounded down to 256 bytes)."""
+        return int(self.resident_weight_fraction * layer_bytes) // 256 * 256
 
     def resolved_pipeline(self, on_cpu: bool) -> str:
         """The pipeline that runs: "auto" is serial on a CPU-only backend (host and "device"

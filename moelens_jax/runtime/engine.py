@@ -63,7 +63,12 @@ from moelens_jax.runtime.layout import (
     plan_groups,
 )
 from moelens_jax.runtime.memory import DevicePlan, plan_device_memory
-from moelens_jax.runtime.mover import WeightMover, resident_bytes, streamed_layers_held
+from moelens_jax.runtime.mover import (
+    WeightMover,
+    layer_window_bytes,
+    resident_bytes,
+    streamed_layers_held,
+)
 from moelens_jax.runtime.requests import GenerationResult, Request
 from moelens_jax.runtime.sampling import SamplingParams, sample
 from moelens_jax.runtime.scheduler import Plan, RequestRejected, make_scheduler
@@ -136,12 +141,16 @@ def _plan_device(model: Model, config: EngineConfig, device, on_cpu: bool) -> De
         return None
     held = streamed_layers_held(config.device_weight_layers, model.config.num_layers)
     layer = model.host_layers[0].layout.nbytes
+    kept = config.kept_layer_bytes(layer)
+    window = layer_window_bytes(layer, model.config.num_layers, config.device_weight_layers,
+                                kept)
     groups = 2 if config.resolved_pipeline(on_cpu) == "vslpipe" else 1
+    kept_desc = f", {kept} B of every layer kept" if kept else ""
     return plan_device_memory(
-        model.config, model.dtype, config.token_budget, resident_bytes(model) + held * layer,
+        model.config, model.dtype, config.token_budget, resident_bytes(model) + window,
         cap, groups, window_desc=f"({held} layer(s) of {layer} B: the window of "
-                                 f"{config.device_weight_layers} plus one in flight, and the "
-                                 "resident embedding/lm_head) ")
+                                 f"{config.device_weight_layers} plus one in flight{kept_desc}, "
+                                 "and the resident embedding/lm_head) ")
 
 
 class Engine:
@@ -193,7 +202,9 @@ class Engine:
         self.mover = WeightMover(model, depth=config.device_weight_layers,
                                  h2d_limit_gb_per_s=config.h2d_limit_gb_per_s,
                                  resident=not config.streams_weights(self.on_cpu),
-                                 device=self._device)
+                                 device=self._device,
+                                 kept_bytes=config.kept_layer_bytes(
+                                     model.host_layers[0].layout.nbytes))
         self.device_weight_bytes = resident_bytes(model) + self.mover.device_bytes()
         if self.mover.pinned and model.pageable and not config.keep_pageable_weights:
             freed = model.release_pageable()

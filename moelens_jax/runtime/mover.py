@@ -9,6 +9,10 @@ whole-layer copy (2.9 GB for Mixtral 8x7B, ~60 ms at PCIe 4) would hold back the
 latency-critical copies (a group's q/k/v to the host, attention outputs back); each packet is
 waited for before the next is issued, so those copies queue behind one packet at most.
 
+A mover can keep the first `kept_bytes` of every layer on the device for the whole run and
+stream only the rest (MoE-Lightning's partial residency r_w: attention and router come first
+in a layer's buffer, then the experts).
+
 For research on small machines the mover takes a link-bandwidth cap (`h2d_limit_gb_per_s`,
 enforced as a token bucket after each packet) so a CPU box can be put in the regime of a GPU
 behind PCIe. Where the backend offers a `pinned_host` memory kind and the device is not the
@@ -33,7 +37,13 @@ import jax
 import numpy as np
 
 from moelens_jax.model.model import Model
-from moelens_jax.model.weights import LayerLayout, LayerWeights, packets, unpack_packets
+from moelens_jax.model.weights import (
+    LayerLayout,
+    LayerWeights,
+    packet_bounds,
+    packets,
+    unpack_packets,
+)
 
 PACKET_BYTES = 64 << 20  # bytes per host-to-device weight copy
 
@@ -44,9 +54,17 @@ def streamed_layers_held(depth: int, num_layers: int) -> int:
     return min(depth + 1, num_layers)
 
 
+def layer_window_bytes(layer_bytes: int, num_layers: int, depth: int, kept_bytes: int = 0)\
+        -> int:
+    """Device bytes a streaming mover holds at its peak: the kept prefix of every layer and
+    the streamed rest of `streamed_layers_held(depth, num_layers)` layers."""
+    held = streamed_layers_held(depth, num_layers)
+    return num_layers * kept_bytes + held * (layer_bytes - kept_bytes)
+
+
 def unpack_layer(layout: LayerLayout, buf_u8: jax.Array) -> LayerWeights:
     """Typed `LayerWeights` from a layer's whole raw uint8 buffer."""
-    return unpack_packets(layout, int(buf_u8.shape[0]), (buf_u8,))
+    return unpack_packets(layout, (0,), (buf_u8,))
 
 
 class WeightMover:
@@ -62,11 +80,14 @@ class WeightMover:
       packet_bytes: bytes per host-to-device copy.
       pinned: stage the packets in pinned host memory (`Model.staged_layers`). Default: where
         the device is not the CPU and offers it.
+      kept_bytes: bytes at the start of every layer's buffer (attention, router, then the
+        experts, in `LAYER_FIELDS` order) placed on the device once and kept for the whole
+        run; only the rest streams each pass (MoE-Lightning's partial weight residency r_w).
     """
 
     def __init__(self, model: Model, depth: int = 2, h2d_limit_gb_per_s: float | None = None,
                  device=None, resident: bool | None = None, packet_bytes: int = PACKET_BYTES,
-                 pinned: bool | None = None):
+                 pinned: bool | None = None, kept_bytes: int = 0):
         if depth < 1:
             raise ValueError(f"device_weight_layers must be >= 1, got {depth}")
         if h2d_limit_gb_per_s is not None and h2d_limit_gb_per_s <= 0:
@@ -80,6 +101,9 @@ class WeightMover:
         self.device = device or jax.devices()[0]
         self.layout = model.host_layers[0].layout
         self.layer_bytes = self.layout.nbytes
+        if not 0 <= kept_bytes < self.layer_bytes:
+            raise ValueError(f"kept_bytes must lie in [0, {self.layer_bytes}) (one layer), "
+                             f"got {kept_bytes}")
         on_host = self.device.platform == "cpu"
         if resident and not on_host:
             raise ValueError(f"resident weights need the CPU device, not {self.device}")
@@ -94,12 +118,18 @@ class WeightMover:
         if pinned is None:
             pinned = (not on_host and "pinned_host" in kinds) or not model.pageable
         self.pinned, self.packet_bytes = pinned, packet_bytes
+        self.kept_bytes = 0 if self.resident else kept_bytes
+        self.bounds = packet_bounds(self.layer_bytes, packet_bytes, self.kept_bytes)
         if pinned:
-            self._src = model.staged_layers(self.device, packet_bytes)
+            self._src = model.staged_layers(self.device, packet_bytes, self.kept_bytes)
             self._dst = jax.sharding.SingleDeviceSharding(self.device, memory_kind="device")
         else:
-            self._src = [packets(l.buffer, packet_bytes) for l in model.host_layers]
+            self._src = [packets(l.buffer, packet_bytes, self.kept_bytes)
+                         for l in model.host_layers]
             self._dst = self.device
+        # The kept prefix of every layer: placed once (a load, not part of any pass).
+        self._kept = [(jax.device_put(src[0], self._dst),) if self.kept_bytes else ()
+                      for src in self._src]
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="weight-mover")
         self._window: dict[int, concurrent.futures.Future] = {}
         self._lock = threading.Lock()
@@ -112,8 +142,9 @@ class WeightMover:
     def _copy(self, layer: int, after=None) -> LayerWeights:
         if after is not None:  # the slot's previous layer is still in use until `after` is ready
             jax.block_until_ready(after)
-        copied = []
-        for src in self._src[layer]:  # one packet in flight at a time (module docstring)
+        copied = list(self._kept[layer])
+        streamed = self._src[layer][len(copied):]
+        for src in streamed:  # one packet in flight at a time (module docstring)
             t0 = time.perf_counter()
             buf = jax.device_put(src, self._dst)
             buf.block_until_ready()
@@ -131,7 +162,7 @@ class WeightMover:
                 self.transfers += 1
                 self.copy_s += t1 - t0
                 self.link_s += end - t0
-        weights = unpack_packets(self.layout, self.packet_bytes, tuple(copied))
+        weights = unpack_packets(self.layout, self.bounds, tuple(copied))
         return jax.block_until_ready(weights)
 
     def prefetch(self, layer: int, after=None) -> None:
@@ -169,11 +200,12 @@ class WeightMover:
         return self.bytes_moved / self.link_s / 1e9 if self.link_s else None
 
     def device_bytes(self) -> int:
-        """Device bytes of the layers at peak: every layer when resident, else
-        `streamed_layers_held`."""
-        held = (self.num_layers if self.resident
-                else streamed_layers_held(self.depth, self.num_layers))
-        return held * self.layer_bytes
+        """Device bytes of the layers at peak: every layer when resident, else the kept
+        prefix of every layer and the rest of `streamed_layers_held` layers."""
+        if self.resident:
+            return self.num_layers * self.layer_bytes
+        return layer_window_bytes(self.layer_bytes, self.num_layers, self.depth,
+                                  self.kept_bytes)
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
