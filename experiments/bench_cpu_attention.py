@@ -8,6 +8,11 @@ bytes), the FFI path inside jit, and thread scaling 1..N. Medians over repeats.
 
     python -m experiments.bench_cpu_attention                 # Mixtral shapes, 1 GiB of KV
     python -m experiments.bench_cpu_attention --num_seqs 16 --seq_len 512 --repeats 3
+    python -m experiments.bench_cpu_attention --kv_dtype int8  # + its token rate vs bf16
+
+With an 8-bit `--kv_dtype` (int8, fp8 = float8_e4m3fn) the same tokens are also held in a
+bfloat16 store, and each repeat times both kernels back to back: `token_rate_vs_bf16` is the
+median of those per-repeat ratios of tokens attended per second.
 """
 
 from __future__ import annotations
@@ -22,7 +27,8 @@ from absl import app, flags
 
 from experiments import common
 from moelens_jax import _cpu_ops, ops
-from moelens_jax.kv import PagedKVStore, cpu_decode_attention
+from moelens_jax.kv import PagedKVStore, cpu_decode_attention, page_bytes
+from moelens_jax.reference import stored_kv
 
 _NUM_SEQS = flags.DEFINE_integer("num_seqs", 128, "Sequences in the batch.")
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 2048, "Cached tokens per sequence.")
@@ -30,7 +36,9 @@ _KV_HEADS = flags.DEFINE_integer("kv_heads", 8, "KV heads (Mixtral: 8).")
 _HEAD_DIM = flags.DEFINE_integer("head_dim", 128, "Head dim (Mixtral: 128).")
 _GROUP = flags.DEFINE_integer("group", 4, "Query heads per KV head (Mixtral: 4).")
 _PAGE_SIZE = flags.DEFINE_integer("page_size", 16, "Tokens per page.")
-_DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float16", "float32"], "KV dtype.")
+_KV_DTYPE = flags.DEFINE_enum("kv_dtype", "bfloat16",
+                              ["bfloat16", "float16", "float32", "int8", "fp8", "float8_e4m3fn"],
+                              "KV storage dtype (fp8 = float8_e4m3fn).")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed repeats (median reported).")
 _THREADS = flags.DEFINE_integer("threads", 0, "Threads (0 = all available CPUs).")
 _NUMPY_SEQS = flags.DEFINE_integer("numpy_seqs", 8, "Sequences timed for the numpy reference.")
@@ -69,20 +77,33 @@ def numpy_attention(q_bhd, k_bthd, v_bthd, group):
     return np.einsum("bhgt,bthd->bhgd", s, v_bthd.astype(np.float32)).reshape(B, H * group, d)
 
 
+def filled_store(dtype, B, T, H, d, page_size, base_k, base_v) -> PagedKVStore:
+    """One layer of B sequences of T tokens, each a different roll of the same two arrays."""
+    store = PagedKVStore(1, H, d, num_pages=B * -(-T // page_size), page_size=page_size,
+                         dtype=dtype)
+    for b in range(B):
+        store.add_sequence(b)
+        shift = (b * 7) % T
+        store.append([b], [T], 0, np.roll(base_k, shift, 0), np.roll(base_v, shift, 0))
+    return store
+
+
 def main(argv):
     del argv
     settings = common.log_flags(__name__)
+    dtype = {"fp8": "float8_e4m3fn"}.get(_KV_DTYPE.value, _KV_DTYPE.value)
     B, T, H, d, s = (_NUM_SEQS.value, _SEQ_LEN.value, _KV_HEADS.value, _HEAD_DIM.value,
                      _GROUP.value)
     threads = _THREADS.value or len(os.sched_getaffinity(0))
     _cpu_ops.set_num_threads(threads)
     isa = ops.selected_isa()
-    kernel_isa = _cpu_ops.effective_isa(isa, _DTYPE.value, d)
-    itemsize = 4 if _DTYPE.value == "float32" else 2
-    kv_bytes = 2 * B * T * H * d * itemsize
+    kernel_isa = _cpu_ops.effective_isa(isa, dtype, d)
+    ps = _PAGE_SIZE.value
+    # Bytes one call reads: every page block of every sequence (codes and scales).
+    kv_bytes = B * -(-T // ps) * page_bytes(1, H, d, ps, dtype) * min(T, ps) // ps
     print(common.table([
         ("shape", f"{B} seqs x {T} tokens, {H} kv heads x {d}, group {s}, page {_PAGE_SIZE.value}"),
-        ("KV bytes per call", f"{kv_bytes / 2**30:.3f} GiB ({_DTYPE.value})"),
+        ("KV bytes per call", f"{kv_bytes / 2**30:.3f} GiB ({dtype})"),
         ("threads", threads),
         ("ISA", f"{isa} (kernel: {kernel_isa})"),
         ("ceiling", "memory read bandwidth, measured below with the same threads"),
@@ -90,14 +111,9 @@ def main(argv):
 
     # (b) our kernel over the paged store.
     rng = np.random.default_rng(0)
-    store = PagedKVStore(1, H, d, num_pages=B * -(-T // _PAGE_SIZE.value),
-                         page_size=_PAGE_SIZE.value, dtype=_DTYPE.value)
     base_k = rng.standard_normal((T, H, d)).astype(np.float32)
     base_v = rng.standard_normal((T, H, d)).astype(np.float32)
-    for b in range(B):  # each sequence gets a different slice mix, all from two base arrays
-        store.add_sequence(b)
-        shift = (b * 7) % T
-        store.append([b], [T], 0, np.roll(base_k, shift, 0), np.roll(base_v, shift, 0))
+    store = filled_store(dtype, B, T, H, d, ps, base_k, base_v)
     q = rng.standard_normal((B, H * s, d)).astype(np.float32)
     ids = np.arange(B)
     out = np.empty_like(q)
@@ -108,6 +124,20 @@ def main(argv):
                                  max(kv_bytes, 1 << 30), _REPEATS.value)
     mem_gbs, kernel_gbs = float(np.median(mem)), float(np.median(ker))
     fraction = float(np.median(np.array(ker) / np.array(mem)))
+    t_kernel = kv_bytes / (kernel_gbs * 1e9)
+
+    # An 8-bit store vs a bfloat16 one of the same tokens, timed back to back per repeat.
+    vs_bf16 = None
+    if dtype in ("int8", "float8_e4m3fn"):
+        bf16 = filled_store("bfloat16", B, T, H, d, ps, base_k, base_v)
+        out16 = np.empty_like(q)
+        ratios = []
+        for _ in range(_REPEATS.value):
+            t16 = common.median_time(lambda: bf16.decode_attention(q, ids, 0, out=out16), 1)
+            t8 = common.median_time(lambda: store.decode_attention(q, ids, 0, out=out), 1)
+            ratios.append(t16 / t8)
+        vs_bf16 = float(np.median(ratios))
+        del bf16
 
     # FFI inside jit (the engine's path on the CPU backend).
     ffi_fn = jax.jit(lambda q, ids: cpu_decode_attention(store, q, ids, 0, path="ffi"))
@@ -123,11 +153,12 @@ def main(argv):
     _cpu_ops.set_num_threads(threads)
 
     # (c) baselines on the same data in dense form.
-    np_dt = {"bfloat16": ml_dtypes.bfloat16, "float16": np.float16, "float32": np.float32}
-    dense_k = np.stack([np.roll(base_k, (b * 7) % T, 0) for b in range(B)]).astype(
-        np_dt[_DTYPE.value])
-    dense_v = np.stack([np.roll(base_v, (b * 7) % T, 0) for b in range(B)]).astype(
-        np_dt[_DTYPE.value])
+    # (the 8-bit formats as their dequantised float32 values)
+    np_dt = {"bfloat16": ml_dtypes.bfloat16, "float16": np.float16}.get(dtype, np.float32)
+    dense_k = np.stack([stored_kv(np.roll(base_k, (b * 7) % T, 0), dtype)
+                        for b in range(B)]).astype(np_dt)
+    dense_v = np.stack([stored_kv(np.roll(base_v, (b * 7) % T, 0), dtype)
+                        for b in range(B)]).astype(np_dt)
     xla_gbs = max_err_xla = float("nan")
     if not _SKIP_XLA.value:
         jk, jv = jnp.asarray(dense_k), jnp.asarray(dense_v)
@@ -143,6 +174,9 @@ def main(argv):
 
     result = {
         "kv_read_gb_per_s": kernel_gbs,
+        "kv_tokens_per_s": B * T / t_kernel,
+        "token_rate_vs_bf16": vs_bf16,
+        "kv_dtype": dtype,
         "memory_read_gb_per_s": mem_gbs,
         "bandwidth_fraction": fraction,  # median of per-repeat ratios
         "xla_kv_read_gb_per_s": xla_gbs,
@@ -160,6 +194,8 @@ def main(argv):
     }
     rows = [("memory read (stream)", f"{mem_gbs:.2f} GB/s  (ceiling)"),
             ("kernel KV read", f"{kernel_gbs:.2f} GB/s  = {fraction:.2f} of ceiling"),
+            ("kernel tokens attended", f"{B * T / t_kernel / 1e6:.1f} M tokens/s"
+             + (f"  = {vs_bf16:.2f}x a bf16 store of the same tokens" if vs_bf16 else "")),
             ("kernel via FFI in jit", f"{result['ffi_in_jit_kv_read_gb_per_s']:.2f} GB/s"),
             ("XLA dense attention",
              f"{xla_gbs:.2f} GB/s  (kernel {result['speedup_vs_xla']:.1f}x)"),

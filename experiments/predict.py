@@ -19,6 +19,7 @@ from absl import app, flags
 import moelens_jax as mj
 from experiments import common
 from moelens_jax import perf
+from moelens_jax.kv import KV_DTYPES
 
 _MODEL = flags.DEFINE_string("model", "mixtral-8x7b", "Preset name or checkpoint folder.")
 _HARDWARE = flags.DEFINE_string("hardware", "a40",
@@ -29,6 +30,8 @@ _GEN_LEN = flags.DEFINE_integer("gen_len", 32, "Generation length.")
 _NUM_REQUESTS = flags.DEFINE_integer("num_requests", None,
                                      "Requests for Stage 2 (default: 4x what fits in the KV).")
 _PAGE_SIZE = flags.DEFINE_integer("page_size", 16, "Tokens per KV page.")
+_KV_DTYPE = flags.DEFINE_enum("kv_dtype", None, list(KV_DTYPES),
+                              "KV cache storage dtype (default: the model's).")
 _TOKEN_BUDGET = flags.DEFINE_integer("token_budget", None,
                                      "Tokens per iteration (default: tokens to saturate).")
 _POLICY = flags.DEFINE_enum("policy", "moe-lens", ["moe-lens", "moe-lightning"],
@@ -97,10 +100,14 @@ def main(argv):
         costs = perf.EngineCosts.from_hardware(cfg, hw)
     kv = _KV_CACHE_GB.value * 1e9
     p, g = _PROMPT_LEN.value, _GEN_LEN.value
-    s1 = perf.stage1(cfg, hw, perf.Workload.fixed(p, g), kv)
+    s1 = perf.stage1(cfg, hw, perf.Workload.fixed(p, g), kv, _KV_DTYPE.value)
+    # The Stage-1 bound for every KV format in the same bytes (M scales with 1 / bytes per token).
+    by_kv_dtype = {d: perf.stage1(cfg, hw, perf.Workload.fixed(p, g), kv, d)
+                   .generated_tokens_per_s for d in KV_DTYPES}
     overrides = {"token_budget": _TOKEN_BUDGET.value} if _TOKEN_BUDGET.value else {}
     config = perf.engine_config(cfg, hw, costs, kv_cache_bytes=int(kv),
-                                page_size=_PAGE_SIZE.value, **overrides)
+                                kv_dtype=_KV_DTYPE.value, page_size=_PAGE_SIZE.value,
+                                **overrides)
     budget = config.token_budget
     k = _NUM_REQUESTS.value or max(8, int(4 * s1.kv_tokens / (p + g)))
     s2 = perf.predict(cfg, costs, perf.Workload.fixed(p, g, k), config)
@@ -121,6 +128,8 @@ def main(argv):
                            f"{s1.host_bandwidth_available / 1e9:.0f} GB/s"),
         ("Stage 2", f"{s2.generated_tokens_per_s:,.1f} generated tok/s, {s2.iterations} "
                     f"iterations, token budget {budget}, KV peak {s2.kv_peak_fraction:.0%}"),
+        ("Stage 1 by KV dtype", ", ".join(f"{d} {v:,.0f}" for d, v in by_kv_dtype.items())
+                                + " generated tok/s (the 8-bit rows charge KV reads by bytes)"),
     ], "== predict =="))
     common.print_json({
         "model": cfg.name, "hardware": hw.name, "kv_cache_gb": _KV_CACHE_GB.value,
@@ -133,6 +142,8 @@ def main(argv):
         "stage2_processed_tokens_per_s": s2.processed_tokens_per_s,
         "binding": s1.binding, "turning_point_kv_gb": s1.turning_point_kv_bytes / 1e9,
         "overlap_factor": s1.overlap_factor, "stage2_iterations": s2.iterations,
+        "kv_dtype": _KV_DTYPE.value or cfg.dtype,
+        "stage1_generated_tokens_per_s_by_kv_dtype": by_kv_dtype,
         "flags": settings})
 
 

@@ -18,6 +18,7 @@ from absl import app, flags
 import moelens_jax as mj
 from experiments import common
 from moelens_jax import perf, reference, workloads
+from moelens_jax.kv import KV_DTYPES
 from moelens_jax.runtime import Engine, EngineConfig
 from moelens_jax.runtime.results_io import generate_resumable
 
@@ -31,6 +32,9 @@ _PROMPT_LEN = flags.DEFINE_integer("prompt_len", 98, "Mean prompt length (log-no
 _GEN_LEN = flags.DEFINE_integer("gen_len", 32, "Tokens generated per request.")
 _KV_CACHE_GB = flags.DEFINE_float("kv_cache_gb", 0.25, "Host KV cache size in GB (1e9 bytes).")
 _PAGE_SIZE = flags.DEFINE_integer("page_size", 16, "Tokens per KV page.")
+_KV_DTYPE = flags.DEFINE_enum("kv_dtype", None, list(KV_DTYPES),
+                              "KV cache storage dtype (default: the model's); int8 and "
+                              "float8_e4m3fn keep a float32 scale per token and kv head.")
 _TOKEN_BUDGET = flags.DEFINE_integer(
     "token_budget", None, "Tokens per iteration (n_real); default: the performance model's "
     "choice when this machine has a cached calibration (experiments.calibrate), else 512.")
@@ -110,7 +114,8 @@ def main(argv):
     else:
         dev_mem = None if _DEVICE_MEMORY_GB.value is None else int(_DEVICE_MEMORY_GB.value * 1e9)
         config, budget_source = engine_config(cfg, dict(
-            kv_cache_bytes=kv_bytes, page_size=_PAGE_SIZE.value, policy=_POLICY.value,
+            kv_cache_bytes=kv_bytes, kv_dtype=_KV_DTYPE.value, page_size=_PAGE_SIZE.value,
+            policy=_POLICY.value,
             device_weight_layers=_DEVICE_LAYERS.value, h2d_limit_gb_per_s=_H2D_LIMIT.value,
             device_memory_bytes=dev_mem, pipeline=_PIPELINE.value,
             record_stages=bool(_TRACE_OUT.value)))

@@ -42,7 +42,11 @@ class ConfigError(ValueError):
 
 
 def dtype_itemsize(dtype: str) -> int:
-    return {"float32": 4, "bfloat16": 2, "float16": 2}[dtype]
+    return {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1, "float8_e4m3fn": 1}[dtype]
+
+
+# KV formats stored as 8-bit codes with a float32 scale per (token, kv head).
+QUANTISED_KV_DTYPES = ("int8", "float8_e4m3fn")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -194,9 +198,11 @@ class ModelConfig:
         return self.total_params * self.itemsize
 
     def kv_bytes_per_token(self, kv_dtype: str | None = None) -> int:
-        """Bytes of K and V cached per token over all layers (default: the weights' dtype)."""
-        itemsize = dtype_itemsize(kv_dtype or self.dtype)
-        return 2 * self.num_layers * self.kv_size * itemsize
+        """Bytes of K and V cached per token over all layers (default: the weights' dtype);
+        the 8-bit formats add a float32 scale per kv head."""
+        dtype = kv_dtype or self.dtype
+        scales = 4 * self.num_kv_heads if dtype in QUANTISED_KV_DTYPES else 0
+        return 2 * self.num_layers * (self.kv_size * dtype_itemsize(dtype) + scales)
 
     # ----- conversion ----------------------------------------------------------------------
     def replace(self, **changes) -> ModelConfig:

@@ -8,6 +8,8 @@
   matrix, the reference for the engine's block-sparse tiled version.
 * `greedy_generate`: greedy decoding by full recompute with `transformer.forward` each step
   (no KV cache): the oracle for the engine.
+* `stored_kv`: what the paged KV store holds for float32 K/V rows in each storage dtype (the
+  8-bit formats: one amax scale per row, codes rounded to nearest-even by numpy/ml_dtypes).
 * `assert_close`: the one shared, dtype-aware comparison (finiteness first; reports max and RMS
   error).
 """
@@ -115,6 +117,30 @@ def greedy_generate(model: Model, prompts: Sequence[Sequence[int]],
                 tokens[i, cur[i]] = nxt[i]
                 cur[i] += 1
     return out
+
+
+KV_CODE_MAX = {"int8": 127.0, "float8_e4m3fn": 448.0}
+
+
+def stored_kv(x, dtype: str) -> np.ndarray:
+    """float32 K/V rows [..., head_dim] as the store returns them for storage `dtype`: rounded
+    to bfloat16/float16/float32, or (8-bit formats) each row quantised with scale = amax /
+    code max (127 for int8, 448 for float8 e4m3fn) and dequantised."""
+    import ml_dtypes
+    x = np.asarray(x, np.float32)
+    if dtype not in KV_CODE_MAX:
+        np_dtype = {"float32": np.float32, "float16": np.float16,
+                    "bfloat16": ml_dtypes.bfloat16}[dtype]
+        return x.astype(np_dtype).astype(np.float32)
+    amax = np.abs(x).max(-1, keepdims=True)
+    scale = (amax / np.float32(KV_CODE_MAX[dtype])).astype(np.float32)
+    inv = np.where(amax > 0, np.float32(KV_CODE_MAX[dtype]) / np.where(amax > 0, amax, 1), 0)
+    y = (x * inv.astype(np.float32)).astype(np.float32)
+    if dtype == "int8":
+        codes = np.clip(np.rint(y), -127, 127)
+    else:
+        codes = np.clip(y, -448, 448).astype(ml_dtypes.float8_e4m3fn).astype(np.float32)
+    return (codes * scale).astype(np.float32)
 
 
 def assert_close(actual, expected, *, rel_l2: float | None = None, atol: float | None = None,

@@ -28,6 +28,7 @@ from test_cpu_attention import BAD_SCALES, STORED_ATOL, reference
 
 from moelens_jax import _cpu_ops, ops
 from moelens_jax.kv import KvCapacityError, PagedKVStore, cpu_decode_attention
+from moelens_jax.reference import stored_kv
 
 STORAGE = {"bfloat16": np.dtype(ml_dtypes.bfloat16), "float16": np.dtype(np.float16),
            "float32": np.dtype(np.float32)}
@@ -36,7 +37,8 @@ STORAGE = {"bfloat16": np.dtype(ml_dtypes.bfloat16), "float16": np.dtype(np.floa
 # scalar fallbacks (8, 24, 40); page sizes of 1, odd, and a power of two.
 GEOMETRIES = [(3, 2, 24, 3, "bfloat16", 8), (2, 2, 64, 16, "float32", 12),
               (1, 3, 40, 17, "float16", 10), (3, 1, 8, 1, "bfloat16", 40),
-              (2, 4, 128, 16, "bfloat16", 16), (2, 1, 16, 5, "float32", 20)]
+              (2, 4, 128, 16, "bfloat16", 16), (2, 1, 16, 5, "float32", 20),
+              (2, 2, 64, 16, "int8", 12), (2, 3, 24, 3, "float8_e4m3fn", 10)]
 FUZZ_OPS = 1500  # per geometry; ~0.5 s each on one laptop core
 MAX_LIVE = 16  # sequences alive at once
 STRESS_SECONDS = 2.0
@@ -106,7 +108,7 @@ class _Fuzzer:
         """Random (k, v) rows, both float32 or both the store's 16-bit dtype (which C++ takes
         as raw bits)."""
         shape = (n, self.H if heads is None else heads, self.d if d is None else d)
-        raw = self.dtype != "float32" and self.rng.random() < 0.5
+        raw = self.dtype in ("bfloat16", "float16") and self.rng.random() < 0.5
         k, v = (self.rng.standard_normal(shape).astype(np.float32) for _ in range(2))
         return (k.astype(STORAGE[self.dtype]), v.astype(STORAGE[self.dtype])) if raw else (k, v)
 
@@ -163,8 +165,8 @@ class _Fuzzer:
                         lambda: self.store.append(sids, counts, layer, k, v))
             return
         self.store.append(sids, counts, layer, k, v)
-        stored_k = k.astype(np.float32).astype(STORAGE[self.dtype]).astype(np.float32)
-        stored_v = v.astype(np.float32).astype(STORAGE[self.dtype]).astype(np.float32)
+        stored_k = stored_kv(np.asarray(k, np.float32), self.dtype)
+        stored_v = stored_kv(np.asarray(v, np.float32), self.dtype)
         row = 0
         for s, c in zip(sids, counts, strict=True):
             ks, vs = self.model.seqs[s][layer]

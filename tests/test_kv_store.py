@@ -7,11 +7,8 @@ import numpy as np
 import pytest
 
 from moelens_jax import _cpu_ops
-from moelens_jax.kv import KvCapacityError, PagedKVStore, page_bytes
-
-ROUND = {"float32": lambda x: x.astype(np.float32),
-         "bfloat16": lambda x: x.astype(ml_dtypes.bfloat16).astype(np.float32),
-         "float16": lambda x: x.astype(np.float16).astype(np.float32)}
+from moelens_jax.kv import KV_DTYPES, KvCapacityError, PagedKVStore, page_bytes
+from moelens_jax.reference import stored_kv
 
 
 class ModelStore:
@@ -36,9 +33,9 @@ class ModelStore:
         return n
 
 
-@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+@pytest.mark.parametrize("dtype", KV_DTYPES)
 def test_random_operations_match_python_model(dtype):
-    rng = np.random.default_rng({"bfloat16": 1, "float16": 2, "float32": 3}[dtype])
+    rng = np.random.default_rng(KV_DTYPES.index(dtype) + 1)
     L, H, d, ps, pages = 3, 2, 8, 4, 48
     store = PagedKVStore(L, H, d, num_pages=pages, page_size=ps, dtype=dtype)
     model = ModelStore(L, pages, ps)
@@ -73,7 +70,8 @@ def test_random_operations_match_python_model(dtype):
                 row = 0
                 for s, c in zip(sids, counts, strict=True):
                     for _ in range(c):
-                        model.seqs[s][layer].append((ROUND[dtype](k[row]), ROUND[dtype](v[row])))
+                        model.seqs[s][layer].append((stored_kv(k[row], dtype),
+                                                     stored_kv(v[row], dtype)))
                         row += 1
         else:
             if not live:
@@ -117,6 +115,40 @@ def test_budget_sizing_and_page_bytes():
     assert store.num_pages == 10 and store.page_bytes == pb and store.capacity_tokens == 160
     with pytest.raises(ValueError, match="holds no page"):
         PagedKVStore(32, 8, 128, budget_bytes=pb - 1)
+
+
+@pytest.mark.parametrize("dtype", ["int8", "float8_e4m3fn"])
+def test_quantised_pages_hold_one_scale_per_token_and_head(dtype):
+    """The 8-bit formats: the byte layout (codes padded to 4 bytes, then a float32 scale per
+    token) agrees between Python and C++; each (token, head) row is quantised on its own, so
+    rows of very different magnitude, and all-zero rows, come back within the format's bound
+    (int8: amax / 254 per element; e4m3: half a unit in the last of 3 mantissa bits, 2^-4
+    relative, or amax / 448 * 2^-10 below the normal range); raw 16-bit bits are refused."""
+    L, H, d, ps = 2, 3, 40, 5
+    pb = page_bytes(L, H, d, ps, dtype)
+    assert pb == L * 2 * H * (-(-ps * d // 4) * 4 + 4 * ps)
+    store = PagedKVStore(L, H, d, num_pages=6, page_size=ps, dtype=dtype)
+    assert store.page_bytes == pb and store.dtype == dtype
+    rng = np.random.default_rng(7)
+    k = (rng.standard_normal((13, H, d)) * rng.uniform(1e-3, 1e3, (13, H, 1))).astype(np.float32)
+    k[4, 2] = 0.0
+    store.add_sequence(1)
+    store.append([1], [13], 1, k, -k)
+    got_k, got_v = store.read(1, 1)
+    np.testing.assert_array_equal(got_k, stored_kv(k, dtype))
+    np.testing.assert_array_equal(got_v, -got_k)
+    amax = np.abs(k).max(-1, keepdims=True)
+    err = np.abs(got_k - k)
+    if dtype == "int8":
+        bound = amax / 254 * (1 + 1e-5)
+    else:
+        bound = np.maximum(np.abs(k) * 2.0 ** -4, amax / 448 * 2.0 ** -10) * (1 + 1e-5)
+    assert (err <= bound).all() and not got_k[4, 2].any()
+    # The wrapper hands any float array over as float32; raw 16-bit bits cannot be quantised.
+    raw = k.astype(ml_dtypes.bfloat16).view(np.uint16)
+    with pytest.raises(ValueError, match=f"must be float32 for a {dtype} store"):
+        store._s.append(np.array([1], np.int64), np.array([13], np.int32), 0, raw, raw)
+    assert store.length(1, 0) == 0
 
 
 def test_bf16_input_is_taken_as_raw_bits():
@@ -233,7 +265,9 @@ def test_attention_input_errors(small):
 
 def test_constructor_errors():
     with pytest.raises(ValueError, match="unsupported KV dtype"):
-        PagedKVStore(1, 1, 8, num_pages=1, dtype="int8")
+        PagedKVStore(1, 1, 8, num_pages=1, dtype="int4")
+    with pytest.raises(ValueError, match="unsupported KV dtype .float8_e5m2."):
+        _cpu_ops.KvStore(1, 1, 8, 16, 1, "float8_e5m2")
     with pytest.raises(ValueError, match="exactly one of"):
         PagedKVStore(1, 1, 8)
     with pytest.raises(ValueError, match="must be positive"):

@@ -123,7 +123,8 @@ void DecodeAttention(const KvStore& store, const float* q, const int64_t* seq_id
         for (int k = 0; k < nblk; ++k) {
           const int q0 = h * s + k * kMaxGroup;
           PageArgs a{qb + int64_t(q0) * d, store.BlockPtr(pages[p], layer, 0, h),
-                     store.BlockPtr(pages[p], layer, 1, h), ntok, d, elem, m + q0, l + q0,
+                     store.BlockPtr(pages[p], layer, 1, h), store.ScalePtr(pages[p], layer, 0, h),
+                     store.ScalePtr(pages[p], layer, 1, h), ntok, d, elem, m + q0, l + q0,
                      acc + int64_t(q0) * d, k == 0 ? next : nullptr, next_bytes};
           fns[size_t(k)](a);
         }
@@ -260,7 +261,8 @@ void PrefillAttention(const float* q, const float* k, const float* v, const int3
           const int ntok = int(std::min<int64_t>(kMaxPageSize, r + 1 - t0));
           const int64_t off = (int64_t(h) * n + t0) * d;
           PageArgs a{qb, reinterpret_cast<const uint8_t*>(kt + off),
-                     reinterpret_cast<const uint8_t*>(vt + off), ntok, d, elem, m + q0, l + q0,
+                     reinterpret_cast<const uint8_t*>(vt + off), nullptr, nullptr, ntok, d, elem,
+                     m + q0, l + q0,
                      acc + int64_t(q0) * d, nullptr, 0};
           fns[size_t(b)](a);
         }

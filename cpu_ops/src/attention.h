@@ -28,6 +28,8 @@ struct PageArgs {
   const float* q;       // [s][head_dim], already multiplied by the softmax scale
   const uint8_t* k;     // [ntok][head_dim] in the storage dtype
   const uint8_t* v;     // [ntok][head_dim]
+  const float* k_scale;  // [ntok] per-token scales of an 8-bit store, else nullptr
+  const float* v_scale;
   int ntok;
   int head_dim;
   int64_t elem_bytes;

@@ -3,6 +3,7 @@
 #include <immintrin.h>
 
 #include "attention_impl.h"
+#include "dtypes.h"
 #include "expert_impl.h"
 
 namespace moelens {
@@ -23,6 +24,19 @@ struct Avx2Ops {
   }
   static Vec Load(kernel::TagF16, const uint8_t* p) {
     return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  }
+  static Vec Load(kernel::TagI8, const uint8_t* p) {
+    const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
+  }
+  // e4m3 -> float16 bits (sign to bit 15, exponent and mantissa to bits 7..13) is the value
+  // times 2^-8, subnormals included (the two biases differ by 8); F16C widens it. A NaN code
+  // becomes a finite number, but only a NaN row stores NaN codes, and its scale is NaN.
+  static Vec Load(kernel::TagF8E4M3, const uint8_t* p) {
+    const __m128i w = _mm_cvtepu8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+    const __m128i h = _mm_or_si128(_mm_slli_epi16(_mm_and_si128(w, _mm_set1_epi16(0x7f)), 7),
+                                   _mm_slli_epi16(_mm_and_si128(w, _mm_set1_epi16(0x80)), 8));
+    return _mm256_mul_ps(_mm256_cvtph_ps(h), _mm256_set1_ps(256.f));
   }
   static Vec Set1(float x) { return _mm256_set1_ps(x); }
   static Vec Fma(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }

@@ -4,6 +4,7 @@
 #include <immintrin.h>
 
 #include "attention_impl.h"
+#include "dtypes.h"
 #include "expert_impl.h"
 
 namespace moelens {
@@ -24,6 +25,18 @@ struct Avx512Ops {
   }
   static Vec Load(kernel::TagF16, const uint8_t* p) {
     return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  }
+  static Vec Load(kernel::TagI8, const uint8_t* p) {
+    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b));
+  }
+  // e4m3 -> float16 bits, as in attention_avx2.cc (the value times 2^-8).
+  static Vec Load(kernel::TagF8E4M3, const uint8_t* p) {
+    const __m256i w = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    const __m256i h =
+        _mm256_or_si256(_mm256_slli_epi16(_mm256_and_si256(w, _mm256_set1_epi16(0x7f)), 7),
+                        _mm256_slli_epi16(_mm256_and_si256(w, _mm256_set1_epi16(0x80)), 8));
+    return _mm512_mul_ps(_mm512_cvtph_ps(h), _mm512_set1_ps(256.f));
   }
   static Vec Set1(float x) { return _mm512_set1_ps(x); }
   static Vec Fma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }

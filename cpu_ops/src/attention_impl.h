@@ -3,7 +3,8 @@
 // Ops and compiler flags). Pure compute on raw pointers; all validation happened upstream.
 //
 // Ops provides: kLanes; kHasF16; Vec; Zero(); LoadF(const float*); Load(Tag, const uint8_t*)
-// converting the storage type to float32 lanes; Set1(float); Fma(a, b, c) = a*b + c;
+// converting the storage type to float32 lanes (the 8-bit formats to their unscaled code
+// values: the kernel applies each token's scale to its score and its softmax weight); Set1(float); Fma(a, b, c) = a*b + c;
 // Mul/Add/Sub/Min/Max(a, b); Round (to nearest integer), Pow2 (2^n for integral n); Exp(Vec)
 // (float32-accurate, usually CephesExp); Store(float*, Vec); Sum(Vec) (horizontal add);
 // Prefetch(const void*).
@@ -46,6 +47,8 @@ inline typename Ops::Vec CephesExp(typename Ops::Vec x) {
 struct TagBf16 {};
 struct TagF16 {};
 struct TagF32 {};
+struct TagI8 {};
+struct TagF8E4M3 {};
 
 // Independent FMA chains: K rows (tokens) per step and V column blocks per step are chosen so
 // about 8 accumulators are live (enough to hide FMA latency, few enough for 16 registers).
@@ -127,6 +130,10 @@ void ProcessPage(const PageArgs& a) {
     ScoreTokens<Ops, Tag, S, 1>(a.q, a.k, d, elem, t, score);
   }
   if (a.next != nullptr) PrefetchRow<Ops>(a.next, a.next_bytes);
+  if (a.k_scale != nullptr) {  // q . (s_t k_t) = s_t (q . k_t)
+    for (int i = 0; i < S; ++i)
+      for (int u = 0; u < ntok; ++u) score[i][u] *= a.k_scale[u];
+  }
 
   // Online softmax update (vectorised exp over the page's tokens).
   for (int i = 0; i < S; ++i) {
@@ -155,6 +162,11 @@ void ProcessPage(const PageArgs& a) {
       float* row = a.acc + i * d;
       for (int c = 0; c < d; c += VL) Ops::Store(row + c, Ops::Mul(Ops::LoadF(row + c), cv));
     }
+  }
+
+  if (a.v_scale != nullptr) {  // p_t (s_t v_t) = (p_t s_t) v_t, after l took the plain p_t
+    for (int i = 0; i < S; ++i)
+      for (int u = 0; u < ntok; ++u) score[i][u] *= a.v_scale[u];
   }
 
   // acc += p V: accumulators of CC column blocks stay in registers across the page's tokens.
@@ -186,6 +198,8 @@ PageFn Select(KvDtype dtype, int head_dim, int s) {
     case KvDtype::kBf16: return ForGroup<Ops, TagBf16>(s);
     case KvDtype::kF16: return Ops::kHasF16 ? ForGroup<Ops, TagF16>(s) : nullptr;
     case KvDtype::kF32: return ForGroup<Ops, TagF32>(s);
+    case KvDtype::kI8: return ForGroup<Ops, TagI8>(s);
+    case KvDtype::kF8E4M3: return ForGroup<Ops, TagF8E4M3>(s);
   }
   return nullptr;
 }

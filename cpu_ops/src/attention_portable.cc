@@ -30,6 +30,8 @@ struct PortableOps {
     std::memcpy(&h, p, 2);
     return F16ToF32(h);
   }
+  static Vec Load(kernel::TagI8, const uint8_t* p) { return float(int8_t(*p)); }
+  static Vec Load(kernel::TagF8E4M3, const uint8_t* p) { return F8E4M3ToF32(*p); }
   static Vec Set1(float x) { return x; }
   static Vec Fma(Vec a, Vec b, Vec c) { return a * b + c; }
   static Vec Mul(Vec a, Vec b) { return a * b; }

@@ -1,7 +1,9 @@
 #include "kv_store.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstdlib>
+#include <limits>
 #include <cstring>
 #include <mutex>
 #include <unordered_set>
@@ -17,12 +19,15 @@ const char* KvDtypeName(KvDtype d) {
     case KvDtype::kBf16: return "bfloat16";
     case KvDtype::kF16: return "float16";
     case KvDtype::kF32: return "float32";
+    case KvDtype::kI8: return "int8";
+    case KvDtype::kF8E4M3: return "float8_e4m3fn";
   }
   return "unknown";
 }
 
 bool ParseKvDtype(const std::string& name, KvDtype* out) {
-  for (KvDtype d : {KvDtype::kBf16, KvDtype::kF16, KvDtype::kF32}) {
+  for (KvDtype d : {KvDtype::kBf16, KvDtype::kF16, KvDtype::kF32, KvDtype::kI8,
+                    KvDtype::kF8E4M3}) {
     if (name == KvDtypeName(d)) {
       *out = d;
       return true;
@@ -31,7 +36,9 @@ bool ParseKvDtype(const std::string& name, KvDtype* out) {
   return false;
 }
 
-int KvDtypeSize(KvDtype d) { return d == KvDtype::kF32 ? 4 : 2; }
+int KvDtypeSize(KvDtype d) {
+  return d == KvDtype::kF32 ? 4 : (KvDtypeQuantised(d) ? 1 : 2);
+}
 
 namespace {
 
@@ -187,8 +194,34 @@ KvStore::SeqView KvStore::ViewLocked(int64_t seq_id, int layer) const {
 
 namespace {
 
-// Writes `n` elements of row `src` (in src dtype) into `dst` (storage dtype).
-void ConvertRow(const uint8_t* src, KvDtype src_dtype, uint8_t* dst, KvDtype dst_dtype, int n) {
+// Quantises a float32 row of `n` values into `dst` (int8 or float8 e4m3fn codes) and its
+// scale (amax / code max; a row with a non-finite value gets a NaN scale, so its attention
+// output is NaN as with a float store).
+void QuantiseRow(const float* s, KvDtype dtype, uint8_t* dst, float* scale, int n) {
+  float amax = 0.f;
+  bool finite = true;
+  for (int i = 0; i < n; ++i) {
+    finite = finite && std::isfinite(s[i]);
+    amax = std::max(amax, std::fabs(s[i]));
+  }
+  const float top = dtype == KvDtype::kI8 ? 127.f : kF8E4M3Max;
+  const float sc = finite ? amax / top : std::numeric_limits<float>::quiet_NaN();
+  std::memcpy(scale, &sc, 4);
+  const float inv = (finite && amax > 0.f) ? top / amax : 0.f;
+  for (int i = 0; i < n; ++i) {
+    const float x = s[i] * inv;
+    dst[i] = dtype == KvDtype::kI8 ? uint8_t(F32ToI8(x)) : F32ToF8E4M3(x);
+  }
+}
+
+// Writes `n` elements of row `src` (in src dtype) into `dst` (storage dtype; a quantised
+// store's row scale into `scale`).
+void ConvertRow(const uint8_t* src, KvDtype src_dtype, uint8_t* dst, KvDtype dst_dtype, int n,
+                float* scale) {
+  if (KvDtypeQuantised(dst_dtype)) {
+    QuantiseRow(reinterpret_cast<const float*>(src), dst_dtype, dst, scale, n);
+    return;
+  }
   if (src_dtype == dst_dtype) {
     std::memcpy(dst, src, size_t(n) * KvDtypeSize(dst_dtype));
     return;
@@ -208,6 +241,10 @@ void ConvertRow(const uint8_t* src, KvDtype src_dtype, uint8_t* dst, KvDtype dst
 
 void KvStore::Append(const int64_t* seq_ids, const int32_t* counts, int64_t n, int layer,
                      const void* k, const void* v, KvDtype src_dtype, int64_t rows) {
+  if (src_dtype != KvDtype::kF32 && KvDtypeQuantised(g_.dtype)) {
+    throw std::invalid_argument(std::string("k/v must be float32 for a ") +
+                                KvDtypeName(g_.dtype) + " store (it quantises each row)");
+  }
   if (src_dtype != KvDtype::kF32 && src_dtype != g_.dtype) {
     throw std::invalid_argument(std::string("k/v must be float32 or the store dtype (") +
                                 KvDtypeName(g_.dtype) + "), got " + KvDtypeName(src_dtype));
@@ -262,10 +299,12 @@ void KvStore::Append(const int64_t* seq_ids, const int32_t* counts, int64_t n, i
       for (int h = 0; h < g_.num_kv_heads; ++h) {
         const int64_t src_off = (row * row_elems + int64_t(h) * g_.head_dim) * src_elem;
         const int64_t dst_off = int64_t(slot) * g_.head_dim * g_.elem_bytes();
-        ConvertRow(kb + src_off, src_dtype, MutableBlock(page, layer, 0, h) + dst_off, g_.dtype,
-                   g_.head_dim);
-        ConvertRow(vb + src_off, src_dtype, MutableBlock(page, layer, 1, h) + dst_off, g_.dtype,
-                   g_.head_dim);
+        for (int kind = 0; kind < 2; ++kind) {
+          uint8_t* block = MutableBlock(page, layer, kind, h);
+          float* scale = reinterpret_cast<float*>(block + g_.scale_offset()) + slot;
+          ConvertRow((kind == 0 ? kb : vb) + src_off, src_dtype, block + dst_off, g_.dtype,
+                     g_.head_dim, scale);
+        }
       }
     }
   }
@@ -282,9 +321,14 @@ void KvStore::Read(int64_t seq_id, int layer, float* k_out, float* v_out) const 
       for (int kind = 0; kind < 2; ++kind) {
         const uint8_t* src = BlockPtr(page, layer, kind, h) + int64_t(slot) * d * g_.elem_bytes();
         float* dst = (kind == 0 ? k_out : v_out) + (t * g_.num_kv_heads + h) * d;
+        const float* scale = ScalePtr(page, layer, kind, h);
         for (int i = 0; i < d; ++i) {
           if (g_.dtype == KvDtype::kF32) {
             dst[i] = reinterpret_cast<const float*>(src)[i];
+          } else if (g_.dtype == KvDtype::kI8) {
+            dst[i] = float(int8_t(src[i])) * scale[slot];
+          } else if (g_.dtype == KvDtype::kF8E4M3) {
+            dst[i] = F8E4M3ToF32(src[i]) * scale[slot];
           } else {
             const uint16_t bits = reinterpret_cast<const uint16_t*>(src)[i];
             dst[i] = g_.dtype == KvDtype::kBf16 ? Bf16ToF32(bits) : F16ToF32(bits);

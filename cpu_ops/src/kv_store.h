@@ -4,6 +4,11 @@
 //
 //   page [layer][kind (0 = K, 1 = V)][kv_head][page_size][head_dim]      (storage dtype)
 //
+// The 8-bit formats (int8, float8 e4m3fn) quantise each (token, kv head) row of head_dim
+// values with its own float32 scale (amax / 127, amax / 448): a block is then the page_size
+// rows of codes followed by their page_size scales, so a row's error is bounded by its own
+// range (a per-page scale would let one outlier token coarsen the whole page).
+//
 // so a sequence has one page table shared by every layer, allocation is per token block (never
 // reserved for prompt + generation up front), and the (layer, kind, kv_head) block of a page is
 // one contiguous run of page_size * head_dim elements that the attention kernel streams.
@@ -26,11 +31,13 @@
 
 namespace moelens {
 
-enum class KvDtype : int { kBf16 = 0, kF16 = 1, kF32 = 2 };
+enum class KvDtype : int { kBf16 = 0, kF16 = 1, kF32 = 2, kI8 = 3, kF8E4M3 = 4 };
 
 const char* KvDtypeName(KvDtype d);
 bool ParseKvDtype(const std::string& name, KvDtype* out);
 int KvDtypeSize(KvDtype d);
+// Whether the format stores codes with a float32 scale per (token, kv head).
+inline bool KvDtypeQuantised(KvDtype d) { return d == KvDtype::kI8 || d == KvDtype::kF8E4M3; }
 
 class KvCapacityError : public std::runtime_error {
  public:
@@ -45,8 +52,13 @@ struct KvGeometry {
   KvDtype dtype = KvDtype::kBf16;
 
   int64_t elem_bytes() const { return KvDtypeSize(dtype); }
-  // Bytes of one (layer, kind, kv_head) block inside a page.
-  int64_t block_bytes() const { return int64_t(page_size) * head_dim * elem_bytes(); }
+  // Offset of a block's float32 scales (quantised formats), 4-byte aligned.
+  int64_t scale_offset() const { return (int64_t(page_size) * head_dim * elem_bytes() + 3) / 4 * 4; }
+  // Bytes of one (layer, kind, kv_head) block inside a page (codes, then scales if any).
+  int64_t block_bytes() const {
+    return KvDtypeQuantised(dtype) ? scale_offset() + 4 * int64_t(page_size)
+                                   : int64_t(page_size) * head_dim * elem_bytes();
+  }
   int64_t layer_bytes() const { return 2 * num_kv_heads * block_bytes(); }
   int64_t page_bytes() const { return num_layers * layer_bytes(); }
 };
@@ -95,7 +107,8 @@ class KvStore {
 
   // Appends counts[i] tokens for seq_ids[i] at `layer`. `k` and `v` are
   // [sum(counts), num_kv_heads, head_dim] in `src_dtype` (float32, or the storage dtype as raw
-  // 16-bit), rows of sequence i consecutive and in request order. All-or-nothing.
+  // 16-bit; a quantised store takes float32 only and quantises each row), rows of sequence i
+  // consecutive and in request order. All-or-nothing.
   void Append(const int64_t* seq_ids, const int32_t* counts, int64_t n, int layer,
               const void* k, const void* v, KvDtype src_dtype, int64_t rows);
 
@@ -114,6 +127,11 @@ class KvStore {
   const uint8_t* BlockPtr(int32_t page, int layer, int kind, int head) const {
     return PagePtr(page) + layer * g_.layer_bytes() +
            (int64_t(kind) * g_.num_kv_heads + head) * g_.block_bytes();
+  }
+  // The block's per-token scales (quantised formats), else nullptr.
+  const float* ScalePtr(int32_t page, int layer, int kind, int head) const {
+    if (!KvDtypeQuantised(g_.dtype)) return nullptr;
+    return reinterpret_cast<const float*>(BlockPtr(page, layer, kind, head) + g_.scale_offset());
   }
 
  private:

@@ -5,6 +5,10 @@ holds `page_size` tokens of ONE sequence for ALL layers,
 
     page[layer][K=0 | V=1][kv_head][page_size][head_dim]      (storage dtype)
 
+(the 8-bit formats, int8 and float8_e4m3fn, follow each block's codes with a float32 scale per
+token: each (token, kv head) row is quantised on append with its own amax scale and
+dequantised in registers by the attention kernel)
+
 so each sequence has one page table, pages are allocated as tokens arrive (never reserved for
 prompt + generation up front), and the attention kernel streams one contiguous
 ``page_size * head_dim`` run per (page, layer, K|V, kv head). Each layer keeps its own token count
@@ -17,16 +21,25 @@ import ml_dtypes
 import numpy as np
 
 from moelens_jax import _cpu_ops, ops
-from moelens_jax.config import ModelConfig, dtype_itemsize
+from moelens_jax.config import QUANTISED_KV_DTYPES, ModelConfig, dtype_itemsize
 
 KvCapacityError = _cpu_ops.KvCapacityError
-KV_DTYPES = ("bfloat16", "float16", "float32")
+KV_DTYPES = ("bfloat16", "float16", "float32", *QUANTISED_KV_DTYPES)
 _RAW16 = {"bfloat16": np.dtype(ml_dtypes.bfloat16), "float16": np.dtype(np.float16)}
 
 
 def page_bytes(num_layers: int, num_kv_heads: int, head_dim: int, page_size: int,
                dtype: str) -> int:
-    return num_layers * 2 * num_kv_heads * page_size * head_dim * dtype_itemsize(dtype)
+    block = page_size * head_dim * dtype_itemsize(dtype)
+    if dtype in QUANTISED_KV_DTYPES:  # codes (padded to 4 bytes), then a scale per token
+        block = -(-block // 4) * 4 + 4 * page_size
+    return num_layers * 2 * num_kv_heads * block
+
+
+def kv_compute_dtype(dtype: str) -> str:
+    """The dtype K/V leave the device in for a store of `dtype`: the store's own float type,
+    or float32 for the 8-bit formats (the store quantises on append)."""
+    return "float32" if dtype in QUANTISED_KV_DTYPES else dtype
 
 
 class PagedKVStore:
@@ -36,7 +49,8 @@ class PagedKVStore:
       num_layers, num_kv_heads, head_dim: the model's KV geometry.
       num_pages: pool size in pages; or give `budget_bytes` and it is floor(budget / page).
       page_size: tokens per page (<= 256 for the attention kernel).
-      dtype: storage dtype, "bfloat16" (default), "float16" or "float32".
+      dtype: storage dtype, "bfloat16" (default), "float16", "float32", or the 8-bit "int8"
+        / "float8_e4m3fn" (a float32 scale per token and kv head).
     """
 
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, *,
@@ -112,7 +126,8 @@ class PagedKVStore:
 
         Args:
           k, v: [sum(counts), num_kv_heads, head_dim], float32 or the store's 16-bit dtype
-            (bf16 arrays are handed to C++ as their raw uint16 bits).
+            (bf16 arrays are handed to C++ as their raw uint16 bits); an 8-bit store takes
+            any float array (as float32) and quantises each row.
 
         Raises:
           KvCapacityError: not enough free pages (message: pages needed vs free).

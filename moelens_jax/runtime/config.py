@@ -21,7 +21,8 @@ class EngineConfig:
 
     Attributes:
       kv_cache_bytes: host memory for the paged KV cache.
-      kv_dtype: KV storage dtype (None: the model's dtype).
+      kv_dtype: KV storage dtype (None: the model's dtype): "bfloat16", "float16", "float32",
+        or 8-bit "int8" / "float8_e4m3fn" (a float32 scale per token and kv head).
       page_size: tokens per KV page.
       device_weight_layers: decoder layers resident on the device at once (2 = double buffer).
       resident_weight_fraction: where the layers stream, the fraction of each decoder layer's

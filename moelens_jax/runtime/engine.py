@@ -47,7 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from moelens_jax.kv import PagedKVStore, cpu_decode_attention
+from moelens_jax.kv import PagedKVStore, cpu_decode_attention, kv_compute_dtype
 from moelens_jax.model import transformer
 from moelens_jax.model.model import Model
 from moelens_jax.model.stages import ga_stage, gb_stage
@@ -213,7 +213,7 @@ class Engine:
         w = model.weights
         self._weights = jax.device_put(ModelWeights(embed=w.embed, layers=(),
                                                     final_norm=w.final_norm, lm_head=w.lm_head))
-        self._fn = _stage_functions(cfg, self.store.dtype)
+        self._fn = _stage_functions(cfg, kv_compute_dtype(self.store.dtype))
         # Stage C is jitted on the CPU device (inputs are committed there), so on a GPU machine
         # the callback never sits on the GPU stream.
         self._decode_attn = jax.jit(
