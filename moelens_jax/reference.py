@@ -10,6 +10,8 @@
   (no KV cache): the oracle for the engine.
 * `stored_kv`: what the paged KV store holds for float32 K/V rows in each storage dtype (the
   8-bit formats: one amax scale per row, codes rounded to nearest-even by numpy/ml_dtypes).
+* `forward_with_stored_kv`: the full-sequence forward with every K/V row rounded as the store
+  holds it (what each decode step attends to), for measuring the logits error of a KV format.
 * `assert_close`: the one shared, dtype-aware comparison (finiteness first; reports max and RMS
   error).
 """
@@ -25,7 +27,7 @@ import numpy as np
 
 from moelens_jax.config import ModelConfig
 from moelens_jax.model import moe, transformer
-from moelens_jax.model.layers import linear
+from moelens_jax.model.layers import causal_attention, linear
 from moelens_jax.model.model import Model, check_tokens
 
 
@@ -141,6 +143,42 @@ def stored_kv(x, dtype: str) -> np.ndarray:
     else:
         codes = np.clip(y, -448, 448).astype(ml_dtypes.float8_e4m3fn).astype(np.float32)
     return (codes * scale).astype(np.float32)
+
+
+def _stored_kv_jnp(x, dtype: str):
+    """`stored_kv` in jnp (inside jit)."""
+    x = x.astype(jnp.float32)
+    if dtype not in KV_CODE_MAX:
+        return x.astype(dtype).astype(jnp.float32)
+    top = KV_CODE_MAX[dtype]
+    amax = jnp.max(jnp.abs(x), axis=-1, keepdims=True)
+    inv = jnp.where(amax > 0, top / jnp.where(amax > 0, amax, 1.0), 0.0)
+    y = x * inv
+    if dtype == "int8":
+        codes = jnp.clip(jnp.round(y), -127, 127)
+    else:
+        codes = jnp.clip(y, -448, 448).astype(jnp.float8_e4m3fn).astype(jnp.float32)
+    return codes * (amax / top)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _forward_stored_kv(cfg, weights, tokens_bt, kv_dtype):
+    B, T = tokens_bt.shape
+    positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    x = transformer.embed(weights, tokens_bt)
+    for lw in weights.layers:
+        q, k, v = transformer.pre_attention(cfg, lw, x, positions)
+        attn = causal_attention(q, _stored_kv_jnp(k, kv_dtype), _stored_kv_jnp(v, kv_dtype))
+        x = transformer.post_attention(cfg, lw, x, attn)
+    return transformer.logits(cfg, weights, x)
+
+
+def forward_with_stored_kv(model: Model, tokens_bt, kv_dtype: str) -> jax.Array:
+    """float32 logits [B, T, V] of the full-sequence forward in which every query attends to
+    K/V rows rounded as a `kv_dtype` store holds them (`stored_kv`): the numerics of each
+    decode step over a KV cache of that format."""
+    tokens = check_tokens(tokens_bt, model.config.vocab_size)
+    return _forward_stored_kv(model.config, model.device_weights(), tokens, kv_dtype)
 
 
 def assert_close(actual, expected, *, rel_l2: float | None = None, atol: float | None = None,

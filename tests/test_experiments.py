@@ -9,6 +9,8 @@ import sys
 
 import pytest
 
+import moelens_jax as mj
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -253,3 +255,32 @@ def test_predict_moe_lightning_plan():
     assert abs(result["generated_tokens_per_s"] - 944.66) < 0.1
     assert 0 < result["cpu_memory_utilisation"] <= 0.8
     assert result["gpu_memory_bytes"] <= 0.86 * 24 * 2**30
+
+
+# Bounds of the KV formats' cost on the tiny presets (float32 weights, 8 x 48 prompts): a
+# factor ~2 above what they measured (2026-12-01: rel-L2 bf16 0.0009-0.0015, int8 0.0064-0.0075,
+# e4m3 0.016-0.022; top-1 >= 0.992 / 0.987 / 0.958), ordered as the formats' precision is.
+KV_QUALITY = {"bfloat16": (0.004, 0.99), "int8": (0.015, 0.97), "float8_e4m3fn": (0.045, 0.92)}
+
+
+@pytest.mark.parametrize("preset", ["tiny-mixtral", "tiny-qwen3-moe"])
+def test_quant_accuracy_bounds(preset):
+    from experiments.quant_accuracy import measure
+    model = mj.load_model(preset, dtype="float32", seed=0)
+    rows = {r["kv_dtype"]: r for r in measure(model, list(KV_QUALITY), 8, 48, 8, 0)}
+    for d, (max_rel, min_top1) in KV_QUALITY.items():
+        assert rows[d]["logit_rel_l2"] <= max_rel, (d, rows[d])
+        assert rows[d]["top1_agreement"] >= min_top1, (d, rows[d])
+        assert rows[d]["kv_bytes_per_token"] == model.config.kv_bytes_per_token(d)
+    rel = [rows[d]["logit_rel_l2"] for d in KV_QUALITY]
+    assert 0 < rel[0] < rel[1] < rel[2]
+    assert rows["int8"]["greedy_prefix_agreement"] >= 0.9
+
+
+def test_quant_accuracy_cli():
+    result, stdout = _run("experiments.quant_accuracy", "--models=tiny-mixtral",
+                          "--num_prompts=2", "--prompt_len=16", "--gen_len=4",
+                          "--kv_dtypes=int8")
+    assert "== quant_accuracy card ==" in stdout
+    (row,) = result["settings"]
+    assert row["kv_dtype"] == "int8" and 0 < row["logit_rel_l2"] < 0.05
