@@ -170,7 +170,7 @@ def test_bad_requests_are_rejected_individually(oracle):
     assert [g.finish_reason for g in got[1:5]] == ["rejected"] * 4
     assert "empty prompt" in got[1].error
     assert f"token id {model.config.vocab_size} is outside the vocabulary" in got[2].error
-    assert "max_new_tokens must be >= 1" in got[3].error
+    assert "max_new_tokens must be an integer >= 1, got 0" in got[3].error
     assert "but the whole cache holds" in got[4].error
     assert eng.store.free_pages() == eng.kv_pages
 

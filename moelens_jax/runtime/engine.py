@@ -234,6 +234,22 @@ class Engine:
         c = self.config
         return make_scheduler(c.policy, self.kv_pages, c.page_size, c.token_budget, c.max_batch)
 
+    def _check_request(self, i: int, r: Request) -> None:
+        """Rejects a request whose token ids or max_new_tokens are not what they must be
+        (integers, ids inside the vocabulary); a float id such as 2.7 is an error, never
+        truncated."""
+        for t in r.prompt:
+            if isinstance(t, bool) or not isinstance(t, (int, np.integer)):
+                if not (isinstance(t, (float, np.floating)) and float(t).is_integer()):
+                    raise RequestRejected(f"request {i}: token id {t!r} is not an integer")
+            if not 0 <= int(t) < self.cfg.vocab_size:
+                raise RequestRejected(f"request {i}: token id {t} is outside the vocabulary "
+                                      f"[0, {self.cfg.vocab_size})")
+        n = r.max_new_tokens
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+            raise RequestRejected(f"request {i}: max_new_tokens must be an integer >= 1, "
+                                  f"got {n!r}")
+
     def _check_prompt(self, i: int, n: int) -> None:
         """Rejects a prompt whose iteration cannot fit the device (`DevicePlan`)."""
         plan = self.device_plan
@@ -388,6 +404,7 @@ class Engine:
         """
         self._sampling = sampling or SamplingParams()
         reqs, is_text = self._normalise(requests, max_new_tokens)
+        self._reqs = reqs
 
         def notify(res: GenerationResult) -> None:
             if is_text[res.index] and res.tokens:
@@ -400,10 +417,7 @@ class Engine:
         tokens: dict[int, list[int]] = {}
         for i, r in enumerate(reqs):
             try:
-                bad = [t for t in r.prompt if not 0 <= int(t) < self.cfg.vocab_size]
-                if bad:
-                    raise RequestRejected(f"request {i}: token id {bad[0]} is outside the "
-                                          f"vocabulary [0, {self.cfg.vocab_size})")
+                self._check_request(i, r)
                 self._check_prompt(i, len(r.prompt))
                 sched.add(i, len(r.prompt), r.max_new_tokens)
                 tokens[i] = [int(t) for t in r.prompt]
@@ -492,15 +506,21 @@ class Engine:
             idx = np.array(g.last_rows + [0] * (logit_rows(len(g.last_rows)) - len(g.last_rows)),
                            np.int32)
             idx = jax.device_put(idx)  # (jnp.asarray would compile a copy per shape)
-            if self._sampling.greedy:  # argmax on the device, first maximum as np.argmax
+            params = {rid: self._reqs[rid].sampling or self._sampling for rid in g.seqs}
+            if all(p.greedy for p in params.values()):  # argmax on the device, as np.argmax
                 ids = np.asarray(self._fn.greedy(self._weights, x, idx))
                 new.update({rid: int(ids[j]) for j, rid in enumerate(g.seqs)})
                 continue
             logits = np.asarray(self._fn.logits(self._weights, x, idx))
             # Keyed by the position of the token being generated: independent of batching.
-            new.update({rid: sample(logits[j], self._sampling, rid, len(tokens[rid]))
+            new.update({rid: sample(logits[j], params[rid], self._key(rid), len(tokens[rid]))
                         for j, rid in enumerate(g.seqs)})
         return new
+
+    def _key(self, rid: int) -> int:
+        """What request `rid`'s draws are keyed by (`Request.sample_key`, else its index)."""
+        key = self._reqs[rid].sample_key
+        return rid if key is None else key
 
     def _layer(self, layer: int, clock: StageClock, prefetch: bool = True):
         with clock("IO", layer, 0):  # time spent waiting for the weight stream

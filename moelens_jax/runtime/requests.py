@@ -4,15 +4,26 @@ from __future__ import annotations
 
 import dataclasses
 
+from moelens_jax.runtime.sampling import SamplingParams
+
 
 @dataclasses.dataclass(frozen=True)
 class Request:
     """A prompt (token ids, or text when the model has a tokenizer) and how many tokens to
-    generate."""
+    generate.
+
+    Attributes:
+      sampling: this request's `SamplingParams` (None: the ones `generate` was called with).
+      sample_key: the integer its draws are keyed by, with the seed and the step (None: its
+        position in the request list). A batch job keys by a hash of the request's id, so a
+        resumed run draws exactly what an uninterrupted one would.
+    """
 
     prompt: tuple[int, ...] | str
     max_new_tokens: int
     stop_ids: tuple[int, ...] = ()
+    sampling: SamplingParams | None = None
+    sample_key: int | None = None
 
 
 @dataclasses.dataclass

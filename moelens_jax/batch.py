@@ -1,0 +1,290 @@
+"""Offline batch jobs in the OpenAI batch file format, crash-safe and resumable by id.
+
+Input: one JSON object per line,
+
+    {"custom_id": "req-1", "method": "POST", "url": "/v1/completions",
+     "body": {"prompt": "text" | [token ids], "max_tokens": 16, "temperature": 0.7,
+              "top_p": 0.9, "top_k": 0, "seed": 1, "stop": [token ids]}}
+
+(`method` and `url` are optional; a prompt given as text needs a model with a tokenizer; `stop`
+holds token ids, or strings that are one token each). Output: one line per input line,
+
+    {"custom_id": ..., "response": {"status_code": 200, "body": {"token_ids": [...],
+     "text": ..., "finish_reason": "stop" | "length", "usage": {...}}}, "error": null,
+     "config": "<hash>"}
+
+or, for a line that cannot be served, `"response": null, "error": {"code": ..., "message": ...,
+"line": n}`: a line that is not JSON, a missing or repeated custom_id, a malformed body, a token
+id that is not an integer in the vocabulary, an impossible request. The rest of the batch
+completes.
+
+Crash safety: results are appended and flushed as requests finish. A rerun reads the output
+first: lines already there are skipped by custom_id (by line number for lines without one), a
+torn last line (the process died mid-write) is cut off and redone, and an output written under
+another model or engine configuration (the `config` hash in every line) is refused. Draws are
+keyed by (seed, a hash of custom_id, step), so a resumed sampled run produces exactly the tokens
+an uninterrupted one would (exactly in float32; with 16-bit weights a different batch
+composition can round differently, as in any run).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable, Iterator
+
+import numpy as np
+
+from moelens_jax.runtime import Engine, GenerationResult, Request
+from moelens_jax.runtime.sampling import SamplingParams
+
+DEFAULT_MAX_TOKENS = 16
+CHUNK = 4096  # requests handed to the engine at once (bounds memory on huge inputs)
+
+
+class BatchError(ValueError):
+    """The output file cannot be resumed (written by another configuration)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchItem:
+    """One input line: its id, the request, or why it cannot be served."""
+
+    line: int  # 1-based line number in the input
+    custom_id: str | None
+    request: Request | None = None
+    error: tuple[str, str] | None = None  # (code, message)
+
+    @property
+    def key(self) -> str:
+        """What resume matches on: the custom_id, or the line number for lines without one."""
+        return self.custom_id if self.custom_id is not None else f"line:{self.line}"
+
+
+def sample_key(custom_id: str) -> int:
+    """A 63-bit integer from `custom_id` (stable across runs and machines)."""
+    return int.from_bytes(hashlib.sha256(custom_id.encode()).digest()[:8], "little") >> 1
+
+
+def _int(value, name: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def _float(value, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    return float(value)
+
+
+def _stop_ids(stop, model) -> tuple[int, ...]:
+    if stop is None:
+        return ()
+    items = [stop] if isinstance(stop, (str, int)) else stop
+    if not isinstance(items, list):
+        raise ValueError(f"stop must be a token id, a string or a list, got {stop!r}")
+    ids = []
+    for s in items:
+        if isinstance(s, int) and not isinstance(s, bool):
+            ids.append(s)
+        elif isinstance(s, str):
+            enc = model.encode(s) if model.tokenizer is not None else None
+            if enc is None or len(enc) != 1:
+                raise ValueError(f"stop string {s!r} is not one token of this model's "
+                                 "tokenizer; give stop token ids")
+            ids.append(enc[0])
+        else:
+            raise ValueError(f"stop entries must be token ids or strings, got {s!r}")
+    return tuple(ids)
+
+
+def parse_line(text: str, line: int, model) -> BatchItem:
+    """One input line as a `BatchItem` (an error item when it cannot be served)."""
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        return BatchItem(line, None, error=("invalid_json", f"line {line} is not JSON: {e}"))
+    cid = obj.get("custom_id") if isinstance(obj, dict) else None
+    if not isinstance(cid, str) or not cid:
+        return BatchItem(line, None, error=(
+            "invalid_request", f"line {line}: custom_id must be a non-empty string"))
+    try:
+        body = obj.get("body")
+        if not isinstance(body, dict):
+            raise ValueError("body must be an object")
+        prompt = body.get("prompt")
+        if isinstance(prompt, str):
+            if model.tokenizer is None:
+                raise ValueError("text prompts need a model with a tokenizer; give token ids")
+            ids = tuple(model.encode(prompt))
+        elif isinstance(prompt, list):
+            if any(isinstance(t, bool) or not isinstance(t, int) for t in prompt):
+                bad = next(t for t in prompt if isinstance(t, bool) or not isinstance(t, int))
+                raise ValueError(f"token id {bad!r} is not an integer")
+            ids = tuple(prompt)
+        else:
+            raise ValueError("prompt must be a string or a list of token ids")
+        max_tokens = _int(body.get("max_tokens", DEFAULT_MAX_TOKENS), "max_tokens", 1)
+        sampling = SamplingParams(
+            temperature=_float(body.get("temperature", 0.0), "temperature"),
+            top_k=_int(body.get("top_k", 0), "top_k", 0),
+            top_p=_float(body.get("top_p", 1.0), "top_p"),
+            seed=_int(body.get("seed", 0), "seed", 0))
+        req = Request(ids, max_tokens, stop_ids=_stop_ids(body.get("stop"), model),
+                      sampling=sampling, sample_key=sample_key(cid))
+    except ValueError as e:
+        return BatchItem(line, cid, error=("invalid_request", f"line {line}: {e}"))
+    return BatchItem(line, cid, request=req)
+
+
+def read_input(path: str, model) -> Iterator[BatchItem]:
+    """The input file's items, in order; blank lines are skipped; a repeated custom_id is an
+    error item."""
+    seen: set[str] = set()
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for n, text in enumerate(f, 1):
+            if not text.strip():
+                continue
+            item = parse_line(text, n, model)
+            if item.custom_id is not None and item.custom_id in seen:
+                item = BatchItem(n, None, error=(
+                    "duplicate_custom_id", f"line {n}: custom_id {item.custom_id!r} repeats an "
+                    "earlier line"))
+            elif item.custom_id is not None:
+                seen.add(item.custom_id)
+            yield item
+
+
+def config_hash(model, engine: Engine) -> str:
+    """What output lines must agree on to be resumed together: the model (shape, dtype,
+    source, a fingerprint of its weights) and the engine settings that change tokens."""
+    w = model.weights
+    fp = hashlib.sha256()
+    for arr in (w.embed, w.final_norm):  # a sample of the weights: seeds and checkpoints differ
+        fp.update(np.asarray(arr).reshape(-1)[:4096].tobytes())
+    key = {"config": dataclasses.asdict(model.config), "dtype": model.dtype,
+           "source": model.source, "weights": fp.hexdigest(),
+           "kv_dtype": engine.store.dtype}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _done_keys(path: str, config: str) -> set[str]:
+    """Keys of the lines already in `path`; cuts a torn last line off the file."""
+    done: set[str] = set()
+    if not os.path.exists(path):
+        return done
+    with open(path, "rb") as f:
+        data = f.read()
+    good = 0  # bytes up to the end of the last complete, parseable line
+    for raw in data.splitlines(keepends=True):
+        if not raw.endswith(b"\n"):
+            break
+        try:
+            rec = json.loads(raw)
+        except json.JSONDecodeError:
+            break
+        if rec.get("config") != config:
+            raise BatchError(f"{path} holds results of another model or engine configuration "
+                             f"(config {rec.get('config')}, this run {config}); write to a "
+                             "new output file")
+        err = rec.get("error") or {}
+        done.add(rec["custom_id"] if rec.get("custom_id") is not None
+                 else f"line:{err.get('line')}")
+        good += len(raw)
+    if good < len(data):
+        with open(path, "r+b") as f:
+            f.truncate(good)
+    return done
+
+
+def _result_line(item: BatchItem, res: GenerationResult | None, model, config: str) -> dict:
+    if item.error is not None or res is None or res.finish_reason == "rejected":
+        code, msg = item.error or ("invalid_request", res.error)
+        return {"custom_id": item.custom_id, "response": None,
+                "error": {"code": code, "message": msg, "line": item.line}, "config": config}
+    body = {"token_ids": res.tokens, "finish_reason": res.finish_reason,
+            "usage": {"prompt_tokens": res.prompt_len, "completion_tokens": len(res.tokens),
+                      "total_tokens": res.prompt_len + len(res.tokens)}}
+    if model.tokenizer is not None:
+        body["text"] = model.decode(res.tokens)
+    return {"custom_id": item.custom_id, "response": {"status_code": 200, "body": body},
+            "error": None, "config": config}
+
+
+@dataclasses.dataclass
+class BatchStatus:
+    """Progress of a batch job (also written as JSON to `<output>.status.json`)."""
+
+    total_lines: int = 0
+    skipped: int = 0  # already in the output (resume)
+    done: int = 0  # written by this run
+    errors: int = 0  # error lines written by this run
+    generated_tokens: int = 0
+    elapsed_s: float = 0.0
+
+    @property
+    def generated_tokens_per_s(self) -> float:
+        return self.generated_tokens / self.elapsed_s if self.elapsed_s else 0.0
+
+    def eta_s(self) -> float | None:
+        left = self.total_lines - self.skipped - self.done
+        return left * self.elapsed_s / self.done if self.done else None
+
+
+def run_batch(model, engine: Engine, input_path: str, output_path: str, *,
+              chunk: int = CHUNK, on_status: Callable[[BatchStatus], None] | None = None)\
+        -> BatchStatus:
+    """Runs every input line not yet in `output_path` (module docstring) and returns the
+    status. Each result line is appended and flushed as its request finishes.
+
+    Raises:
+      BatchError: the output holds lines of another configuration.
+    """
+    config = config_hash(model, engine)
+    done = _done_keys(output_path, config)
+    status = BatchStatus()
+    todo: list[BatchItem] = []
+    for item in read_input(input_path, model):
+        status.total_lines += 1
+        if item.key in done:
+            status.skipped += 1
+        else:
+            todo.append(item)
+    status_path = output_path + ".status.json"
+    t0 = time.perf_counter()
+    with open(output_path, "a", encoding="utf-8") as out:
+        def write(item: BatchItem, res: GenerationResult | None) -> None:
+            rec = _result_line(item, res, model, config)
+            out.write(json.dumps(rec) + "\n")
+            out.flush()
+            status.done += 1
+            status.errors += rec["error"] is not None
+            status.generated_tokens += 0 if res is None else len(res.tokens)
+
+        for start in range(0, len(todo), chunk):
+            part = todo[start:start + chunk]
+            for item in part:
+                if item.error is not None:
+                    write(item, None)
+            served = [item for item in part if item.error is None]
+            engine.generate([item.request for item in served],
+                            on_finish=lambda res, s=served: write(s[res.index], res))
+            status.elapsed_s = time.perf_counter() - t0
+            _write_status(status_path, status)
+            if on_status is not None:
+                on_status(status)
+    status.elapsed_s = time.perf_counter() - t0
+    _write_status(status_path, status)
+    return status
+
+
+def _write_status(path: str, status: BatchStatus) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump({**dataclasses.asdict(status), "eta_s": status.eta_s(),
+                   "generated_tokens_per_s": status.generated_tokens_per_s}, f)
+    os.replace(tmp, path)
