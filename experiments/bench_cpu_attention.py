@@ -99,8 +99,8 @@ def main(argv):
     isa = ops.selected_isa()
     kernel_isa = _cpu_ops.effective_isa(isa, dtype, d)
     ps = _PAGE_SIZE.value
-    # Bytes one call reads: every page block of every sequence (codes and scales).
-    kv_bytes = B * -(-T // ps) * page_bytes(1, H, d, ps, dtype) * min(T, ps) // ps
+    # Bytes one call reads: K and V of every token (codes and scales), one token per "page".
+    kv_bytes = B * T * page_bytes(1, H, d, 1, dtype)
     print(common.table([
         ("shape", f"{B} seqs x {T} tokens, {H} kv heads x {d}, group {s}, page {_PAGE_SIZE.value}"),
         ("KV bytes per call", f"{kv_bytes / 2**30:.3f} GiB ({dtype})"),

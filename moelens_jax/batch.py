@@ -42,7 +42,7 @@ from moelens_jax.runtime import Engine, GenerationResult, Request
 from moelens_jax.runtime.sampling import SamplingParams
 
 DEFAULT_MAX_TOKENS = 16
-CHUNK = 4096  # requests handed to the engine at once (bounds memory on huge inputs)
+CHUNK = 4096  # input lines read and handed to the engine at once (bounds memory)
 
 
 class BatchError(ValueError):
@@ -122,8 +122,9 @@ def parse_line(text: str, line: int, model) -> BatchItem:
                 raise ValueError("text prompts need a model with a tokenizer; give token ids")
             ids = tuple(model.encode(prompt))
         elif isinstance(prompt, list):
-            if any(isinstance(t, bool) or not isinstance(t, int) for t in prompt):
-                bad = next(t for t in prompt if isinstance(t, bool) or not isinstance(t, int))
+            bad = next((t for t in prompt if isinstance(t, bool) or not isinstance(t, int)),
+                       None)
+            if bad is not None:
                 raise ValueError(f"token id {bad!r} is not an integer")
             ids = tuple(prompt)
         else:
@@ -173,29 +174,35 @@ def config_hash(model, engine: Engine) -> str:
 
 
 def _done_keys(path: str, config: str) -> set[str]:
-    """Keys of the lines already in `path`; cuts a torn last line off the file."""
+    """Keys of the lines already in `path`, read line by line; a torn last line (no newline,
+    or not JSON) is cut off the file. A broken line before the last is an error: cutting
+    there would drop the results after it."""
     done: set[str] = set()
     if not os.path.exists(path):
         return done
-    with open(path, "rb") as f:
-        data = f.read()
     good = 0  # bytes up to the end of the last complete, parseable line
-    for raw in data.splitlines(keepends=True):
-        if not raw.endswith(b"\n"):
-            break
-        try:
-            rec = json.loads(raw)
-        except json.JSONDecodeError:
-            break
-        if rec.get("config") != config:
-            raise BatchError(f"{path} holds results of another model or engine configuration "
-                             f"(config {rec.get('config')}, this run {config}); write to a "
-                             "new output file")
-        err = rec.get("error") or {}
-        done.add(rec["custom_id"] if rec.get("custom_id") is not None
-                 else f"line:{err.get('line')}")
-        good += len(raw)
-    if good < len(data):
+    torn = None
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            if torn is not None:
+                raise BatchError(f"{path}: line {torn} is not a complete JSON line but more "
+                                 "lines follow it; repair or move the file")
+            try:
+                rec = json.loads(raw) if raw.endswith(b"\n") else None
+            except json.JSONDecodeError:
+                rec = None
+            if rec is None:
+                torn = n
+                continue
+            if rec.get("config") != config:
+                raise BatchError(f"{path} holds results of another model or engine "
+                                 f"configuration (config {rec.get('config')}, this run "
+                                 f"{config}); write to a new output file")
+            err = rec.get("error") or {}
+            done.add(rec["custom_id"] if rec.get("custom_id") is not None
+                     else f"line:{err.get('line')}")
+            good += len(raw)
+    if torn is not None:
         with open(path, "r+b") as f:
             f.truncate(good)
     return done
@@ -246,14 +253,8 @@ def run_batch(model, engine: Engine, input_path: str, output_path: str, *,
     """
     config = config_hash(model, engine)
     done = _done_keys(output_path, config)
-    status = BatchStatus()
-    todo: list[BatchItem] = []
-    for item in read_input(input_path, model):
-        status.total_lines += 1
-        if item.key in done:
-            status.skipped += 1
-        else:
-            todo.append(item)
+    with open(input_path, "rb") as f:
+        status = BatchStatus(total_lines=sum(1 for raw in f if raw.strip()))
     status_path = output_path + ".status.json"
     t0 = time.perf_counter()
     with open(output_path, "a", encoding="utf-8") as out:
@@ -265,18 +266,29 @@ def run_batch(model, engine: Engine, input_path: str, output_path: str, *,
             status.errors += rec["error"] is not None
             status.generated_tokens += 0 if res is None else len(res.tokens)
 
-        for start in range(0, len(todo), chunk):
-            part = todo[start:start + chunk]
+        def run(part: list[BatchItem]) -> None:
+            served = [item for item in part if item.error is None]
             for item in part:
                 if item.error is not None:
                     write(item, None)
-            served = [item for item in part if item.error is None]
             engine.generate([item.request for item in served],
-                            on_finish=lambda res, s=served: write(s[res.index], res))
+                            on_finish=lambda res: write(served[res.index], res))
             status.elapsed_s = time.perf_counter() - t0
             _write_status(status_path, status)
             if on_status is not None:
                 on_status(status)
+
+        part: list[BatchItem] = []  # the input is read as it is served, `chunk` at a time
+        for item in read_input(input_path, model):
+            if item.key in done:
+                status.skipped += 1
+                continue
+            part.append(item)
+            if len(part) == chunk:
+                run(part)
+                part = []
+        if part:
+            run(part)
     status.elapsed_s = time.perf_counter() - t0
     _write_status(status_path, status)
     return status

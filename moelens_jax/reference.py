@@ -124,41 +124,28 @@ def greedy_generate(model: Model, prompts: Sequence[Sequence[int]],
 KV_CODE_MAX = {"int8": 127.0, "float8_e4m3fn": 448.0}
 
 
+def _stored_kv(xp, x, dtype: str):
+    """`stored_kv` over an array module `xp` (numpy here, jax.numpy inside jit)."""
+    x = x.astype("float32")
+    if dtype not in KV_CODE_MAX:
+        return x.astype(dtype).astype("float32")
+    top = xp.float32(KV_CODE_MAX[dtype])
+    amax = xp.abs(x).max(-1, keepdims=True)
+    inv = xp.where(amax > 0, top / xp.where(amax > 0, amax, 1), 0).astype("float32")
+    y = x * inv
+    if dtype == "int8":
+        codes = xp.clip(xp.round(y), -127, 127)  # round half to even, as the store
+    else:
+        codes = xp.clip(y, -448, 448).astype(dtype).astype("float32")
+    return (codes * (amax / top)).astype("float32")
+
+
 def stored_kv(x, dtype: str) -> np.ndarray:
     """float32 K/V rows [..., head_dim] as the store returns them for storage `dtype`: rounded
     to bfloat16/float16/float32, or (8-bit formats) each row quantised with scale = amax /
     code max (127 for int8, 448 for float8 e4m3fn) and dequantised."""
-    import ml_dtypes
-    x = np.asarray(x, np.float32)
-    if dtype not in KV_CODE_MAX:
-        np_dtype = {"float32": np.float32, "float16": np.float16,
-                    "bfloat16": ml_dtypes.bfloat16}[dtype]
-        return x.astype(np_dtype).astype(np.float32)
-    amax = np.abs(x).max(-1, keepdims=True)
-    scale = (amax / np.float32(KV_CODE_MAX[dtype])).astype(np.float32)
-    inv = np.where(amax > 0, np.float32(KV_CODE_MAX[dtype]) / np.where(amax > 0, amax, 1), 0)
-    y = (x * inv.astype(np.float32)).astype(np.float32)
-    if dtype == "int8":
-        codes = np.clip(np.rint(y), -127, 127)
-    else:
-        codes = np.clip(y, -448, 448).astype(ml_dtypes.float8_e4m3fn).astype(np.float32)
-    return (codes * scale).astype(np.float32)
-
-
-def _stored_kv_jnp(x, dtype: str):
-    """`stored_kv` in jnp (inside jit)."""
-    x = x.astype(jnp.float32)
-    if dtype not in KV_CODE_MAX:
-        return x.astype(dtype).astype(jnp.float32)
-    top = KV_CODE_MAX[dtype]
-    amax = jnp.max(jnp.abs(x), axis=-1, keepdims=True)
-    inv = jnp.where(amax > 0, top / jnp.where(amax > 0, amax, 1.0), 0.0)
-    y = x * inv
-    if dtype == "int8":
-        codes = jnp.clip(jnp.round(y), -127, 127)
-    else:
-        codes = jnp.clip(y, -448, 448).astype(jnp.float8_e4m3fn).astype(jnp.float32)
-    return codes * (amax / top)
+    import ml_dtypes  # noqa: F401  (registers the bfloat16 / float8 dtype names with numpy)
+    return _stored_kv(np, np.asarray(x, np.float32), dtype)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 3))
@@ -168,7 +155,7 @@ def _forward_stored_kv(cfg, weights, tokens_bt, kv_dtype):
     x = transformer.embed(weights, tokens_bt)
     for lw in weights.layers:
         q, k, v = transformer.pre_attention(cfg, lw, x, positions)
-        attn = causal_attention(q, _stored_kv_jnp(k, kv_dtype), _stored_kv_jnp(v, kv_dtype))
+        attn = causal_attention(q, _stored_kv(jnp, k, kv_dtype), _stored_kv(jnp, v, kv_dtype))
         x = transformer.post_attention(cfg, lw, x, attn)
     return transformer.logits(cfg, weights, x)
 

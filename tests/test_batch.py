@@ -106,7 +106,8 @@ def test_engine_rejects_bad_rows_without_losing_the_batch(model):
 
 
 def test_torn_last_line_and_foreign_output(model, tmp_path):
-    """A torn last line is cut off and redone; an output of another configuration is refused."""
+    """A torn last line is cut off and redone; a broken line before the last, or an output of
+    another configuration, is refused without touching the file."""
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     inp.write_text("\n".join(_line(f"r{i}", [i + 1, 7, 9], 4) for i in range(5)) + "\n")
     with _engine(model) as eng:
@@ -116,6 +117,12 @@ def test_torn_last_line_and_foreign_output(model, tmp_path):
         st = batch.run_batch(model, eng, str(inp), str(out))
         assert st.skipped == 3 and st.done == 2
         assert sorted(out.read_text().splitlines()) == sorted(full)
+        broken = out.read_text().splitlines()
+        broken[1] = broken[1][:20]  # a broken line with results after it: never cut silently
+        out.write_text("\n".join(broken) + "\n")
+        with pytest.raises(batch.BatchError, match="line 2 is not a complete JSON line"):
+            batch.run_batch(model, eng, str(inp), str(out))
+        assert out.read_text().splitlines() == broken
     other = mj.load_model(PRESET, dtype="float32", seed=1)
     with _engine(other) as eng, pytest.raises(batch.BatchError, match="another model"):
         batch.run_batch(other, eng, str(inp), str(out))

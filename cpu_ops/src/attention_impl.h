@@ -4,7 +4,8 @@
 //
 // Ops provides: kLanes; kHasF16; Vec; Zero(); LoadF(const float*); Load(Tag, const uint8_t*)
 // converting the storage type to float32 lanes (the 8-bit formats to their unscaled code
-// values: the kernel applies each token's scale to its score and its softmax weight); Set1(float); Fma(a, b, c) = a*b + c;
+// values: the kernel applies each token's scale to its score and its softmax weight);
+// Set1(float); Fma(a, b, c) = a*b + c;
 // Mul/Add/Sub/Min/Max(a, b); Round (to nearest integer), Pow2 (2^n for integral n); Exp(Vec)
 // (float32-accurate, usually CephesExp); Store(float*, Vec); Sum(Vec) (horizontal add);
 // Prefetch(const void*).

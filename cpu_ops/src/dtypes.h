@@ -57,7 +57,7 @@ struct F8E4M3Table {
     for (int c = 0; c < 256; ++c) v[c] = F8E4M3Value(c);
   }
 };
-// Decoding table (the kernels gather from it).
+// Decoding table (the portable kernel and `KvStore::Read` look codes up in it).
 inline constexpr F8E4M3Table kF8E4M3{};
 
 inline float F8E4M3ToF32(uint8_t b) { return kF8E4M3.v[b]; }
