@@ -18,7 +18,7 @@ from absl import app, flags
 
 import moelens_jax as mj
 from experiments import common
-from moelens_jax import perf
+from moelens_jax import batch, perf
 from moelens_jax.kv import KV_DTYPES
 
 _MODEL = flags.DEFINE_string("model", "mixtral-8x7b", "Preset name or checkpoint folder.")
@@ -40,6 +40,13 @@ _CPU_MEMORY_GB = flags.DEFINE_float("cpu_memory_gb", 265.0,
                                     "moe-lightning: host memory its planner may use (1e9 B).")
 _DEVICE_MEMORY_GB = flags.DEFINE_float("device_memory_gb", None,
                                        "moe-lightning: GPU memory cap (default: the GPU's).")
+_HOSTS = flags.DEFINE_integer("hosts", 1, "Also predict a batch job data parallel over this "
+                              "many identical hosts (run_batch --ray), one engine each.")
+_CHUNK = flags.DEFINE_integer("chunk", None, "Lines per block of that job (default: "
+                              "batch.default_chunk).")
+_DRIVER_LINES = flags.DEFINE_float("driver_lines_per_s", None, "Lines per second the job's "
+                                   "driver reads and writes (run_batch --ray reports it); "
+                                   "default: unbounded.")
 _CONSTANTS = flags.DEFINE_enum("lightning_constants", "artifact", ["artifact", "datasheet"],
                                "moe-lightning: the artifact's hardware constants or ours.")
 
@@ -111,6 +118,11 @@ def main(argv):
     budget = config.token_budget
     k = _NUM_REQUESTS.value or max(8, int(4 * s1.kv_tokens / (p + g)))
     s2 = perf.predict(cfg, costs, perf.Workload.fixed(p, g, k), config)
+    hosts = _HOSTS.value
+    chunk = _CHUNK.value or batch.default_chunk(cfg, int(kv), _KV_DTYPE.value, p + g,
+                                                k * hosts, hosts)
+    dp = perf.predict_data_parallel(cfg, costs, perf.Workload.fixed(p, g, k * hosts), config,
+                                    hosts, chunk, _DRIVER_LINES.value)
     print(common.table([
         ("model", f"{cfg.name} ({cfg.total_params / 1e9:.1f} B params, "
                   f"{cfg.num_layers * cfg.weight_bytes_per_layer / 1e9:.1f} GB streamed/pass)"),
@@ -128,6 +140,10 @@ def main(argv):
                            f"{s1.host_bandwidth_available / 1e9:.0f} GB/s"),
         ("Stage 2", f"{s2.generated_tokens_per_s:,.1f} generated tok/s, {s2.iterations} "
                     f"iterations, token budget {budget}, KV peak {s2.kv_peak_fraction:.0%}"),
+        ("data parallel", f"{hosts} hosts x 1 engine, {k * hosts} requests in blocks of "
+                          f"{chunk}: {dp.generated_tokens_per_s:,.1f} generated tok/s "
+                          f"({dp.scaling:.2f}x one host running the same blocks; bound by "
+                          f"{dp.bound})"),
         ("Stage 1 by KV dtype", ", ".join(f"{d} {v:,.0f}" for d, v in by_kv_dtype.items())
                                 + " generated tok/s (the 8-bit rows charge KV reads by bytes)"),
     ], "== predict =="))
@@ -144,6 +160,9 @@ def main(argv):
         "overlap_factor": s1.overlap_factor, "stage2_iterations": s2.iterations,
         "kv_dtype": _KV_DTYPE.value or cfg.dtype,
         "stage1_generated_tokens_per_s_by_kv_dtype": by_kv_dtype,
+        "hosts": hosts, "chunk": chunk,
+        "data_parallel_generated_tokens_per_s": dp.generated_tokens_per_s,
+        "data_parallel_scaling": dp.scaling, "data_parallel_bound": dp.bound,
         "flags": settings})
 
 

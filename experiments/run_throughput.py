@@ -19,7 +19,7 @@ import moelens_jax as mj
 from experiments import common
 from moelens_jax import perf, reference, workloads
 from moelens_jax.kv import KV_DTYPES
-from moelens_jax.runtime import Engine, EngineConfig
+from moelens_jax.runtime import Engine
 from moelens_jax.runtime.results_io import generate_resumable
 
 _MODEL = flags.DEFINE_string("model", mj.config.DEFAULT_PRESET, "Preset name or checkpoint folder.")
@@ -56,22 +56,6 @@ _OUT = flags.DEFINE_string("out", None, "Append each finished request to this JS
                            "rerun skips requests already in it (resume after interruption).")
 _TRACE_OUT = flags.DEFINE_string("trace_out", None, "Write a Chrome/Perfetto trace JSON here.")
 _PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar (stderr).")
-
-
-def engine_config(cfg, settings: dict) -> tuple[EngineConfig, str]:
-    """The run's `EngineConfig` and where its token budget comes from: the flag, else the
-    performance model's choice from this machine's cached calibration, else the default."""
-    given = _TOKEN_BUDGET.value is not None
-    if given:
-        settings = {**settings, "token_budget": _TOKEN_BUDGET.value}
-    cal = perf.cached(cfg)  # also gives VSLPipe its calibrated split when the budget is given
-    if cal is None:
-        config = EngineConfig(**settings)
-        return config, ("--token_budget" if given else
-                        f"default {config.token_budget} (no calibration cached; "
-                        "python -m experiments.calibrate)")
-    return (perf.engine_config(cfg, cal.hardware, cal.costs, **settings),
-            "--token_budget" if given else f"perf model ({cal.hardware.name})")
 
 
 def main(argv):
@@ -113,12 +97,12 @@ def main(argv):
                       h2d_gb_per_s=None)  # the reference keeps the whole model on the device
     else:
         dev_mem = None if _DEVICE_MEMORY_GB.value is None else int(_DEVICE_MEMORY_GB.value * 1e9)
-        config, budget_source = engine_config(cfg, dict(
-            kv_cache_bytes=kv_bytes, kv_dtype=_KV_DTYPE.value, page_size=_PAGE_SIZE.value,
-            policy=_POLICY.value,
+        config, budget_source = perf.machine_engine_config(
+            cfg, token_budget=_TOKEN_BUDGET.value, kv_cache_bytes=kv_bytes,
+            kv_dtype=_KV_DTYPE.value, page_size=_PAGE_SIZE.value, policy=_POLICY.value,
             device_weight_layers=_DEVICE_LAYERS.value, h2d_limit_gb_per_s=_H2D_LIMIT.value,
             device_memory_bytes=dev_mem, pipeline=_PIPELINE.value,
-            record_stages=bool(_TRACE_OUT.value)))
+            record_stages=bool(_TRACE_OUT.value))
         engine = Engine(model, config)
         compile_s = engine.warmup(reqs)  # compiles every shape the run uses, apart from it
         result["compile_s"] = compile_s

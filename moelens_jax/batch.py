@@ -33,6 +33,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import time
 from collections.abc import Callable, Iterator
 
@@ -42,7 +43,10 @@ from moelens_jax.runtime import Engine, GenerationResult, Request
 from moelens_jax.runtime.sampling import SamplingParams
 
 DEFAULT_MAX_TOKENS = 16
-CHUNK = 4096  # input lines read and handed to the engine at once (bounds memory)
+# Input lines handed to the engine at once (it bounds memory): by default 8 x the sequences
+# the KV cache holds at the input's mean request size (`default_chunk`), within these bounds.
+CHUNK_MIN, CHUNK_MAX = 256, 65536
+CHARS_PER_TOKEN = 4  # to size text prompts before tokenising them
 
 
 class BatchError(ValueError):
@@ -142,6 +146,13 @@ def parse_line(text: str, line: int, model) -> BatchItem:
     return BatchItem(line, cid, request=req)
 
 
+def duplicate_item(line: int, custom_id: str) -> BatchItem:
+    """The error item of a line whose custom_id an earlier line already has (keyed by line
+    number, so the earlier line's result keeps the id)."""
+    return BatchItem(line, None, error=("duplicate_custom_id", f"line {line}: custom_id "
+                                        f"{custom_id!r} repeats an earlier line"))
+
+
 def read_input(path: str, model) -> Iterator[BatchItem]:
     """The input file's items, in order; blank lines are skipped; a repeated custom_id is an
     error item."""
@@ -152,9 +163,7 @@ def read_input(path: str, model) -> Iterator[BatchItem]:
                 continue
             item = parse_line(text, n, model)
             if item.custom_id is not None and item.custom_id in seen:
-                item = BatchItem(n, None, error=(
-                    "duplicate_custom_id", f"line {n}: custom_id {item.custom_id!r} repeats an "
-                    "earlier line"))
+                item = duplicate_item(n, item.custom_id)
             elif item.custom_id is not None:
                 seen.add(item.custom_id)
             yield item
@@ -173,13 +182,19 @@ def config_hash(model, engine: Engine) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _done_keys(path: str, config: str) -> set[str]:
-    """Keys of the lines already in `path`, read line by line; a torn last line (no newline,
-    or not JSON) is cut off the file. A broken line before the last is an error: cutting
-    there would drop the results after it."""
+def read_done(path: str) -> tuple[set[str], str | None]:
+    """The keys of the lines already in `path` and the config hash they were written under
+    (None for a missing or empty file), read line by line. A torn last line (no newline, or
+    not JSON) is cut off the file. A broken line before the last is an error: cutting there
+    would drop the results after it.
+
+    Raises:
+      BatchError: a broken line before the last, or lines of different configurations.
+    """
     done: set[str] = set()
+    found = None
     if not os.path.exists(path):
-        return done
+        return done, found
     good = 0  # bytes up to the end of the last complete, parseable line
     torn = None
     with open(path, "rb") as f:
@@ -194,10 +209,10 @@ def _done_keys(path: str, config: str) -> set[str]:
             if rec is None:
                 torn = n
                 continue
-            if rec.get("config") != config:
-                raise BatchError(f"{path} holds results of another model or engine "
-                                 f"configuration (config {rec.get('config')}, this run "
-                                 f"{config}); write to a new output file")
+            found = rec.get("config") if found is None else found
+            if rec.get("config") != found:
+                raise BatchError(f"{path} mixes lines of configurations {found} and "
+                                 f"{rec.get('config')} (line {n}); repair or move the file")
             err = rec.get("error") or {}
             done.add(rec["custom_id"] if rec.get("custom_id") is not None
                      else f"line:{err.get('line')}")
@@ -205,12 +220,23 @@ def _done_keys(path: str, config: str) -> set[str]:
     if torn is not None:
         with open(path, "r+b") as f:
             f.truncate(good)
-    return done
+    return done, found
+
+
+def check_config(path: str, found: str | None, config: str) -> None:
+    """Raises `BatchError` unless the output's lines (config `found`) may be resumed by a run
+    of config `config`."""
+    if found is not None and found != config:
+        raise BatchError(f"{path} holds results of another model or engine configuration "
+                         f"(config {found}, this run {config}); write to a new output file")
 
 
 def _result_line(item: BatchItem, res: GenerationResult | None, model, config: str) -> dict:
     if item.error is not None or res is None or res.finish_reason == "rejected":
-        code, msg = item.error or ("invalid_request", res.error)
+        # The engine names a rejected request by its place in the engine's batch, which
+        # depends on chunking and resume; the line number names it here.
+        code, msg = item.error or ("invalid_request", f"line {item.line}: " + re.sub(
+            r"^request \d+: ", "", res.error))
         return {"custom_id": item.custom_id, "response": None,
                 "error": {"code": code, "message": msg, "line": item.line}, "config": config}
     body = {"token_ids": res.tokens, "finish_reason": res.finish_reason,
@@ -232,6 +258,8 @@ class BatchStatus:
     errors: int = 0  # error lines written by this run
     generated_tokens: int = 0
     elapsed_s: float = 0.0
+    driver_s: float = 0.0  # Ray: the driver's own work (reading the output, scanning the
+    #                        input, writing the lines); lines / driver_s caps many replicas
 
     @property
     def generated_tokens_per_s(self) -> float:
@@ -242,56 +270,131 @@ class BatchStatus:
         return left * self.elapsed_s / self.done if self.done else None
 
 
+def serve(model, engine: Engine, part: list[BatchItem], config: str,
+          emit: Callable[[dict], None]) -> None:
+    """Runs `part` through the engine and hands each output line to `emit` as it is known:
+    error items first, then each request as it finishes."""
+    served = [item for item in part if item.error is None]
+    for item in part:
+        if item.error is not None:
+            emit(_result_line(item, None, model, config))
+    engine.generate([item.request for item in served],
+                    on_finish=lambda res: emit(_result_line(served[res.index], res, model,
+                                                            config)))
+
+
+def completion_tokens(rec: dict) -> int:
+    """Generated tokens in an output line (0 for an error line)."""
+    return 0 if rec["response"] is None else rec["response"]["body"]["usage"][
+        "completion_tokens"]
+
+
+class Output:
+    """The output file, appended and flushed line by line, and the status file beside it
+    (`<output>.status.json`, replaced atomically)."""
+
+    def __init__(self, path: str, status: BatchStatus,
+                 on_status: Callable[[BatchStatus], None] | None = None,
+                 t0: float | None = None):
+        self.status, self.on_status = status, on_status
+        self.status_path = path + ".status.json"
+        self._t0 = time.perf_counter() if t0 is None else t0  # elapsed_s counts from here
+        self._f = open(path, "a", encoding="utf-8")
+
+    def write(self, line: str, error: bool, tokens: int) -> None:
+        """Appends one output line (JSON text without the newline) and flushes it."""
+        self._f.write(line + "\n")
+        self._f.flush()
+        self.status.done += 1
+        self.status.errors += error
+        self.status.generated_tokens += tokens
+
+    def write_record(self, rec: dict) -> None:
+        self.write(json.dumps(rec), rec["error"] is not None, completion_tokens(rec))
+
+    def report(self) -> None:
+        """Updates the status file (and calls `on_status`)."""
+        self.status.elapsed_s = time.perf_counter() - self._t0
+        _write_status(self.status_path, self.status)
+        if self.on_status is not None:
+            self.on_status(self.status)
+
+    def close(self) -> None:
+        self._f.close()
+        self.report()
+
+
+def input_sizes(path: str) -> tuple[int, float]:
+    """The non-blank lines of `path` and their mean tokens per request (prompt plus
+    max_tokens; a text prompt counted as one token per `CHARS_PER_TOKEN` characters), read
+    line by line. Lines that do not parse count as nothing."""
+    lines, tokens = 0, 0.0
+    with open(path, "rb") as f:
+        for raw in f:
+            if raw.strip():
+                lines += 1
+                tokens += _request_tokens(raw)
+    return lines, tokens / max(lines, 1)
+
+
+def _request_tokens(raw: bytes) -> float:
+    try:
+        body = json.loads(raw).get("body") or {}
+        prompt, max_tokens = body.get("prompt"), body.get("max_tokens", DEFAULT_MAX_TOKENS)
+        n = len(prompt) / CHARS_PER_TOKEN if isinstance(prompt, str) else len(prompt)
+        return n + (max_tokens if isinstance(max_tokens, int) else 0)
+    except (ValueError, AttributeError, TypeError):
+        return 0.0
+
+
+def default_chunk(cfg, kv_cache_bytes: int, kv_dtype: str | None, tokens_per_request: float,
+                  lines: int | None = None, replicas: int = 1) -> int:
+    """Input lines handed to one engine at once: 8 x the sequences its KV cache holds at
+    `tokens_per_request`, within [CHUNK_MIN, CHUNK_MAX]. Each `generate` call ends in a tail
+    where its last sequences run as a small batch; eight cache-fulls keep that tail short.
+    With `lines` to serve over `replicas` engines, at most ceil(lines / replicas), so that no
+    replica idles while another holds two blocks."""
+    seqs = kv_cache_bytes / (cfg.kv_bytes_per_token(kv_dtype) * max(tokens_per_request, 1.0))
+    chunk = int(min(CHUNK_MAX, max(CHUNK_MIN, 8 * seqs)))
+    if lines is not None:
+        chunk = min(chunk, max(1, -(-lines // replicas)))
+    return chunk
+
+
 def run_batch(model, engine: Engine, input_path: str, output_path: str, *,
-              chunk: int = CHUNK, on_status: Callable[[BatchStatus], None] | None = None)\
+              chunk: int | None = None, on_status: Callable[[BatchStatus], None] | None = None)\
         -> BatchStatus:
     """Runs every input line not yet in `output_path` (module docstring) and returns the
-    status. Each result line is appended and flushed as its request finishes.
+    status. Each result line is appended and flushed as its request finishes. `chunk`: lines
+    handed to the engine at once (default: `default_chunk`).
 
     Raises:
-      BatchError: the output holds lines of another configuration.
+      BatchError: the output holds lines of another configuration, or a broken line before
+        its last.
     """
     config = config_hash(model, engine)
-    done = _done_keys(output_path, config)
-    with open(input_path, "rb") as f:
-        status = BatchStatus(total_lines=sum(1 for raw in f if raw.strip()))
-    status_path = output_path + ".status.json"
-    t0 = time.perf_counter()
-    with open(output_path, "a", encoding="utf-8") as out:
-        def write(item: BatchItem, res: GenerationResult | None) -> None:
-            rec = _result_line(item, res, model, config)
-            out.write(json.dumps(rec) + "\n")
-            out.flush()
-            status.done += 1
-            status.errors += rec["error"] is not None
-            status.generated_tokens += 0 if res is None else len(res.tokens)
-
-        def run(part: list[BatchItem]) -> None:
-            served = [item for item in part if item.error is None]
-            for item in part:
-                if item.error is not None:
-                    write(item, None)
-            engine.generate([item.request for item in served],
-                            on_finish=lambda res: write(served[res.index], res))
-            status.elapsed_s = time.perf_counter() - t0
-            _write_status(status_path, status)
-            if on_status is not None:
-                on_status(status)
-
+    done, found = read_done(output_path)
+    check_config(output_path, found, config)
+    total, tokens_per_request = input_sizes(input_path)
+    chunk = chunk or default_chunk(model.config, engine.config.kv_cache_bytes,
+                                   engine.config.kv_dtype or model.dtype, tokens_per_request)
+    out = Output(output_path, BatchStatus(total_lines=total), on_status)
+    try:
         part: list[BatchItem] = []  # the input is read as it is served, `chunk` at a time
         for item in read_input(input_path, model):
             if item.key in done:
-                status.skipped += 1
+                out.status.skipped += 1
                 continue
             part.append(item)
             if len(part) == chunk:
-                run(part)
+                serve(model, engine, part, config, out.write_record)
+                out.report()
                 part = []
         if part:
-            run(part)
-    status.elapsed_s = time.perf_counter() - t0
-    _write_status(status_path, status)
-    return status
+            serve(model, engine, part, config, out.write_record)
+    finally:
+        out.close()
+    return out.status
 
 
 def _write_status(path: str, status: BatchStatus) -> None:

@@ -96,6 +96,18 @@ def test_error_lines_and_results(model, tmp_path):
     assert status["done"] == 13 and status["errors"] == 10
 
 
+def test_default_chunk_fills_the_cache_and_every_replica():
+    cfg = mj.config.get_preset("tiny-mixtral")
+    per_seq = cfg.kv_bytes_per_token("float32") * 100
+    assert batch.default_chunk(cfg, 1000 * per_seq, "float32", 100) == 8000  # 8 cache-fulls
+    assert batch.default_chunk(cfg, per_seq, "float32", 100) == batch.CHUNK_MIN
+    assert batch.default_chunk(cfg, 10**6 * per_seq, "float32", 100) == batch.CHUNK_MAX
+    assert batch.default_chunk(cfg, 1000 * per_seq, "float32", 100, lines=9000,
+                               replicas=4) == 2250  # no replica idles
+    half = cfg.kv_bytes_per_token("int8") / cfg.kv_bytes_per_token("float32")
+    assert batch.default_chunk(cfg, int(1000 * per_seq * half) + 1, "int8", 100) == 8000
+
+
 def test_engine_rejects_bad_rows_without_losing_the_batch(model):
     """A float id is an error (never truncated), max_new_tokens=None rejects its request only."""
     with _engine(model) as eng:
@@ -123,6 +135,7 @@ def test_torn_last_line_and_foreign_output(model, tmp_path):
         with pytest.raises(batch.BatchError, match="line 2 is not a complete JSON line"):
             batch.run_batch(model, eng, str(inp), str(out))
         assert out.read_text().splitlines() == broken
+    out.write_text("\n".join(full) + "\n")
     other = mj.load_model(PRESET, dtype="float32", seed=1)
     with _engine(other) as eng, pytest.raises(batch.BatchError, match="another model"):
         batch.run_batch(other, eng, str(inp), str(out))

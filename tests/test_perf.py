@@ -122,6 +122,36 @@ def test_stage2_charges_every_term_by_hand():
     assert got.seconds_by_term["host"] == pytest.approx(host1 + host2, rel=1e-12)
 
 
+def test_data_parallel_blocks_list_scheduling_and_driver_cap():
+    """Blocks of `chunk` requests in input order go to the host free first; the makespan is the
+    busiest host's Stage-2 time; the driver's line rate caps the whole job."""
+    cfg = get_preset("tiny-mixtral")
+    costs = EngineCosts(io_s_per_byte=1.0 / (cfg.num_layers * cfg.weight_bytes_per_layer))
+    config = EngineConfig(kv_cache_bytes=64 * cfg.kv_bytes_per_token(), page_size=4,
+                          device_weight_layers=1)
+    w = Workload((4, 4, 4, 4, 4, 4, 4, 4, 4, 4), (2, 2, 2, 6, 6, 6, 2, 2, 2, 2))
+    block = lambda i, j: perf.predict(cfg, costs, Workload(w.prompt_lens[i:j],  # noqa: E731
+                                                           w.gen_lens[i:j]), config).total_s
+    t = [block(0, 3), block(3, 6), block(6, 9), block(9, 10)]
+    assert t[1] > t[0] >= t[3]  # the long block costs more
+    one = perf.predict_data_parallel(cfg, costs, w, config, hosts=1, chunk=3)
+    assert one.makespan_s == pytest.approx(sum(t)) and one.scaling == pytest.approx(1.0)
+    two = perf.predict_data_parallel(cfg, costs, w, config, hosts=2, chunk=3)
+    # host A: t0, then t2 (free at t0 < t1); then t3 goes to whichever is free first
+    a, b = t[0] + t[2], t[1]
+    want = max(a + t[3], b) if a <= b else max(a, b + t[3])
+    assert two.makespan_s == pytest.approx(want) and two.bound == "hosts"
+    assert two.generated_tokens_per_s == pytest.approx(sum(w.gen_lens) / want)
+    assert 1.0 < two.scaling <= 2.0
+    many = perf.predict_data_parallel(cfg, costs, w, config, hosts=8, chunk=3)
+    assert many.makespan_s == pytest.approx(max(t))  # one block per host at most
+    capped = perf.predict_data_parallel(cfg, costs, w, config, hosts=8, chunk=3,
+                                        driver_lines_per_s=10 / (2 * max(t)))
+    assert capped.bound == "driver" and capped.makespan_s == pytest.approx(2 * max(t))
+    with pytest.raises(ValueError, match="hosts and chunk"):
+        perf.predict_data_parallel(cfg, costs, w, config, hosts=0, chunk=3)
+
+
 def test_engine_config_validates_and_is_one_place_for_defaults():
     with pytest.raises(ValueError, match="kv_cache_bytes must be positive"):
         EngineConfig(kv_cache_bytes=0)

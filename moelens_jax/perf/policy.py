@@ -5,8 +5,9 @@ from __future__ import annotations
 import dataclasses
 
 from moelens_jax.config import ModelConfig
+from moelens_jax.perf.calibrate import cached
 from moelens_jax.perf.costs import EngineCosts
-from moelens_jax.perf.hardware import HardwareSpec
+from moelens_jax.perf.hardware import HardwareSpec, get_hardware
 from moelens_jax.perf.stage1 import tokens_to_saturate
 from moelens_jax.runtime.config import EngineConfig
 from moelens_jax.runtime.layout import SplitCosts
@@ -46,3 +47,25 @@ def engine_config(cfg: ModelConfig, hw: HardwareSpec, costs: EngineCosts | None 
     overrides.setdefault("token_budget", default_token_budget(cfg, hw, costs))
     config = EngineConfig(**overrides)
     return dataclasses.replace(config, split=split_costs(cfg, costs, config.kv_dtype))
+
+
+def machine_engine_config(cfg: ModelConfig, *, token_budget: int | None = None,
+                          hardware: str | None = None, **settings) -> tuple[EngineConfig, str]:
+    """The `EngineConfig` for a run on this machine, and where its token budget comes from:
+    `token_budget` when given; else the performance model's choice from this machine's cached
+    calibration (`experiments.calibrate`); else from the datasheet costs of the `hardware`
+    preset; else `EngineConfig`'s default. A cached calibration also gives VSLPipe its split
+    when the budget is given. `settings` are the other `EngineConfig` fields."""
+    if token_budget is not None:
+        settings = {**settings, "token_budget": token_budget}
+    given = "token_budget" if token_budget is not None else None
+    cal = cached(cfg)
+    if cal is not None:
+        return (engine_config(cfg, cal.hardware, cal.costs, **settings),
+                given or f"perf model ({cal.hardware.name}, calibrated)")
+    if hardware is not None:
+        hw = get_hardware(hardware)
+        return engine_config(cfg, hw, **settings), given or f"perf model ({hw.name} datasheet)"
+    config = EngineConfig(**settings)
+    return config, given or (f"default {config.token_budget} (no calibration cached; "
+                             "python -m experiments.calibrate)")

@@ -121,3 +121,43 @@ def predict(cfg: ModelConfig, costs: EngineCosts | HardwareSpec, workload: Workl
         rejected=rejected, mean_tokens_per_iteration=processed / max(iterations, 1),
         kv_peak_fraction=max(kv_use, default=0.0), kv_use=tuple(kv_use),
         seconds_by_term=terms)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataParallelResult:
+    generated_tokens_per_s: float  # all hosts together, over the job's makespan
+    one_host_tokens_per_s: float  # the same job on one host
+    makespan_s: float
+    bound: str  # "hosts" or "driver" (the one process reading and writing the lines)
+
+    @property
+    def scaling(self) -> float:
+        return self.generated_tokens_per_s / self.one_host_tokens_per_s
+
+
+def predict_data_parallel(cfg: ModelConfig, costs: EngineCosts | HardwareSpec,
+                          workload: Workload, config: EngineConfig, hosts: int, chunk: int,
+                          driver_lines_per_s: float | None = None) -> DataParallelResult:
+    """Predicted throughput of a batch job on `hosts` identical hosts, one engine each
+    (`batch_ray`): the requests are cut into blocks of `chunk` in input order, each block runs
+    as its own `generate` (Stage 2 of that block), and each block goes to the host that
+    becomes free first. Hosts share nothing but the driver, which reads and writes every line:
+    `driver_lines_per_s` (measured; None = unbounded) caps the lines per second."""
+    if hosts < 1 or chunk < 1:
+        raise ValueError(f"hosts and chunk must be >= 1, got {hosts}, {chunk}")
+    k = workload.num_requests
+    blocks = [Workload(workload.prompt_lens[i:i + chunk], workload.gen_lens[i:i + chunk])
+              for i in range(0, k, chunk)]
+    times = [predict(cfg, costs, b, config).total_s for b in blocks]
+    generated = float(sum(workload.gen_lens))
+    free = [0.0] * hosts
+    for t in times:  # list scheduling in input order, as the actor pool takes blocks
+        i = min(range(hosts), key=free.__getitem__)
+        free[i] += t
+    makespan = max(free)
+    bound = "hosts"
+    if driver_lines_per_s is not None and k / driver_lines_per_s > makespan:
+        makespan, bound = k / driver_lines_per_s, "driver"
+    return DataParallelResult(generated_tokens_per_s=generated / makespan,
+                              one_host_tokens_per_s=generated / sum(times),
+                              makespan_s=makespan, bound=bound)
