@@ -14,12 +14,15 @@ constants (its L4/T4 entries, its fallback for any other GPU), `datasheet` our p
 
 from __future__ import annotations
 
+import json
+
 from absl import app, flags
 
 import moelens_jax as mj
 from experiments import common
 from moelens_jax import batch, perf
 from moelens_jax.kv import KV_DTYPES
+from moelens_jax.model.weights import WEIGHT_DTYPES
 
 _MODEL = flags.DEFINE_string("model", "mixtral-8x7b", "Preset name or checkpoint folder.")
 _HARDWARE = flags.DEFINE_string("hardware", "a40",
@@ -32,6 +35,15 @@ _NUM_REQUESTS = flags.DEFINE_integer("num_requests", None,
 _PAGE_SIZE = flags.DEFINE_integer("page_size", 16, "Tokens per KV page.")
 _KV_DTYPE = flags.DEFINE_enum("kv_dtype", None, list(KV_DTYPES),
                               "KV cache storage dtype (default: the model's).")
+_WEIGHT_DTYPE = flags.DEFINE_enum("weight_dtype", None, list(WEIGHT_DTYPES),
+                                  "Layers streamed quantised (default: the model dtype).")
+_ACCURACY_JSON = flags.DEFINE_string("accuracy_json", None, "JSON of experiments.quant_accuracy"
+                                     ": with --max_logit_rel_err, pick the fastest (weight, "
+                                     "KV) format whose measured error is under it.")
+_MAX_ERR = flags.DEFINE_float("max_logit_rel_err", None, "Largest logits rel-L2 error allowed "
+                              "when choosing the precision (needs --accuracy_json).")
+_ACCURACY_MODEL = flags.DEFINE_string("accuracy_model", None, "Whose rows of --accuracy_json to "
+                                      "use (default: --model).")
 _TOKEN_BUDGET = flags.DEFINE_integer("token_budget", None,
                                      "Tokens per iteration (default: tokens to saturate).")
 _POLICY = flags.DEFINE_enum("policy", "moe-lens", ["moe-lens", "moe-lightning"],
@@ -49,6 +61,28 @@ _DRIVER_LINES = flags.DEFINE_float("driver_lines_per_s", None, "Lines per second
                                    "default: unbounded.")
 _CONSTANTS = flags.DEFINE_enum("lightning_constants", "artifact", ["artifact", "datasheet"],
                                "moe-lightning: the artifact's hardware constants or ours.")
+
+
+def _choose(cfg, by_format):
+    """(the fastest (weight, KV) format within --max_logit_rel_err, its measured error), from
+    --accuracy_json's rows for --accuracy_model (default: this model), or None."""
+    if _MAX_ERR.value is None:
+        return None
+    if not _ACCURACY_JSON.value:
+        raise app.UsageError("--max_logit_rel_err needs --accuracy_json (the JSON of "
+                             "python -m experiments.quant_accuracy)")
+    with open(_ACCURACY_JSON.value) as f:
+        rows = json.load(f)["settings"]
+    name = _ACCURACY_MODEL.value or _MODEL.value
+    mine = [r for r in rows if r["model"] == name]
+    if not mine:
+        raise app.UsageError(f"{_ACCURACY_JSON.value} has no rows for {name!r} (it has "
+                             f"{sorted({r['model'] for r in rows})}); pass --accuracy_model")
+    # a row of the model in its own dtype stands for this config's dtype
+    errors = {(cfg.dtype if r["weight_dtype"] == r.get("dtype") else r["weight_dtype"],
+               r["kv_dtype"]): r["logit_rel_l2"] for r in mine}
+    best = perf.choose_precision(by_format, errors, _MAX_ERR.value)
+    return best, errors[best]
 
 
 def lightning(settings) -> None:
@@ -107,14 +141,22 @@ def main(argv):
         costs = perf.EngineCosts.from_hardware(cfg, hw)
     kv = _KV_CACHE_GB.value * 1e9
     p, g = _PROMPT_LEN.value, _GEN_LEN.value
-    s1 = perf.stage1(cfg, hw, perf.Workload.fixed(p, g), kv, _KV_DTYPE.value)
-    # The Stage-1 bound for every KV format in the same bytes (M scales with 1 / bytes per token).
-    by_kv_dtype = {d: perf.stage1(cfg, hw, perf.Workload.fixed(p, g), kv, d)
+    wd = _WEIGHT_DTYPE.value
+    s1 = perf.stage1(cfg, hw, perf.Workload.fixed(p, g), kv, _KV_DTYPE.value, wd)
+    # The Stage-1 bound for every KV format in the same bytes (M scales with 1 / bytes per token)
+    # and every weight format (delta scales with the bytes a layer streams).
+    by_kv_dtype = {d: perf.stage1(cfg, hw, perf.Workload.fixed(p, g), kv, d, wd)
                    .generated_tokens_per_s for d in KV_DTYPES}
+    weight_formats = [cfg.dtype, *WEIGHT_DTYPES]
+    s1_format = {(w, d): perf.stage1(cfg, hw, perf.Workload.fixed(p, g), kv, d,
+                                     None if w == cfg.dtype else w)
+                 for w in weight_formats for d in KV_DTYPES}
+    by_format = {c: r.generated_tokens_per_s for c, r in s1_format.items()}
+    chosen = _choose(cfg, by_format)
     overrides = {"token_budget": _TOKEN_BUDGET.value} if _TOKEN_BUDGET.value else {}
     config = perf.engine_config(cfg, hw, costs, kv_cache_bytes=int(kv),
-                                kv_dtype=_KV_DTYPE.value, page_size=_PAGE_SIZE.value,
-                                **overrides)
+                                kv_dtype=_KV_DTYPE.value, weight_dtype=wd,
+                                page_size=_PAGE_SIZE.value, **overrides)
     budget = config.token_budget
     k = _NUM_REQUESTS.value or max(8, int(4 * s1.kv_tokens / (p + g)))
     s2 = perf.predict(cfg, costs, perf.Workload.fixed(p, g, k), config)
@@ -125,7 +167,8 @@ def main(argv):
                                     hosts, chunk, _DRIVER_LINES.value)
     print(common.table([
         ("model", f"{cfg.name} ({cfg.total_params / 1e9:.1f} B params, "
-                  f"{cfg.num_layers * cfg.weight_bytes_per_layer / 1e9:.1f} GB streamed/pass)"),
+                  f"{cfg.num_layers * perf.layer_bytes(cfg, wd) / 1e9:.1f} GB streamed/pass "
+                  f"as {wd or cfg.dtype})"),
         ("hardware", f"{hw.name}: {hw.gemm_flops / 1e12:.1f} TFLOP/s, link "
                      f"{hw.h2d_bytes_per_s / 1e9:.1f} GB/s ({hw.source})"),
         ("workload", f"p={p} g={g}, {k} requests, KV {kv / 1e9:.0f} GB = "
@@ -147,6 +190,14 @@ def main(argv):
         ("Stage 1 by KV dtype", ", ".join(f"{d} {v:,.0f}" for d, v in by_kv_dtype.items())
                                 + " generated tok/s (the 8-bit rows charge KV reads by bytes)"),
     ], "== predict =="))
+    print(common.table([(f"weights {w}", ", ".join(
+        f"KV {d} {by_format[w, d]:,.0f} ({s1_format[w, d].binding})" for d in KV_DTYPES))
+        for w in weight_formats],
+        "== Stage 1 (generated tok/s, what binds) by weight and KV format =="))
+    if chosen is not None:
+        (cw, cd), err = chosen
+        print(f"chosen under logits rel-L2 <= {_MAX_ERR.value}: weights {cw}, KV {cd} "
+              f"({by_format[cw, cd]:,.0f} generated tok/s; measured rel-L2 {err:.4f})")
     common.print_json({
         "model": cfg.name, "hardware": hw.name, "kv_cache_gb": _KV_CACHE_GB.value,
         "prompt_len": p, "gen_len": g, "num_requests": k, "token_budget": budget,
@@ -160,6 +211,11 @@ def main(argv):
         "overlap_factor": s1.overlap_factor, "stage2_iterations": s2.iterations,
         "kv_dtype": _KV_DTYPE.value or cfg.dtype,
         "stage1_generated_tokens_per_s_by_kv_dtype": by_kv_dtype,
+        "weight_dtype": wd or cfg.dtype,
+        "stage1_generated_tokens_per_s_by_format": {f"{w}/{d}": v
+                                                     for (w, d), v in by_format.items()},
+        "stage1_binding_by_format": {f"{w}/{d}": r.binding for (w, d), r in s1_format.items()},
+        "chosen_format": None if chosen is None else "/".join(chosen[0]),
         "hosts": hosts, "chunk": chunk,
         "data_parallel_generated_tokens_per_s": dp.generated_tokens_per_s,
         "data_parallel_scaling": dp.scaling, "data_parallel_bound": dp.bound,

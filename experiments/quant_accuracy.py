@@ -1,22 +1,26 @@
-"""What a lower-precision KV cache costs in quality, per model and KV format.
+"""What lower precision costs in quality, per model and (weight format, KV format).
 
-For each model and KV dtype, over a fixed seeded prompt set:
+For each model, weight format (the model's dtype, or its layers' matrices quantised to int8 /
+int4: `Model.quantised`) and KV dtype, over a fixed seeded prompt set, against the model in its
+own dtype with float32 K/V:
 
 * logits: the full-sequence forward in which every query attends to K/V rounded as that
-  store holds them (`reference.forward_with_stored_kv`, the numerics of each decode step)
-  against the same forward with float32 K/V: relative L2 error and top-1 agreement over every
-  position;
-* greedy continuations: the engine with that KV dtype against the engine with float32 KV,
-  the fraction of generated tokens before each request's first divergence, and of requests
-  identical.
+  store holds them (`reference.forward_with_stored_kv`, the numerics of each decode step):
+  relative L2 error and top-1 agreement over every position;
+* greedy continuations: the engine with that weight format and KV dtype against the engine on
+  the model with float32 KV: the fraction of generated tokens before each request's first
+  divergence, and of requests identical.
 
-The weights stay in the model's dtype (weight quantisation is not implemented yet).
+`predict --accuracy_json` reads this JSON to pick the fastest combination under
+`--max_logit_rel_err`.
 
     python -m experiments.quant_accuracy
     python -m experiments.quant_accuracy --models /data/Mixtral-8x7B-v0.1 --num_prompts 8
 """
 
 from __future__ import annotations
+
+import itertools
 
 import numpy as np
 from absl import app, flags
@@ -25,12 +29,15 @@ import moelens_jax as mj
 from experiments import common
 from moelens_jax import reference
 from moelens_jax.kv import KV_DTYPES
+from moelens_jax.model.weights import WEIGHT_DTYPES
 from moelens_jax.runtime import Engine, Request
 
 _MODELS = flags.DEFINE_list("models", ["tiny-mixtral", "small-mixtral", "tiny-qwen3-moe"],
                             "Presets or HF checkpoint folders.")
 _KV_DTYPES = flags.DEFINE_list("kv_dtypes", ["bfloat16", "int8", "float8_e4m3fn"],
                                f"KV formats to measure (of {', '.join(KV_DTYPES)}).")
+_WEIGHT_DTYPES = flags.DEFINE_list("weight_dtypes", ["model", "int8", "int4"],
+                                   "Weight formats: 'model' (its own dtype), int8, int4.")
 _NUM_PROMPTS = flags.DEFINE_integer("num_prompts", 16, "Prompts in the fixed set.")
 _PROMPT_LEN = flags.DEFINE_integer("prompt_len", 64, "Tokens per prompt.")
 _GEN_LEN = flags.DEFINE_integer("gen_len", 16, "Greedy tokens generated per prompt.")
@@ -45,30 +52,39 @@ def _prefix_agreement(got, want) -> float:
 
 
 def measure(model, kv_dtypes, num_prompts: int, prompt_len: int, gen_len: int,
-            seed: int) -> list[dict]:
-    """One row per KV dtype for `model` (module docstring)."""
+            seed: int, weight_dtypes=("model",)) -> list[dict]:
+    """One row per (weight format, KV dtype) for `model` (module docstring); weight format
+    "model" is the model as loaded."""
     cfg = model.config
     for d in kv_dtypes:
         if d not in KV_DTYPES:
             raise ValueError(f"unknown KV dtype {d!r}; choose from {KV_DTYPES}")
+    for w in weight_dtypes:
+        if w != "model" and w not in WEIGHT_DTYPES:
+            raise ValueError(f"unknown weight format {w!r}; choose 'model' or one of "
+                             f"{WEIGHT_DTYPES}")
     rng = np.random.default_rng(seed)
     prompts = rng.integers(0, cfg.vocab_size, (num_prompts, prompt_len))
     exact = np.asarray(reference.forward_with_stored_kv(model, prompts, "float32"))
     kv_bytes = 2 * num_prompts * (prompt_len + gen_len + 16) * cfg.kv_bytes_per_token("float32")
     reqs = [Request(tuple(int(t) for t in p), gen_len) for p in prompts]
 
-    def greedy(kv_dtype):
-        with Engine(model, kv_cache_bytes=kv_bytes, kv_dtype=kv_dtype) as eng:
+    def greedy(m, kv_dtype):
+        with Engine(m, kv_cache_bytes=kv_bytes, kv_dtype=kv_dtype,
+                    weight_dtype=m.weight_dtype) as eng:
             return [r.tokens for r in eng.generate(reqs)]
 
-    want = greedy("float32")
+    want = greedy(model, "float32")
     rows = []
-    for d in kv_dtypes:
-        logits = np.asarray(reference.forward_with_stored_kv(model, prompts, d))
-        got = greedy(d)
+    for w, d in itertools.product(weight_dtypes, kv_dtypes):
+        m = model if w == "model" else model.quantised(w)
+        logits = np.asarray(reference.forward_with_stored_kv(m, prompts, d))
+        got = greedy(m, d)
         rows.append({
-            "model": cfg.name or model.source, "weight_dtype": model.dtype, "kv_dtype": d,
+            "model": cfg.name or model.source, "dtype": model.dtype,
+            "weight_dtype": m.weight_dtype or model.dtype, "kv_dtype": d,
             "kv_bytes_per_token": cfg.kv_bytes_per_token(d),
+            "layer_bytes": m.host_layers[0].layout.nbytes,
             "logit_rel_l2": float(np.linalg.norm(logits - exact) / np.linalg.norm(exact)),
             "top1_agreement": float((logits.argmax(-1) == exact.argmax(-1)).mean()),
             "greedy_prefix_agreement": _prefix_agreement(got, want),
@@ -81,7 +97,7 @@ def main(argv):
     del argv
     settings = common.log_flags(__name__)
     print(common.table([
-        ("reference", "float32 K/V, same weights (the model's dtype)"),
+        ("reference", "the model in its own dtype, float32 K/V"),
         ("prompts", f"{_NUM_PROMPTS.value} x {_PROMPT_LEN.value} tokens, seed {_SEED.value}; "
                     f"{_GEN_LEN.value} greedy tokens each"),
     ], "== quant_accuracy card =="), flush=True)
@@ -89,10 +105,11 @@ def main(argv):
     for name in _MODELS.value:
         model = mj.load_model(name, seed=_SEED.value)
         new = measure(model, _KV_DTYPES.value, _NUM_PROMPTS.value, _PROMPT_LEN.value,
-                      _GEN_LEN.value, _SEED.value)
+                      _GEN_LEN.value, _SEED.value, _WEIGHT_DTYPES.value)
         rows += new
         for r in new:
-            print(f"{r['model']:>16} ({r['weight_dtype']}) KV {r['kv_dtype']:>13}: logits rel-L2 "
+            print(f"{r['model']:>16} weights {r['weight_dtype']:>8} KV {r['kv_dtype']:>13}: "
+                  f"logits rel-L2 "
                   f"{r['logit_rel_l2']:.4f}, top-1 {r['top1_agreement']:.3f}, greedy prefix "
                   f"{r['greedy_prefix_agreement']:.3f} ({r['greedy_identical_requests']}/"
                   f"{r['num_prompts']} identical)", flush=True)

@@ -19,6 +19,7 @@ import moelens_jax as mj
 from experiments import common
 from moelens_jax import perf, reference, workloads
 from moelens_jax.kv import KV_DTYPES
+from moelens_jax.model.weights import WEIGHT_DTYPES
 from moelens_jax.runtime import Engine
 from moelens_jax.runtime.results_io import generate_resumable
 
@@ -32,6 +33,10 @@ _PROMPT_LEN = flags.DEFINE_integer("prompt_len", 98, "Mean prompt length (log-no
 _GEN_LEN = flags.DEFINE_integer("gen_len", 32, "Tokens generated per request.")
 _KV_CACHE_GB = flags.DEFINE_float("kv_cache_gb", 0.25, "Host KV cache size in GB (1e9 bytes).")
 _PAGE_SIZE = flags.DEFINE_integer("page_size", 16, "Tokens per KV page.")
+_WEIGHT_DTYPE = flags.DEFINE_enum("weight_dtype", None, list(WEIGHT_DTYPES),
+                                  "Store and stream the layers' matrices quantised (int8 per "
+                                  "output channel, dequantised on the device); default: the "
+                                  "model dtype.")
 _KV_DTYPE = flags.DEFINE_enum("kv_dtype", None, list(KV_DTYPES),
                               "KV cache storage dtype (default: the model's); int8 and "
                               "float8_e4m3fn keep a float32 scale per token and kv head.")
@@ -63,6 +68,9 @@ def main(argv):
     settings = common.log_flags(__name__)
     t0 = time.perf_counter()
     model = mj.load_model(_MODEL.value, dtype=_DTYPE.value, seed=_SEED.value, progress=True)
+    float_model = model  # what --predict calibrates (costs are per byte and per token)
+    if _WEIGHT_DTYPE.value:
+        model = model.quantised(_WEIGHT_DTYPE.value)
     load_s = time.perf_counter() - t0
     cfg = model.config
     reqs = workloads.synthetic(_NUM_REQUESTS.value, _PROMPT_LEN.value, _GEN_LEN.value,
@@ -74,8 +82,9 @@ def main(argv):
         ("model", f"{cfg.name or model.source} ({cfg.family}, {model.dtype})"),
         ("parameters", f"{cfg.total_params / 1e6:,.1f} M ({cfg.active_params_per_token / 1e6:,.1f}"
                        " M active per token)"),
-        ("weight bytes", f"{model.weight_bytes / 2**20:,.1f} MiB "
-                         f"({cfg.weight_bytes_per_layer / 2**20:,.2f} MiB per layer)"),
+        ("weight bytes", f"{model.weight_bytes / 2**20:,.1f} MiB ("
+                         f"{perf.layer_bytes(cfg, _WEIGHT_DTYPE.value) / 2**20:,.2f} MiB per "
+                         f"layer, matrices as {_WEIGHT_DTYPE.value or model.dtype})"),
         ("KV bytes per token", f"{kv_per_token:,} B"),
         ("KV cache", f"{kv_bytes / 1e9:.3f} GB = {kv_bytes // kv_per_token:,} tokens "
                      f"(pages of {_PAGE_SIZE.value})"),
@@ -84,7 +93,8 @@ def main(argv):
         ("mode", _MODE.value),
     ], "== run_throughput card =="), flush=True)
 
-    result = {"model": cfg.name or model.source, "dtype": model.dtype, "load_s": load_s}
+    result = {"model": cfg.name or model.source, "dtype": model.dtype,
+              "weight_dtype": _WEIGHT_DTYPE.value or model.dtype, "load_s": load_s}
     if _MODE.value == "reference":
         reference.greedy_generate(model, [r.prompt for r in reqs], 1)  # compile
         t0 = time.perf_counter()
@@ -99,7 +109,8 @@ def main(argv):
         dev_mem = None if _DEVICE_MEMORY_GB.value is None else int(_DEVICE_MEMORY_GB.value * 1e9)
         config, budget_source = perf.machine_engine_config(
             cfg, token_budget=_TOKEN_BUDGET.value, kv_cache_bytes=kv_bytes,
-            kv_dtype=_KV_DTYPE.value, page_size=_PAGE_SIZE.value, policy=_POLICY.value,
+            kv_dtype=_KV_DTYPE.value, weight_dtype=_WEIGHT_DTYPE.value,
+            page_size=_PAGE_SIZE.value, policy=_POLICY.value,
             device_weight_layers=_DEVICE_LAYERS.value, h2d_limit_gb_per_s=_H2D_LIMIT.value,
             device_memory_bytes=dev_mem, pipeline=_PIPELINE.value,
             record_stages=bool(_TRACE_OUT.value))
@@ -131,12 +142,13 @@ def main(argv):
                       rejected=len(rejected), kv_pages=engine.kv_pages,
                       processed_tokens_incl_recompute=st.processed_tokens,
                       h2d_gb_per_s=st.h2d_gb_per_s, h2d_bytes=st.h2d_bytes,
+                      weight_unpack_s=engine.mover.unpack_s,
                       device_weight_bytes=engine.device_weight_bytes,
                       token_budget=engine.config.token_budget,
                       token_budget_source=budget_source,
                       stage_seconds=st.stage_seconds())
         if _PREDICT.value:
-            costs = perf.calibrate(model).costs
+            costs = perf.calibrate(float_model).costs
             if _H2D_LIMIT.value is not None:
                 costs = costs.with_link(_H2D_LIMIT.value * 1e9)
             pred = perf.predict(cfg, costs, perf.Workload.from_requests(reqs), engine.config)

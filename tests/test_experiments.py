@@ -280,7 +280,10 @@ def test_quant_accuracy_bounds(preset):
 def test_quant_accuracy_cli():
     result, stdout = _run("experiments.quant_accuracy", "--models=tiny-mixtral",
                           "--num_prompts=2", "--prompt_len=16", "--gen_len=4",
-                          "--kv_dtypes=int8")
+                          "--kv_dtypes=int8", "--weight_dtypes=model,int8")
     assert "== quant_accuracy card ==" in stdout
-    (row,) = result["settings"]
-    assert row["kv_dtype"] == "int8" and 0 < row["logit_rel_l2"] < 0.05
+    model_row, int8_row = result["settings"]
+    assert model_row["kv_dtype"] == int8_row["kv_dtype"] == "int8"
+    assert model_row["weight_dtype"] == "bfloat16" and int8_row["weight_dtype"] == "int8"
+    assert 0 < model_row["logit_rel_l2"] < 0.05 and 0 < int8_row["logit_rel_l2"] < 0.05
+    assert int8_row["layer_bytes"] < 0.6 * model_row["layer_bytes"]

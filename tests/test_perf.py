@@ -8,6 +8,7 @@ import pytest
 
 from moelens_jax import perf
 from moelens_jax.config import get_preset
+from moelens_jax.model.weights import LayerLayout
 from moelens_jax.perf import EngineCosts, Workload
 from moelens_jax.runtime import EngineConfig, GroupShape, IterationRecord, IterationShape
 from moelens_jax.runtime.scheduler import make_scheduler
@@ -120,6 +121,23 @@ def test_stage2_charges_every_term_by_hand():
     assert got.total_s == pytest.approx(want, rel=1e-12)
     assert got.seconds_by_term["dev"] == pytest.approx(dev1 + dev2, rel=1e-12)
     assert got.seconds_by_term["host"] == pytest.approx(host1 + host2, rel=1e-12)
+    # Streamed layers: the weight mover copies each, then unpacks it (a quantised one
+    # dequantised, at its format's rate) before its next copy; on shared cores the unpacking
+    # also takes the compute's cores (its time counts twice on the mover's chain, once on the
+    # compute's). Layers stored as int8 stream (even here) as their int8 bytes.
+    cq = dataclasses.replace(c, io_s_per_byte=1e-9, unpack_s_per_byte=1e-3,
+                             dequant_int8_s_per_byte=1e-8, dequant_int4_s_per_byte=1.0)
+    typed = L * LayerLayout.for_config(cfg).nbytes
+    for weight_dtype, rate in ((None, 1e-3), ("int8", 1e-8)):
+        qconfig = dataclasses.replace(config, weight_dtype=weight_dtype, device_weight_layers=1,
+                                      h2d_limit_gb_per_s=1.0)
+        io = 1e-9 * L * perf.layer_bytes(cfg, weight_dtype)
+        got = perf.predict(cfg, cq, Workload.fixed(4, 2, 2), qconfig)
+        deq = rate * typed
+        want = 2 * 0.5 + sum(2e-2 + max(io + 2 * deq, d + h + deq)
+                             for d, h in ((dev1, host1), (dev2, host2)))
+        assert got.total_s == pytest.approx(want, rel=1e-12), weight_dtype
+        assert got.seconds_by_term["deq"] == pytest.approx(2 * rate * typed, rel=1e-12)
 
 
 def test_data_parallel_blocks_list_scheduling_and_driver_cap():

@@ -196,6 +196,7 @@ def save_hf(model: Model, folder: str) -> None:
     """Writes `model` as a HF checkpoint folder (config.json + model.safetensors) that
     `transformers` and `load_hf` both read; the inverse of `load_hf`, bit for bit."""
     model.require_pageable("saving")
+    model.require_float("saving")
     cfg = model.config.replace(dtype=model.dtype)
     if os.path.exists(folder) and os.listdir(folder):
         raise FileExistsError(f"{folder} exists and is not empty")

@@ -43,6 +43,7 @@ def _tree(cfg: ModelConfig, weights) -> dict:
 def save_model(model: Model, path) -> None:
     """Writes `model` to a new folder `path` (which must not exist)."""
     model.require_pageable("saving")
+    model.require_float("saving")
     path = os.path.abspath(os.fspath(path))
     if os.path.exists(path):
         raise FileExistsError(f"{path} already exists; choose a new folder")

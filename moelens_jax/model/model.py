@@ -112,6 +112,12 @@ class Model:
         """Whether the layers still have their pageable host buffers (`release_pageable`)."""
         return self.host_layers[0].buffer is not None
 
+    def require_float(self, what: str) -> None:
+        """Raises ValueError naming `what` if the layers are stored quantised."""
+        if self.weight_dtype is not None:
+            raise ValueError(f"{what} needs the float model; this one stores its layers as "
+                             f"{self.weight_dtype} (quantise after loading instead)")
+
     def require_pageable(self, what: str) -> None:
         """Raises ValueError naming `what` if the pageable layer buffers were released."""
         if not self.pageable:
@@ -131,8 +137,34 @@ class Model:
         return self.host_layers[0].layout.dtype
 
     @property
+    def weight_dtype(self) -> str | None:
+        """How the layers' matrices are stored: None (the model dtype) or "int8"."""
+        return self.host_layers[0].layout.weight_dtype
+
+    def quantised(self, weight_dtype: str) -> Model:
+        """A new model whose layers store their matrices in `weight_dtype` (int8 per output
+        channel; `weights.QUANTISED_FIELDS`), quantised from this one's; embedding, lm_head,
+        norms and router stay in the model dtype. Layers stream as stored and are dequantised
+        on the device (`weights.unpack_packets`); `forward` computes with the dequantised
+        weights, so it is the oracle of an engine on the quantised model."""
+        self.require_pageable("quantising")
+        if self.weight_dtype is not None:
+            raise ValueError(f"the model is already quantised ({self.weight_dtype})")
+        rest = {"embed": self.weights.embed, "final_norm": self.weights.final_norm}
+        if self.weights.lm_head is not None:
+            rest["lm_head"] = self.weights.lm_head
+        out = Model(self.config, [l.quantise(weight_dtype) for l in self.host_layers], rest,
+                    source=self.source)
+        out.tokenizer = self.tokenizer
+        return out
+
+    @property
     def weight_bytes(self) -> int:
-        return weights_nbytes(self.weights)
+        if self.weight_dtype is None:
+            return weights_nbytes(self.weights)
+        rest = weights_nbytes(self.weights.replace(layers=()))
+        layers = sum(l.layout.nbytes for l in self.host_layers if l.buffer is not None)
+        return rest + layers
 
     def device_weights(self) -> ModelWeights:
         """The whole weight tree on the default device (cached): for the reference path only.
@@ -140,7 +172,13 @@ class Model:
         The engine never does this; it streams layers from `host_layers`.
         """
         if self._device_weights is None:
-            if self.pageable:
+            if self.pageable and self.weight_dtype is not None:  # dequantised on the device
+                dev = jax.devices()[0]
+                layout = self.host_layers[0].layout
+                typed = tuple(unpack_packets(layout, (0,), (jax.device_put(l.buffer, dev),))
+                              for l in self.host_layers)
+                self._device_weights = jax.device_put(self.weights.replace(layers=typed), dev)
+            elif self.pageable:
                 self._device_weights = jax.device_put(self.weights)
             else:  # from the pinned staging, unpacked on the device
                 (platform, dev_id, packet_bytes, cut), layers = next(iter(self._staged.items()))

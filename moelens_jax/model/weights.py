@@ -13,6 +13,21 @@ model's storage dtype. Matrices use the `x @ W` convention (``[in, out]``; HF st
 lm_head are separate arrays (`ModelWeights.embed`, `.final_norm`, `.lm_head`), lm_head stored
 ``[vocab, hidden]`` like the embedding so tied and untied models share one code path.
 
+Quantised layers (`LayerLayout.weight_dtype`): the matrices of `QUANTISED_FIELDS` (attention
+projections, routed and shared experts; not the router, norms or biases) are stored as
+
+  * "int8": int8 codes [..., in, out] with a float32 scale per output channel (slot
+    "<name>.scale", [..., out]): about half the bytes of bf16;
+  * "int4": 4-bit codes in [-7, 7], two per byte along the input axis ([..., in/2, out]: byte
+    j holds rows 2j (low nibble) and 2j+1 (high nibble)), with a float32 scale per output
+    channel and group of `int4_group(in)` input rows (128 where it divides in; slot
+    "<name>.scale", [..., in/group, out]): about a quarter of bf16 plus the scales.
+
+Scales are symmetric: max |w| of the channel (group) / 127 (/ 7). `unpack_packets` dequantises
+on the device right after the copy (codes * scale in float32, rounded once to the model dtype);
+`HostLayer.weights` holds None for these fields (`dequantised_numpy` gives them on the host,
+bit-equal to the device).
+
 Shapes (h hidden, q = n_q*head_dim, kv = n_kv*head_dim, E experts, f expert width, fs shared
 expert width, d head_dim):
 
@@ -49,6 +64,13 @@ NP_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfl
 LAYER_FIELDS = ("attn_norm", "wq", "wk", "wv", "wo", "bq", "bk", "bv", "q_norm", "k_norm",
                 "ffn_norm", "router", "w_gate", "w_up", "w_down", "shared_gate", "shared_up",
                 "shared_down", "shared_expert_gate")
+
+# Matrices a quantised layout stores in 8 bits (int8 per output channel); everything else
+# (norms, biases, router, the shared expert's scalar gate) keeps the model dtype.
+QUANTISED_FIELDS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down", "shared_gate",
+                    "shared_up", "shared_down")
+WEIGHT_DTYPES = ("int8", "int4")  # quantised weight formats (None: the model dtype)
+INT4_GROUP = 128  # input rows per int4 scale (or the largest power of two below that divides)
 
 # Fields initialised to ones (norm scales); everything else is N(0, init_std).
 NORM_FIELDS = ("attn_norm", "ffn_norm", "q_norm", "k_norm", "final_norm")
@@ -107,31 +129,124 @@ def layer_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 @dataclasses.dataclass(frozen=True)
 class TensorSlot:
-    name: str
+    name: str  # a LayerWeights field, or "<field>.scale" in a quantised layout
     shape: tuple[int, ...]
     offset: int  # bytes from the start of the layer buffer
     nbytes: int
+    dtype: str  # storage dtype of this slot
 
 
 @dataclasses.dataclass(frozen=True)
 class LayerLayout:
     """Where each tensor of a layer sits in its contiguous host buffer."""
 
-    dtype: str
+    dtype: str  # the model dtype (what unpacking yields for every field)
     slots: tuple[TensorSlot, ...]
     nbytes: int  # total buffer size, padding included
+    weight_dtype: str | None = None  # "int8": QUANTISED_FIELDS stored quantised
 
     @classmethod
-    def for_config(cls, cfg: ModelConfig, dtype: str | None = None) -> LayerLayout:
-        dtype = dtype or cfg.dtype
-        itemsize = NP_DTYPES[dtype].itemsize
+    def for_config(cls, cfg: ModelConfig, dtype: str | None = None,
+                   weight_dtype: str | None = None) -> LayerLayout:
+        return cls.for_shapes(layer_shapes(cfg), dtype or cfg.dtype, weight_dtype)
+
+    @classmethod
+    def for_shapes(cls, shapes: dict[str, tuple[int, ...]], dtype: str,
+                   weight_dtype: str | None = None) -> LayerLayout:
+        """The layout of tensors `shapes` (in buffer order) in `dtype`, with QUANTISED_FIELDS
+        in `weight_dtype` (and their scales) when given."""
+        if weight_dtype is not None and weight_dtype not in WEIGHT_DTYPES:
+            raise ValueError(f"weight_dtype must be one of {WEIGHT_DTYPES} or None, got "
+                             f"{weight_dtype!r}")
         slots, offset = [], 0
-        for name, shape in layer_shapes(cfg).items():
-            offset = -(-offset // ALIGN) * ALIGN
-            nbytes = int(np.prod(shape)) * itemsize
-            slots.append(TensorSlot(name, shape, offset, nbytes))
-            offset += nbytes
-        return cls(dtype, tuple(slots), -(-offset // ALIGN) * ALIGN)
+        for name, shape in shapes.items():
+            pairs = ([(name, stored_shape(shape, weight_dtype), weight_dtype),
+                      (name + ".scale", scale_shape(shape, weight_dtype), "float32")]
+                     if weight_dtype is not None and name in QUANTISED_FIELDS
+                     else [(name, shape, dtype)])
+            for n, sh, dt in pairs:
+                offset = -(-offset // ALIGN) * ALIGN
+                nbytes = int(np.prod(sh)) * _np_dtype(dt).itemsize
+                slots.append(TensorSlot(n, sh, offset, nbytes, dt))
+                offset += nbytes
+        return cls(dtype, tuple(slots), -(-offset // ALIGN) * ALIGN, weight_dtype)
+
+    @property
+    def quantised(self) -> bool:
+        return self.weight_dtype is not None
+
+
+def _np_dtype(name: str) -> np.dtype:
+    return np.dtype(np.int8) if name in WEIGHT_DTYPES else NP_DTYPES[name]
+
+
+def int4_group(rows: int) -> int:
+    """Input rows per int4 scale for a matrix with `rows` input rows: INT4_GROUP, or the
+    largest power of two below it that divides `rows`."""
+    g = INT4_GROUP
+    while rows % g:
+        g //= 2
+    return g
+
+
+def stored_shape(shape: tuple[int, ...], weight_dtype: str) -> tuple[int, ...]:
+    """Shape of the stored codes of a [..., in, out] matrix."""
+    if weight_dtype == "int4":
+        if shape[-2] % 2:
+            raise ValueError(f"int4 packs two input rows per byte; {shape} has an odd count")
+        return shape[:-2] + (shape[-2] // 2, shape[-1])
+    return shape
+
+
+def scale_shape(shape: tuple[int, ...], weight_dtype: str) -> tuple[int, ...]:
+    """Shape of the scales of a [..., in, out] matrix: one per output channel (int8), or per
+    output channel and group of input rows (int4)."""
+    if weight_dtype == "int4":
+        return shape[:-2] + (shape[-2] // int4_group(shape[-2]), shape[-1])
+    return shape[:-2] + shape[-1:]
+
+
+def quantise(w: np.ndarray, weight_dtype: str) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric quantisation of `w` [..., in, out]: (stored codes, float32 scales) as
+    `stored_shape` / `scale_shape` give them. Scale = max |w| / 127 over each output channel
+    (int8) or / 7 over each group of input rows of each channel (int4), 1 where that is 0;
+    codes = round-to-nearest-even(w / scale), so |w - code * scale| <= scale / 2."""
+    w = np.asarray(w, dtype=np.float32)
+    if weight_dtype == "int8":
+        amax = np.abs(w).max(axis=-2)
+        scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
+        return np.clip(np.rint(w / scale[..., None, :]), -127, 127).astype(np.int8), scale
+    if weight_dtype != "int4":
+        raise ValueError(f"weight_dtype must be one of {WEIGHT_DTYPES}, got {weight_dtype!r}")
+    stored_shape(w.shape, "int4")  # (validates the row count)
+    *lead, rows, cols = w.shape
+    g = int4_group(rows)
+    grouped = w.reshape(*lead, rows // g, g, cols)
+    amax = np.abs(grouped).max(axis=-2)
+    scale = np.where(amax > 0, amax / 7.0, 1.0).astype(np.float32)
+    codes = np.clip(np.rint(grouped / scale[..., None, :]), -7, 7).astype(np.int8)
+    codes = codes.reshape(*lead, rows // 2, 2, cols)
+    packed = (codes[..., 0, :] & 0x0F) | (codes[..., 1, :] << 4)
+    return packed.astype(np.int8), scale
+
+
+def quantise_int8(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`quantise(w, "int8")`."""
+    return quantise(w, "int8")
+
+
+def dequantise(xp, stored, scale, dtype, weight_dtype: str = "int8"):
+    """The matrix from its codes and scales (`quantise`), computed in float32 and rounded
+    once to `dtype`: the same bits in numpy and jax.numpy."""
+    if weight_dtype == "int8":
+        return (stored.astype(xp.float32) * scale[..., None, :]).astype(dtype)
+    lo = xp.right_shift(xp.left_shift(stored, 4), 4)  # arithmetic shifts: sign-extended
+    hi = xp.right_shift(stored, 4)
+    *lead, half, cols = stored.shape
+    codes = xp.stack([lo, hi], axis=-2).reshape(*lead, 2 * half, cols)
+    groups = scale.shape[-2]
+    w = codes.astype(xp.float32).reshape(*lead, groups, 2 * half // groups, cols)
+    return (w * scale[..., None, :]).reshape(*lead, 2 * half, cols).astype(dtype)
 
 
 def _aligned_empty(nbytes: int) -> np.ndarray:
@@ -152,11 +267,47 @@ class HostLayer:
     @classmethod
     def allocate(cls, layout: LayerLayout) -> HostLayer:
         buffer = _aligned_empty(layout.nbytes)
-        dt = NP_DTYPES[layout.dtype]
         views: dict[str, Any] = dict.fromkeys(LAYER_FIELDS)
         for s in layout.slots:
-            views[s.name] = buffer[s.offset:s.offset + s.nbytes].view(dt).reshape(s.shape)
+            if s.name in views and not (layout.quantised and s.name in QUANTISED_FIELDS):
+                views[s.name] = cls._view(buffer, s)
         return cls(layout, buffer, LayerWeights(**views))
+
+    @staticmethod
+    def _view(buffer: np.ndarray, s: TensorSlot) -> np.ndarray:
+        return buffer[s.offset:s.offset + s.nbytes].view(_np_dtype(s.dtype)).reshape(s.shape)
+
+    def slot(self, name: str) -> np.ndarray:
+        """The raw stored array of slot `name` (int8 codes or a scale in a quantised layout)."""
+        return self._view(self.buffer, next(s for s in self.layout.slots if s.name == name))
+
+    def quantise(self, weight_dtype: str) -> HostLayer:
+        """This (float) layer in a `weight_dtype` layout: the matrices quantised, the rest
+        copied."""
+        if self.layout.quantised:
+            raise ValueError(f"layer is already quantised ({self.layout.weight_dtype})")
+        shapes = {s.name: s.shape for s in self.layout.slots}
+        out = HostLayer.allocate(LayerLayout.for_shapes(shapes, self.layout.dtype, weight_dtype))
+        for name in shapes:
+            src = getattr(self.weights, name)
+            if name in QUANTISED_FIELDS:
+                q, scale = quantise(src, weight_dtype)
+                out.slot(name)[...] = q
+                out.slot(name + ".scale")[...] = scale
+            else:
+                getattr(out.weights, name)[...] = src
+        return out
+
+    def dequantised_numpy(self) -> LayerWeights:
+        """The typed float weights on the host (for a quantised layer: dequantised copies,
+        bit-equal to what `unpack_packets` gives on a device)."""
+        if not self.layout.quantised:
+            return self.weights
+        dt = NP_DTYPES[self.layout.dtype]
+        return self.weights.replace(**{
+            s.name: dequantise(np, self.slot(s.name), self.slot(s.name + ".scale"), dt,
+                               self.layout.weight_dtype)
+            for s in self.layout.slots if s.name in QUANTISED_FIELDS})
 
 
 def abstract_weights(cfg: ModelConfig, dtype: str | None = None) -> ModelWeights:
@@ -251,7 +402,8 @@ def packets(buffer: np.ndarray, packet_bytes: int, cut: int = 0) -> tuple[np.nda
 def unpack_packets(layout: LayerLayout, bounds: tuple[int, ...],
                    packets: tuple[jax.Array, ...]) -> LayerWeights:
     """Typed `LayerWeights` from a layer's raw uint8 buffer split into packets starting at
-    `bounds` (`packet_bounds`), on whatever device they live."""
+    `bounds` (`packet_bounds`), on whatever device they live; a quantised layout's matrices
+    come out dequantised to the model dtype."""
     dt = NP_DTYPES[layout.dtype]
 
     def raw(offset: int, nbytes: int) -> jax.Array:
@@ -264,9 +416,18 @@ def unpack_packets(layout: LayerLayout, bounds: tuple[int, ...],
             offset, nbytes = offset + take, nbytes - take
         return pieces[0] if len(pieces) == 1 else jnp.concatenate(pieces)
 
-    fields = dict.fromkeys(LAYER_FIELDS)
+    stored = {}
     for slot in layout.slots:
-        typed = jax.lax.bitcast_convert_type(raw(slot.offset, slot.nbytes)
-                                             .reshape(-1, dt.itemsize), jnp.dtype(dt))
-        fields[slot.name] = typed.reshape(slot.shape)
+        sdt = _np_dtype(slot.dtype)
+        flat = raw(slot.offset, slot.nbytes)
+        typed = (jax.lax.bitcast_convert_type(flat, jnp.int8) if sdt.itemsize == 1 else
+                 jax.lax.bitcast_convert_type(flat.reshape(-1, sdt.itemsize), jnp.dtype(sdt)))
+        stored[slot.name] = typed.reshape(slot.shape)
+    fields = dict.fromkeys(LAYER_FIELDS)
+    for name in fields:
+        if name + ".scale" in stored:
+            fields[name] = dequantise(jnp, stored[name], stored[name + ".scale"], dt,
+                                      layout.weight_dtype)
+        elif name in stored:
+            fields[name] = stored[name]
     return LayerWeights(**fields)

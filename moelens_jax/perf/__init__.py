@@ -6,6 +6,7 @@ from moelens_jax.perf.costs import EngineCosts
 from moelens_jax.perf.hardware import PRESETS, HardwareSpec, get_hardware
 from moelens_jax.perf.lightning_planner import LightningHardware, LightningPlan
 from moelens_jax.perf.policy import (
+    choose_precision,
     default_token_budget,
     engine_config,
     machine_engine_config,
@@ -14,6 +15,7 @@ from moelens_jax.perf.policy import (
 from moelens_jax.perf.stage1 import (
     Stage1Result,
     Workload,
+    layer_bytes,
     overlap_factor,
     paper_table2,
     pme,
@@ -37,4 +39,5 @@ __all__ = ["HardwareSpec", "EngineCosts", "Calibration", "PRESETS", "get_hardwar
            "tokens_to_saturate_approx", "engine_pages", "streamed_bytes",
            "default_token_budget", "split_costs", "engine_config", "machine_engine_config",
            "cached", "LightningHardware", "DataParallelResult", "predict_data_parallel",
+           "layer_bytes", "choose_precision",
            "LightningPlan"]

@@ -18,7 +18,10 @@ shape (`~/.cache/moelens_jax/`, or $MOELENS_CACHE); `validate_model` reports how
   backend the "transfer" aliases the host buffer, so the rate is very high and t_io ~ 0 (the
   engine keeps the layers resident there and streams nothing); the engine's
   `h2d_limit_gb_per_s` cap is what emulates a link there;
-* host memory read bandwidth (the C++ streaming-read probe).
+* host memory read bandwidth (the C++ streaming-read probe);
+* the device's unpacking of a streamed layer (typed weights from the copied bytes; for int8 /
+  int4 layouts a dequantisation): one layer of the model, as stored and quantised, unpacked
+  on the device, per byte of the unpacked layer.
 
 On a CPU-only backend `shared_cores` is True (device and host stages run on the same cores).
 The decode-attention read rate comes from the fit (it is what the engine achieves, conversion
@@ -39,6 +42,7 @@ import jax
 import numpy as np
 
 from moelens_jax import _cpu_ops, ops, workloads
+from moelens_jax.model.weights import WEIGHT_DTYPES, LayerLayout, packet_bounds, unpack_packets
 from moelens_jax.perf.costs import EngineCosts
 from moelens_jax.perf.hardware import HardwareSpec
 from moelens_jax.runtime.engine import Engine
@@ -46,7 +50,7 @@ from moelens_jax.runtime.layout import IterationShape
 from moelens_jax.runtime.mover import WeightMover
 from moelens_jax.runtime.stats import IterationRecord
 
-CALIBRATION_VERSION = 5  # bump when the fitted terms change: older cache files are not read
+CALIBRATION_VERSION = 7  # bump when the fitted terms change: older cache files are not read
 
 
 def fingerprint() -> str:
@@ -77,6 +81,34 @@ def measure_h2d(model, min_bytes: int) -> float:
         layer += 1
     mover.close()
     return (mover.bytes_moved - bytes0) / (mover.copy_s - secs0)
+
+
+def measure_unpack(model, repeats: int = 9) -> dict[str, float]:
+    """Seconds per unpacked byte of turning one copied layer into typed weights on the default
+    device (`weights.unpack_packets`, as the weight mover runs it after each copy), stored in
+    the model dtype ("float") and in each quantised format (int8, int4: unpacking dequantises):
+    the median of `repeats` timed calls after a compile, per byte of the layer in the model
+    dtype."""
+    if not model.pageable or model.weight_dtype is not None:
+        warnings.warn("calibrate: the model's float layers are not on the host (released or "
+                      "quantised); unpacking is not measured and costs 0", stacklevel=2)
+        return dict.fromkeys(("float", *WEIGHT_DTYPES), 0.0)
+    dev = jax.devices()[0]
+    base = model.host_layers[0]
+    typed = LayerLayout.for_config(model.config, model.dtype).nbytes
+    out = {}
+    for wd in ("float", *WEIGHT_DTYPES):
+        layer = base if wd == "float" else base.quantise(wd)
+        pk = (jax.device_put(layer.buffer, dev),)
+        bounds = packet_bounds(layer.layout.nbytes, layer.layout.nbytes)
+        jax.block_until_ready(unpack_packets(layer.layout, bounds, pk))  # compile
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            jax.block_until_ready(unpack_packets(layer.layout, bounds, pk))
+            times.append(time.perf_counter() - t0)
+        out[wd] = float(np.median(times)) / typed
+    return out
 
 
 def measure_host_bandwidth(nbytes: int = 256 << 20, repeats: int = 5) -> float:
@@ -266,9 +298,11 @@ def calibrate(model, *, use_cache: bool = True, h2d_bytes: int | None = None) ->
     h2d = measure_h2d(model, nbytes)
     host_bw = measure_host_bandwidth()
     records, runs = profile_engine(model)
+    unpack = measure_unpack(model)
     costs = dataclasses.replace(
         fit_engine_costs(cfg, records, runs, stage_points=profile_stages(model)),
-        io_s_per_byte=1.0 / h2d)
+        io_s_per_byte=1.0 / h2d, unpack_s_per_byte=unpack["float"],
+        dequant_int8_s_per_byte=unpack["int8"], dequant_int4_s_per_byte=unpack["int4"])
     for name in ("layer_token_s", "attn_s_per_kv_byte"):
         if getattr(costs, name) == 0:
             warnings.warn(f"calibrate: the fit put {name} at 0 (the profile did not separate "

@@ -15,8 +15,15 @@ layout) with L layers and G groups (VSLPipe runs two, each dispatched and padded
   t_host = L * (attn_fixed_s * G + attn_s_per_token * tokens
                 + attn_s_per_kv_byte * KV bytes the decode rows read per layer)
   t_io   = io_s_per_byte * weight bytes streamed (0 when the layers are resident)
-  t_iter = iteration_fixed_s + max(t_io, t_dev + t_host)  if shared_cores (a CPU-only machine)
-           iteration_fixed_s + max(t_io, t_dev, t_host)   otherwise (VSLPipe overlaps them)
+  t_deq  = unpack_s_per_byte (or dequant_<format>_s_per_byte for a quantised layout) * bytes
+           of the streamed layers once unpacked: the device work that turns each copied layer
+           into typed weights, which the weight mover waits for before its next copy
+  t_iter = iteration_fixed_s + max(t_io + 2 t_deq, t_dev + t_host + t_deq)  if shared_cores
+           iteration_fixed_s + max(t_io + t_deq, t_dev + t_deq, t_host)        otherwise
+  On shared cores (a CPU-only machine) the unpacking runs on the cores the compute uses: its
+  CPU time adds to the compute, and while both run each gets half the cores, so the weight
+  mover's chain waits twice its isolated time. Elsewhere it is device work beside the GEMMs
+  (VSLPipe overlaps device, host and link).
 
 plus `request_s` per request outside the iterations.
 """
@@ -50,6 +57,11 @@ class EngineCosts:
       iteration_fixed_s: per iteration: scheduling, embedding, dispatch.
       request_s: per request, outside the iterations.
       io_s_per_byte: per weight byte streamed host -> device.
+      unpack_s_per_byte: per byte of a streamed layer stored in the model dtype, unpacking it
+        into typed weights on the device after its copy.
+      dequant_int8_s_per_byte, dequant_int4_s_per_byte: the same for a quantised layer (its
+        unpacking dequantises), per byte of the layer once dequantised. All three are 0 from a
+        datasheet (a GPU unpacks at memory speed, far under the link's time).
       shared_cores: device and host stages share the same cores (their times add).
       source: where the numbers come from.
     """
@@ -66,6 +78,9 @@ class EngineCosts:
     iteration_fixed_s: float = 0.0
     request_s: float = 0.0
     io_s_per_byte: float = 0.0
+    unpack_s_per_byte: float = 0.0
+    dequant_int8_s_per_byte: float = 0.0
+    dequant_int4_s_per_byte: float = 0.0
     shared_cores: bool = False
     source: str = ""
 
@@ -97,8 +112,11 @@ class EngineCosts:
         return self.layer_token_s + self.padded_row_s
 
     def iteration(self, cfg: ModelConfig, shape: IterationShape, streamed_bytes: float = 0.0,
-                  kv_dtype: str | None = None) -> dict[str, float]:
-        """Seconds of one iteration by term ("dev", "host", "io", "fixed") and "total"."""
+                  kv_dtype: str | None = None, weight_dtype: str | None = None,
+                  dequantised_bytes: float = 0.0) -> dict[str, float]:
+        """Seconds of one iteration by term ("dev", "host", "io", "deq", "fixed") and
+        "total"; `dequantised_bytes`: what the streamed layers come to once unpacked (in the
+        model dtype; a `weight_dtype` layout dequantised)."""
         L, G = cfg.num_layers, len(shape.groups)
         kv_bytes = shape.kv_tokens_read * cfg.kv_bytes_per_token(kv_dtype) / L
         t_dev = (L * (self.layer_fixed_s * G + self.layer_token_s * shape.tokens
@@ -109,6 +127,10 @@ class EngineCosts:
         t_host = L * (self.attn_fixed_s * G + self.attn_s_per_token * shape.tokens
                       + self.attn_s_per_kv_byte * kv_bytes)
         t_io = self.io_s_per_byte * streamed_bytes
-        busy = max(t_io, t_dev + t_host) if self.shared_cores else max(t_io, t_dev, t_host)
-        return {"dev": t_dev, "host": t_host, "io": t_io, "fixed": self.iteration_fixed_s,
-                "total": self.iteration_fixed_s + busy}
+        rate = (getattr(self, f"dequant_{weight_dtype}_s_per_byte") if weight_dtype
+                else self.unpack_s_per_byte)
+        t_deq = rate * dequantised_bytes
+        busy = (max(t_io + 2 * t_deq, t_dev + t_host + t_deq) if self.shared_cores
+                else max(t_io + t_deq, t_dev + t_deq, t_host))
+        return {"dev": t_dev, "host": t_host, "io": t_io, "deq": t_deq,
+                "fixed": self.iteration_fixed_s, "total": self.iteration_fixed_s + busy}

@@ -69,3 +69,24 @@ def machine_engine_config(cfg: ModelConfig, *, token_budget: int | None = None,
     config = EngineConfig(**settings)
     return config, given or (f"default {config.token_budget} (no calibration cached; "
                              "python -m experiments.calibrate)")
+
+
+def choose_precision(rates: dict[tuple[str, str], float], errors: dict[tuple[str, str], float],
+                     max_logit_rel_err: float) -> tuple[str, str]:
+    """The fastest (weight format, KV dtype) whose measured logits error (relative L2 against
+    the model in its own dtype, `experiments.quant_accuracy`) is at most `max_logit_rel_err`.
+
+    Args:
+      rates: predicted generated tok/s per combination.
+      errors: measured logits rel-L2 per combination (combinations without a measurement are
+        not eligible).
+
+    Raises:
+      ValueError: no measured combination is within the threshold.
+    """
+    ok = [c for c in rates if c in errors and errors[c] <= max_logit_rel_err]
+    if not ok:
+        have = ", ".join(f"{w}/{kv} {e:.4f}" for (w, kv), e in sorted(errors.items()))
+        raise ValueError(f"no measured (weight, KV) format is within logits rel-L2 "
+                         f"{max_logit_rel_err}; measured: {have or 'none'}")
+    return max(ok, key=lambda c: (rates[c], -errors[c]))

@@ -26,6 +26,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from moelens_jax.config import ModelConfig
+from moelens_jax.model.weights import LayerLayout
 from moelens_jax.perf.hardware import HardwareSpec
 
 
@@ -88,16 +89,25 @@ def overlap_factor(w: Workload) -> float:
     return float(np.sum(p + g) / np.sum(p + g / 2))
 
 
-def gemm_intensity(cfg: ModelConfig, n: float) -> float:
+def layer_bytes(cfg: ModelConfig, weight_dtype: str | None = None) -> int:
+    """Bytes one decoder layer streams: in the model dtype, or in `weight_dtype`'s quantised
+    layout (int8 matrices with their scales, the rest in the model dtype)."""
+    if weight_dtype is None:
+        return cfg.weight_bytes_per_layer
+    return LayerLayout.for_config(cfg, weight_dtype=weight_dtype).nbytes
+
+
+def gemm_intensity(cfg: ModelConfig, n: float, weight_dtype: str | None = None) -> float:
     """GEMM FLOPs per streamed weight byte when n tokens share one pass over a layer (exact
     for this config: 2 n * active params / layer bytes; the paper's
     n (6 m N_k + 2 + 2/s) / (6 m N_e + 2 + 2/s) for bf16)."""
-    return n * cfg.flops_per_token_per_layer / cfg.weight_bytes_per_layer
+    return n * cfg.flops_per_token_per_layer / layer_bytes(cfg, weight_dtype)
 
 
-def tokens_to_saturate(cfg: ModelConfig, hw: HardwareSpec) -> float:
+def tokens_to_saturate(cfg: ModelConfig, hw: HardwareSpec,
+                       weight_dtype: str | None = None) -> float:
     """Tokens per iteration at which GEMM time equals transfer time: I(n) = C / B_io."""
-    return hw.gemm_flops / hw.h2d_bytes_per_s / gemm_intensity(cfg, 1.0)
+    return hw.gemm_flops / hw.h2d_bytes_per_s / gemm_intensity(cfg, 1.0, weight_dtype)
 
 
 def tokens_to_saturate_approx(cfg: ModelConfig, hw: HardwareSpec) -> float:
@@ -139,12 +149,13 @@ class Stage1Result:
 
 
 def stage1(cfg: ModelConfig, hw: HardwareSpec, workload: Workload, kv_cache_bytes: float,
-           kv_dtype: str | None = None) -> Stage1Result:
-    """The throughput upper bound for `workload` with `kv_cache_bytes` of host KV cache."""
+           kv_dtype: str | None = None, weight_dtype: str | None = None) -> Stage1Result:
+    """The throughput upper bound for `workload` with `kv_cache_bytes` of host KV cache, the
+    KV stored as `kv_dtype` (M) and the layers streamed as `weight_dtype` (delta)."""
     kvb = cfg.kv_bytes_per_token(kv_dtype)
     m = kv_cache_bytes / kvb
     p_eff = workload_pme(workload)
-    streamed = cfg.num_layers * cfg.weight_bytes_per_layer
+    streamed = cfg.num_layers * layer_bytes(cfg, weight_dtype)
     delta = streamed / hw.h2d_bytes_per_s
     gen_frac = workload.generated_fraction
     flops_per_token = (cfg.num_layers * cfg.flops_per_token_per_layer
@@ -166,7 +177,7 @@ def stage1(cfg: ModelConfig, hw: HardwareSpec, workload: Workload, kv_cache_byte
     kv_item = kvb / (2 * cfg.num_layers * cfg.kv_size)
     return Stage1Result(
         kv_tokens=m, pme=p_eff, delta_s=delta,
-        tokens_to_saturate=tokens_to_saturate(cfg, hw),
+        tokens_to_saturate=tokens_to_saturate(cfg, hw, weight_dtype),
         tokens_to_saturate_approx=tokens_to_saturate_approx(cfg, hw),
         tokens_per_iteration=n_iter,
         bound_kv_tokens_per_s=t_kv, bound_gpu_tokens_per_s=t_gpu,

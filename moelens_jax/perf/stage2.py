@@ -16,9 +16,10 @@ from __future__ import annotations
 import dataclasses
 
 from moelens_jax.config import ModelConfig
+from moelens_jax.model.weights import LayerLayout
 from moelens_jax.perf.costs import EngineCosts
 from moelens_jax.perf.hardware import HardwareSpec
-from moelens_jax.perf.stage1 import Workload
+from moelens_jax.perf.stage1 import Workload, layer_bytes
 from moelens_jax.runtime.config import EngineConfig
 from moelens_jax.runtime.layout import IterationShape
 from moelens_jax.runtime.scheduler import RequestRejected, make_scheduler
@@ -58,7 +59,7 @@ def streamed_bytes(cfg: ModelConfig, config: EngineConfig, on_cpu: bool) -> floa
     or device-memory cap)."""
     if not config.streams_weights(on_cpu) or config.device_weight_layers >= cfg.num_layers:
         return 0.0
-    layer = cfg.weight_bytes_per_layer
+    layer = layer_bytes(cfg, config.weight_dtype)
     return float(cfg.num_layers * (layer - config.kept_layer_bytes(layer)))
 
 
@@ -80,6 +81,8 @@ def predict(cfg: ModelConfig, costs: EngineCosts | HardwareSpec, workload: Workl
     on_cpu = costs.shared_cores
     split = config.split if config.resolved_pipeline(on_cpu) == "vslpipe" else None
     streamed = streamed_bytes(cfg, config, on_cpu)
+    # every streamed layer is unpacked (a quantised one dequantised) whole after its copy
+    dequantised = cfg.num_layers * LayerLayout.for_config(cfg).nbytes if streamed else 0.0
     num_pages = engine_pages(cfg, config.kv_cache_bytes, config.page_size, config.kv_dtype)
     if num_pages < 1:
         raise ValueError(f"kv_cache_bytes={config.kv_cache_bytes} holds no usable KV page")
@@ -93,7 +96,7 @@ def predict(cfg: ModelConfig, costs: EngineCosts | HardwareSpec, workload: Workl
         except RequestRejected:
             rejected += 1
     total = costs.request_s * len(workload.prompt_lens)  # outside the iterations
-    terms = dict.fromkeys(("dev", "host", "io", "fixed"), 0.0)
+    terms = dict.fromkeys(("dev", "host", "io", "deq", "fixed"), 0.0)
     terms["fixed"] = total
     generated = processed = iterations = 0
     kv_use = []
@@ -104,7 +107,8 @@ def predict(cfg: ModelConfig, costs: EngineCosts | HardwareSpec, workload: Workl
         decode_kv = [sched.seqs[rid].total for rid in plan.decode]
         shape = IterationShape.of(plan, decode_kv, split, tile_pairs=not on_cpu,
                                   micro_batch=config.micro_batch)
-        cost = costs.iteration(cfg, shape, streamed, config.kv_dtype)
+        cost = costs.iteration(cfg, shape, streamed, config.kv_dtype, config.weight_dtype,
+                               dequantised)
         kv_use.append(sched.used_pages() / num_pages)
         sched.complete(plan, set())
         total += cost["total"]

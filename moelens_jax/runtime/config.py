@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from moelens_jax.model.weights import WEIGHT_DTYPES
 from moelens_jax.runtime.layout import TOKEN_COUNT_SPLIT, SplitCosts
 from moelens_jax.runtime.scheduler import DEFAULT_TOKEN_BUDGET, POLICIES
 
@@ -23,6 +24,9 @@ class EngineConfig:
       kv_cache_bytes: host memory for the paged KV cache.
       kv_dtype: KV storage dtype (None: the model's dtype): "bfloat16", "float16", "float32",
         or 8-bit "int8" / "float8_e4m3fn" (a float32 scale per token and kv head).
+      weight_dtype: how the model's layers store their matrices: None (the model dtype) or
+        "int8" (`Model.quantised`; streamed as stored, dequantised on the device). Must match
+        the model the engine runs; Stage 2 charges the stream by it.
       page_size: tokens per KV page.
       device_weight_layers: decoder layers resident on the device at once (2 = double buffer).
       resident_weight_fraction: where the layers stream, the fraction of each decoder layer's
@@ -55,6 +59,7 @@ class EngineConfig:
 
     kv_cache_bytes: int
     kv_dtype: str | None = None
+    weight_dtype: str | None = None
     page_size: int = 16
     device_weight_layers: int = 2
     resident_weight_fraction: float = 0.0
@@ -74,6 +79,9 @@ class EngineConfig:
             raise ValueError(f"EngineConfig: {msg}")
         if not self.kv_cache_bytes > 0:
             bad(f"kv_cache_bytes must be positive, got {self.kv_cache_bytes}")
+        if self.weight_dtype is not None and self.weight_dtype not in WEIGHT_DTYPES:
+            bad(f"weight_dtype must be one of {WEIGHT_DTYPES} or None, got "
+                f"{self.weight_dtype!r}")
         if self.page_size < 1:
             bad(f"page_size must be >= 1, got {self.page_size}")
         if self.device_weight_layers < 1:
@@ -116,6 +124,7 @@ class EngineConfig:
     def streams_weights(self, on_cpu: bool) -> bool:
         """Whether the layers stream to the device each pass. On a CPU-only backend the
         "device" is host memory and the layers are used in place, unless a link or device
-        memory cap asks for an accelerator to be emulated."""
+        memory cap asks for an accelerator to be emulated, or the layers are quantised
+        (dequantised as they stream)."""
         return (not on_cpu or self.h2d_limit_gb_per_s is not None
-                or self.device_memory_bytes is not None)
+                or self.device_memory_bytes is not None or self.weight_dtype is not None)

@@ -68,6 +68,7 @@ from moelens_jax.runtime.mover import (
     layer_window_bytes,
     resident_bytes,
     streamed_layers_held,
+    typed_layer_bytes,
 )
 from moelens_jax.runtime.requests import GenerationResult, Request
 from moelens_jax.runtime.sampling import SamplingParams, sample
@@ -143,7 +144,7 @@ def _plan_device(model: Model, config: EngineConfig, device, on_cpu: bool) -> De
     layer = model.host_layers[0].layout.nbytes
     kept = config.kept_layer_bytes(layer)
     window = layer_window_bytes(layer, model.config.num_layers, config.device_weight_layers,
-                                kept)
+                                kept, typed_layer_bytes(model))
     groups = 2 if config.resolved_pipeline(on_cpu) == "vslpipe" else 1
     kept_desc = f", {kept} B of every layer kept" if kept else ""
     return plan_device_memory(
@@ -177,6 +178,10 @@ class Engine:
         # Stage C runs on the host: an accelerator-only JAX (JAX_PLATFORMS=cuda) cannot run it.
         self._host = host_device()
         self._device = jax.devices()[0]
+        if config.weight_dtype != model.weight_dtype:
+            raise ValueError(f"EngineConfig.weight_dtype={config.weight_dtype!r} but the model "
+                             f"stores its layers as {model.weight_dtype or model.dtype} "
+                             "(quantise it with Model.quantised, or set the field to match)")
         self.on_cpu = jax.default_backend() == "cpu"
         cfg = model.config
         # Device memory is planned before the KV pool and the weight staging exist.

@@ -54,12 +54,24 @@ def streamed_layers_held(depth: int, num_layers: int) -> int:
     return min(depth + 1, num_layers)
 
 
-def layer_window_bytes(layer_bytes: int, num_layers: int, depth: int, kept_bytes: int = 0)\
-        -> int:
+def typed_layer_bytes(model) -> int | None:
+    """Bytes of one layer unpacked in the model dtype when its stored layout is quantised
+    (else None: stored and unpacked sizes agree)."""
+    if not model.host_layers[0].layout.quantised:
+        return None
+    return LayerLayout.for_config(model.config, model.dtype).nbytes
+
+
+def layer_window_bytes(layer_bytes: int, num_layers: int, depth: int, kept_bytes: int = 0,
+                       typed_bytes: int | None = None) -> int:
     """Device bytes a streaming mover holds at its peak: the kept prefix of every layer and
-    the streamed rest of `streamed_layers_held(depth, num_layers)` layers."""
+    the streamed rest of `streamed_layers_held(depth, num_layers)` layers. For a quantised
+    layout (`typed_bytes`: the layer dequantised, in the model dtype) the window holds the
+    dequantised layers, and the layer in flight its stored packets as well."""
     held = streamed_layers_held(depth, num_layers)
-    return num_layers * kept_bytes + held * (layer_bytes - kept_bytes)
+    if typed_bytes is None:
+        return num_layers * kept_bytes + held * (layer_bytes - kept_bytes)
+    return num_layers * kept_bytes + held * typed_bytes + (layer_bytes - kept_bytes)
 
 
 def unpack_layer(layout: LayerLayout, buf_u8: jax.Array) -> LayerWeights:
@@ -107,7 +119,11 @@ class WeightMover:
         on_host = self.device.platform == "cpu"
         if resident and not on_host:
             raise ValueError(f"resident weights need the CPU device, not {self.device}")
-        self.resident = (on_host and h2d_limit_gb_per_s is None) if resident is None else resident
+        if resident and self.layout.quantised:
+            raise ValueError("a quantised model's layers are dequantised as they stream; they "
+                             "cannot be used in place (resident)")
+        self.resident = ((on_host and h2d_limit_gb_per_s is None and not self.layout.quantised)
+                         if resident is None else resident)
         if not model.pageable and (self.resident or pinned is False):
             model.require_pageable("a weight mover without pinned staging")
         if self.resident:
@@ -137,6 +153,7 @@ class WeightMover:
         self.bytes_moved = 0
         self.transfers = 0  # host-to-device copies issued (packets)
         self.copy_s = 0.0  # time spent copying
+        self.unpack_s = 0.0  # time spent unpacking (and dequantising) the copied layers
         self.link_s = 0.0  # time the (possibly capped) link was busy: copy + throttle
 
     def _copy(self, layer: int, after=None) -> LayerWeights:
@@ -162,8 +179,11 @@ class WeightMover:
                 self.transfers += 1
                 self.copy_s += t1 - t0
                 self.link_s += end - t0
-        weights = unpack_packets(self.layout, self.bounds, tuple(copied))
-        return jax.block_until_ready(weights)
+        t0 = time.perf_counter()
+        weights = jax.block_until_ready(unpack_packets(self.layout, self.bounds, tuple(copied)))
+        with self._lock:
+            self.unpack_s += time.perf_counter() - t0
+        return weights
 
     def prefetch(self, layer: int, after=None) -> None:
         """Starts copying `layer` (mod num_layers) unless it is resident or in flight; with
@@ -205,7 +225,7 @@ class WeightMover:
         if self.resident:
             return self.num_layers * self.layer_bytes
         return layer_window_bytes(self.layer_bytes, self.num_layers, self.depth,
-                                  self.kept_bytes)
+                                  self.kept_bytes, typed_layer_bytes(self.model))
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
