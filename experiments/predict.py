@@ -63,6 +63,15 @@ _CONSTANTS = flags.DEFINE_enum("lightning_constants", "artifact", ["artifact", "
                                "moe-lightning: the artifact's hardware constants or ours.")
 
 
+def _fits(cfg, weight_dtype) -> bool:
+    """Whether this shape can be stored in `weight_dtype` (int4 needs 32-row groups)."""
+    try:
+        perf.layer_bytes(cfg, weight_dtype)
+    except ValueError:
+        return False
+    return True
+
+
 def _choose(cfg, by_format):
     """(the fastest (weight, KV) format within --max_logit_rel_err, its measured error), from
     --accuracy_json's rows for --accuracy_model (default: this model), or None."""
@@ -147,7 +156,7 @@ def main(argv):
     # and every weight format (delta scales with the bytes a layer streams).
     by_kv_dtype = {d: perf.stage1(cfg, hw, perf.Workload.fixed(p, g), kv, d, wd)
                    .generated_tokens_per_s for d in KV_DTYPES}
-    weight_formats = [cfg.dtype, *WEIGHT_DTYPES]
+    weight_formats = [cfg.dtype, *(w for w in WEIGHT_DTYPES if _fits(cfg, w))]
     s1_format = {(w, d): perf.stage1(cfg, hw, perf.Workload.fixed(p, g), kv, d,
                                      None if w == cfg.dtype else w)
                  for w in weight_formats for d in KV_DTYPES}

@@ -35,8 +35,8 @@ _KV_CACHE_GB = flags.DEFINE_float("kv_cache_gb", 0.25, "Host KV cache size in GB
 _PAGE_SIZE = flags.DEFINE_integer("page_size", 16, "Tokens per KV page.")
 _WEIGHT_DTYPE = flags.DEFINE_enum("weight_dtype", None, list(WEIGHT_DTYPES),
                                   "Store and stream the layers' matrices quantised (int8 per "
-                                  "output channel, dequantised on the device); default: the "
-                                  "model dtype.")
+                                  "output channel, int4 per channel and 128 rows; dequantised "
+                                  "on the device); default: the model dtype.")
 _KV_DTYPE = flags.DEFINE_enum("kv_dtype", None, list(KV_DTYPES),
                               "KV cache storage dtype (default: the model's); int8 and "
                               "float8_e4m3fn keep a float32 scale per token and kv head.")

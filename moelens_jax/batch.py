@@ -153,15 +153,27 @@ def duplicate_item(line: int, custom_id: str) -> BatchItem:
                                         f"{custom_id!r} repeats an earlier line"))
 
 
+def read_lines(f, first: int = 1) -> Iterator[tuple[int, bytes]]:
+    """(line number, raw line) of the non-blank lines of a binary file whose first line is
+    number `first`: lines end at b"\n" only (a lone "\r" is inside a line), blank means ASCII
+    whitespace only. Every reader of an input file (this module, `batch_ray`) numbers lines
+    this way."""
+    for n, raw in enumerate(f, first):
+        if raw.strip():
+            yield n, raw
+
+
+def decode_line(raw: bytes) -> str:
+    return raw.decode("utf-8", errors="replace")
+
+
 def read_input(path: str, model) -> Iterator[BatchItem]:
     """The input file's items, in order; blank lines are skipped; a repeated custom_id is an
     error item."""
     seen: set[str] = set()
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for n, text in enumerate(f, 1):
-            if not text.strip():
-                continue
-            item = parse_line(text, n, model)
+    with open(path, "rb") as f:
+        for n, raw in read_lines(f):
+            item = parse_line(decode_line(raw), n, model)
             if item.custom_id is not None and item.custom_id in seen:
                 item = duplicate_item(n, item.custom_id)
             elif item.custom_id is not None:
@@ -179,6 +191,8 @@ def config_hash(model, engine: Engine) -> str:
     key = {"config": dataclasses.asdict(model.config), "dtype": model.dtype,
            "source": model.source, "weights": fp.hexdigest(),
            "kv_dtype": engine.store.dtype}
+    if model.weight_dtype is not None:  # (absent for float models: their hashes stay as were)
+        key["weight_dtype"] = model.weight_dtype
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -209,8 +223,11 @@ def read_done(path: str) -> tuple[set[str], str | None]:
             if rec is None:
                 torn = n
                 continue
-            found = rec.get("config") if found is None else found
-            if rec.get("config") != found:
+            if not isinstance(rec, dict) or not rec.get("config"):
+                raise BatchError(f"{path}: line {n} has no config hash (not written by "
+                                 "run_batch); write to a new output file")
+            found = rec["config"] if found is None else found
+            if rec["config"] != found:
                 raise BatchError(f"{path} mixes lines of configurations {found} and "
                                  f"{rec.get('config')} (line {n}); repair or move the file")
             err = rec.get("error") or {}
@@ -330,16 +347,15 @@ def input_sizes(path: str) -> tuple[int, float]:
     line by line. Lines that do not parse count as nothing."""
     lines, tokens = 0, 0.0
     with open(path, "rb") as f:
-        for raw in f:
-            if raw.strip():
-                lines += 1
-                tokens += _request_tokens(raw)
+        for _, raw in read_lines(f):
+            lines += 1
+            tokens += _request_tokens(raw)
     return lines, tokens / max(lines, 1)
 
 
 def _request_tokens(raw: bytes) -> float:
     try:
-        body = json.loads(raw).get("body") or {}
+        body = json.loads(decode_line(raw)).get("body") or {}
         prompt, max_tokens = body.get("prompt"), body.get("max_tokens", DEFAULT_MAX_TOKENS)
         n = len(prompt) / CHARS_PER_TOKEN if isinstance(prompt, str) else len(prompt)
         return n + (max_tokens if isinstance(max_tokens, int) else 0)

@@ -9,9 +9,10 @@ and output files, so throughput scales with the replicas until one process's rea
 of lines binds (`experiments.run_batch --ray` reports that rate, `driver_lines_per_s`).
 
 Where work runs:
-  - this process (the driver) scans the input once: it numbers the lines, skips those already
-    in the output, marks repeated ids, and cuts the rest into blocks of `chunk` lines (byte
-    ranges). It never holds the prompts;
+  - this process (the driver) reads the input (twice when it sizes the blocks itself: request
+    sizes, then the scan): it numbers the lines, skips those already in the output, marks
+    repeated ids, and cuts the rest into blocks of `chunk` lines to serve (byte ranges; a long
+    run of done lines ends a block). It never holds the prompts;
   - the read tasks run on the driver's node (a `ray.io/node-id` label selector), so the input
     file need not be on a shared filesystem; they ship each block's lines to the replicas;
   - each replica parses its lines (the model's vocabulary and tokenizer judge them), picks its
@@ -25,6 +26,7 @@ optional dependency (`pip install -e ".[ray]"`); this module imports it only whe
 
 from __future__ import annotations
 
+import io
 import json
 import time
 from collections.abc import Callable
@@ -45,33 +47,36 @@ def scan(input_path: str, done: set[str], chunk: int) -> tuple[list[dict], int, 
     pos = 0
     block = None
     with open(input_path, "rb") as f:
-        for n, raw in enumerate(f, 1):
+        for n, raw in enumerate(f, 1):  # lines end at b"\n" only, as in batch.read_lines
             start, pos = pos, pos + len(raw)
             if not raw.strip():
                 continue
             total += 1
             cid = _custom_id(raw)
-            key = cid if cid is not None else f"line:{n}"
             dup = cid is not None and cid in seen
-            if dup:
-                key = f"line:{n}"
-            elif cid is not None:
+            if cid is not None and not dup:
                 seen.add(cid)
-            if block is None:
+            key = cid if cid is not None and not dup else f"line:{n}"
+            if key in done:
+                skipped += 1
+                if block is not None:  # inside a block: read past, but not served
+                    block["skip"].append(n)
+                    block["end"] = pos
+                    if len(block["skip"]) >= chunk:  # a long done run: end the block here
+                        blocks.append(block)
+                        block = None
+                continue
+            if block is None:  # blocks open at a line to serve
                 block = {"start": start, "end": pos, "first_line": n, "skip": [], "dup": [],
                          "lines": 0}
             block["end"] = pos
-            if key in done:
-                skipped += 1
-                block["skip"].append(n)
-                continue
             if dup:
                 block["dup"].append(n)
             block["lines"] += 1
             if block["lines"] == chunk:
                 blocks.append(block)
                 block = None
-    if block is not None and block["lines"]:
+    if block is not None:
         blocks.append(block)
     return blocks, total, skipped
 
@@ -79,8 +84,8 @@ def scan(input_path: str, done: set[str], chunk: int) -> tuple[list[dict], int, 
 def _custom_id(raw: bytes) -> str | None:
     """The line's custom_id as `parse_line` would take it, or None."""
     try:
-        obj = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError):
+        obj = json.loads(batch.decode_line(raw))
+    except json.JSONDecodeError:
         return None
     cid = obj.get("custom_id") if isinstance(obj, dict) else None
     return cid if isinstance(cid, str) and cid else None
@@ -92,12 +97,9 @@ def read_block(block: dict, path: str) -> list[dict]:
         f.seek(block["start"])
         data = f.read(block["end"] - block["start"])
     skip, dup = set(block["skip"]), set(block["dup"])
-    rows = []
-    for n, raw in enumerate(data.splitlines(keepends=True), block["first_line"]):
-        if raw.strip() and n not in skip:
-            rows.append({"line": n, "text": raw.decode("utf-8", errors="replace"),
-                         "dup": n in dup})
-    return rows
+    return [{"line": n, "text": batch.decode_line(raw), "dup": n in dup}
+            for n, raw in batch.read_lines(io.BytesIO(data), block["first_line"])
+            if n not in skip]
 
 
 def _default_chunk(model_spec: dict, settings: dict, input_path: str, done: int,
@@ -180,10 +182,10 @@ def run_batch_ray(model_spec: dict, input_path: str, output_path: str, *,
     import ray
     import ray.data
 
-    t0 = time.perf_counter()
-    done, found = batch.read_done(output_path)
     if not ray.is_initialized():
         ray.init(logging_level="WARNING", include_dashboard=False)
+    t0 = time.perf_counter()
+    done, found = batch.read_done(output_path)
     gpus = ray.cluster_resources().get("GPU", 0)
     replica_gpus = (1.0 if gpus else 0.0) if replica_gpus is None else replica_gpus
     replicas = replicas or max(1, int(gpus))
@@ -193,6 +195,7 @@ def run_batch_ray(model_spec: dict, input_path: str, output_path: str, *,
     status = BatchStatus(total_lines=total, skipped=skipped,
                          driver_s=time.perf_counter() - t0)
     if not blocks:
+        batch.Output(output_path, status, on_status, t0=t0).close()  # (the status file)
         return status
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # the status line and file report progress
@@ -205,7 +208,10 @@ def run_batch_ray(model_spec: dict, input_path: str, output_path: str, *,
                                               "settings": settings or {},
                                               "hardware": hardware,
                                               "threads": int(replica_cpus or 0)},
-                       compute=ray.data.ActorPoolStrategy(size=replicas),
+                       # one block at a time per replica: blocks go to the replica free
+                       # first (what perf.predict_data_parallel assumes)
+                       compute=ray.data.ActorPoolStrategy(size=replicas,
+                                                          max_tasks_in_flight_per_actor=1),
                        num_cpus=replica_cpus or 1.0, num_gpus=replica_gpus))
     out = None
     try:

@@ -87,3 +87,30 @@ def test_resume_and_refusal(cluster, job, tmp_path):
     with pytest.raises(batch.BatchError, match="another model or engine configuration"):
         batch_ray.run_batch_ray(SPEC, str(inp), str(out), settings=settings, replicas=1)
     assert out.read_text() == before
+
+
+def test_driver_scan_numbers_lines_as_the_single_process_reader(tmp_path):
+    """The driver's blocks (scan + read_block) serve exactly the lines `read_input` would, with
+    the same numbers and the same repeated-id marks, whatever the bytes: a lone "\\r" inside
+    a line, CRLF, a BOM, invalid UTF-8, blank lines; done lines are skipped, and a long run of
+    them ends a block."""
+    model = mj.load_model(PRESET, dtype="float32", seed=0)
+    raw = [_line("a", [1, 2]).encode() + b"\r\n",                      # 1 CRLF
+           b"\xef\xbb\xbf" + _line("bom", [3]).encode() + b"\n",      # 2 BOM: not JSON
+           _line("c", [4]).encode()[:-1] + b"\r}\n",                   # 3 lone \r inside
+           b"   \n", b"\n",                                            # 4, 5 blank
+           _line("d", [5]).encode().replace(b"]", b"] ", 1)[:-2] + b"\xe9\"}\n",  # 6 bad UTF-8
+           _line("a", [6]).encode() + b"\n"]                           # 7 repeats "a"
+    raw += [_line(f"k{i}", [i % 200]).encode() + b"\n" for i in range(20)]  # 8..27
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(b"".join(raw))
+    items = list(batch.read_input(str(path), model))
+    done = {"k0", "k1", "k2", "k3", "k4", "k5", "k6", "k7", "k8", "k9", "k15"}
+    want = [(it.line, it.custom_id is None and it.error is not None
+             and it.error[0] == "duplicate_custom_id") for it in items if it.key not in done]
+    for chunk in (1, 3, 100):
+        blocks, total, skipped = batch_ray.scan(str(path), done, chunk)
+        got = [(r["line"], r["dup"]) for b in blocks for r in batch_ray.read_block(b, str(path))]
+        assert got == want and total == len(items) and skipped == len(done), chunk
+        assert all(b["lines"] <= chunk and len(b["skip"]) <= chunk for b in blocks)
+    assert (7, True) in want and any(n == 3 for n, _ in want)

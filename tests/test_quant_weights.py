@@ -62,8 +62,9 @@ def test_int4_grouped_bounds_and_packing():
     err = np.abs(dequantise(np, packed, scale, np.float32, "int4") - w)
     assert (err <= per_row / 2 * (1 + 1e-6)).all()
     _same_bits_in_numpy_and_jax(packed, scale, "int4")
-    with pytest.raises(ValueError, match="odd count"):
-        quantise(np.ones((3, 4)), "int4")
+    with pytest.raises(ValueError, match="no such group"):  # 2 x odd rows: use int8
+        quantise(np.ones((3, 6 * 32 + 2, 4)), "int4")
+    assert int4_group(96) == 32
 
 
 def _same_bits_in_numpy_and_jax(stored, scale, weight_dtype):

@@ -79,7 +79,7 @@ def test_draws_follow_the_exact_filtered_distribution(params):
 
 def test_filter_boundaries_are_exact():
     """top_p keeps the smallest prefix reaching top_p: probabilities 0.5, 0.3, 0.2 with top_p
-    0.8 keep two tokens (0.5 + 0.3 reaches it), 0.81 keeps three, 0.5 keeps one."""
+    0.79 keep two tokens (0.5 + 0.3 reaches it), 0.81 keeps three, 0.5 keeps one."""
     logits = np.log(np.array([0.5, 0.3, 0.2]))
     for top_p, kept in ((0.5, {0}), (0.79, {0, 1}), (0.81, {0, 1, 2})):
         p = SamplingParams(temperature=1.0, top_p=top_p, seed=0)

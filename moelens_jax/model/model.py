@@ -138,12 +138,13 @@ class Model:
 
     @property
     def weight_dtype(self) -> str | None:
-        """How the layers' matrices are stored: None (the model dtype) or "int8"."""
+        """How the layers' matrices are stored: None (the model dtype), "int8" or "int4"."""
         return self.host_layers[0].layout.weight_dtype
 
     def quantised(self, weight_dtype: str) -> Model:
-        """A new model whose layers store their matrices in `weight_dtype` (int8 per output
-        channel; `weights.QUANTISED_FIELDS`), quantised from this one's; embedding, lm_head,
+        """A new model whose layers store their matrices in `weight_dtype` ("int8": per output
+        channel; "int4": per output channel and 128 input rows; `weights.QUANTISED_FIELDS`),
+        quantised from this one's; embedding, lm_head,
         norms and router stay in the model dtype. Layers stream as stored and are dequantised
         on the device (`weights.unpack_packets`); `forward` computes with the dequantised
         weights, so it is the oracle of an engine on the quantised model."""

@@ -65,12 +65,13 @@ LAYER_FIELDS = ("attn_norm", "wq", "wk", "wv", "wo", "bq", "bk", "bv", "q_norm",
                 "ffn_norm", "router", "w_gate", "w_up", "w_down", "shared_gate", "shared_up",
                 "shared_down", "shared_expert_gate")
 
-# Matrices a quantised layout stores in 8 bits (int8 per output channel); everything else
-# (norms, biases, router, the shared expert's scalar gate) keeps the model dtype.
+# Matrices a quantised layout stores in 8 or 4 bits (`WEIGHT_DTYPES`); everything else (norms,
+# biases, router, the shared expert's scalar gate) keeps the model dtype.
 QUANTISED_FIELDS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down", "shared_gate",
                     "shared_up", "shared_down")
 WEIGHT_DTYPES = ("int8", "int4")  # quantised weight formats (None: the model dtype)
 INT4_GROUP = 128  # input rows per int4 scale (or the largest power of two below that divides)
+INT4_MIN_GROUP = 32  # fewer rows per scale would spend more bytes on scales than int4 saves
 
 # Fields initialised to ones (norm scales); everything else is N(0, init_std).
 NORM_FIELDS = ("attn_norm", "ffn_norm", "q_norm", "k_norm", "final_norm")
@@ -143,7 +144,7 @@ class LayerLayout:
     dtype: str  # the model dtype (what unpacking yields for every field)
     slots: tuple[TensorSlot, ...]
     nbytes: int  # total buffer size, padding included
-    weight_dtype: str | None = None  # "int8": QUANTISED_FIELDS stored quantised
+    weight_dtype: str | None = None  # "int8" / "int4": QUANTISED_FIELDS stored quantised
 
     @classmethod
     def for_config(cls, cfg: ModelConfig, dtype: str | None = None,
@@ -182,18 +183,24 @@ def _np_dtype(name: str) -> np.dtype:
 
 def int4_group(rows: int) -> int:
     """Input rows per int4 scale for a matrix with `rows` input rows: INT4_GROUP, or the
-    largest power of two below it that divides `rows`."""
+    largest power of two below it that divides `rows`.
+
+    Raises:
+      ValueError: no power of two >= INT4_MIN_GROUP divides `rows`.
+    """
     g = INT4_GROUP
-    while rows % g:
+    while rows % g and g > INT4_MIN_GROUP:
         g //= 2
+    if rows % g:
+        raise ValueError(f"int4 groups input rows by {INT4_MIN_GROUP}-{INT4_GROUP}; a matrix "
+                         f"with {rows} input rows has no such group (use int8)")
     return g
 
 
 def stored_shape(shape: tuple[int, ...], weight_dtype: str) -> tuple[int, ...]:
     """Shape of the stored codes of a [..., in, out] matrix."""
     if weight_dtype == "int4":
-        if shape[-2] % 2:
-            raise ValueError(f"int4 packs two input rows per byte; {shape} has an odd count")
+        int4_group(shape[-2])  # (validates the row count: a multiple of 32, so even)
         return shape[:-2] + (shape[-2] // 2, shape[-1])
     return shape
 

@@ -297,8 +297,8 @@ def calibrate(model, *, use_cache: bool = True, h2d_bytes: int | None = None) ->
     nbytes = h2d_bytes or int(min(1e9, ram / 16))
     h2d = measure_h2d(model, nbytes)
     host_bw = measure_host_bandwidth()
+    unpack = measure_unpack(model)  # first: an accelerator engine releases the float layers
     records, runs = profile_engine(model)
-    unpack = measure_unpack(model)
     costs = dataclasses.replace(
         fit_engine_costs(cfg, records, runs, stage_points=profile_stages(model)),
         io_s_per_byte=1.0 / h2d, unpack_s_per_byte=unpack["float"],

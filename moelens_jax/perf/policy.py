@@ -15,7 +15,8 @@ from moelens_jax.runtime.layout import SplitCosts
 MIN_BUDGET, MAX_BUDGET = 64, 32768
 
 
-def default_token_budget(cfg: ModelConfig, hw: HardwareSpec, costs: EngineCosts) -> int:
+def default_token_budget(cfg: ModelConfig, hw: HardwareSpec, costs: EngineCosts,
+                         weight_dtype: str | None = None) -> int:
     """Tokens per iteration (n_real) the scheduler fills up to.
 
     The larger of (a) the tokens that saturate the accelerator against the weight stream
@@ -25,7 +26,7 @@ def default_token_budget(cfg: ModelConfig, hw: HardwareSpec, costs: EngineCosts)
     the budget only has to be large enough not to bind first.
     """
     amortise = 9.0 * costs.layer_fixed_s / max(costs.token_s, 1e-15)
-    n = max(tokens_to_saturate(cfg, hw), amortise, MIN_BUDGET)
+    n = max(tokens_to_saturate(cfg, hw, weight_dtype), amortise, MIN_BUDGET)
     return int(min(MAX_BUDGET, 1 << (int(n) - 1).bit_length()))
 
 
@@ -44,7 +45,8 @@ def engine_config(cfg: ModelConfig, hw: HardwareSpec, costs: EngineCosts | None 
     to the datasheet derivation of `hw`; `overrides` are `EngineConfig` fields
     (kv_cache_bytes is required)."""
     costs = costs or EngineCosts.from_hardware(cfg, hw)
-    overrides.setdefault("token_budget", default_token_budget(cfg, hw, costs))
+    overrides.setdefault("token_budget", default_token_budget(cfg, hw, costs,
+                                                              overrides.get("weight_dtype")))
     config = EngineConfig(**overrides)
     return dataclasses.replace(config, split=split_costs(cfg, costs, config.kv_dtype))
 

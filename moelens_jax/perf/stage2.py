@@ -152,8 +152,9 @@ def predict_data_parallel(cfg: ModelConfig, costs: EngineCosts | HardwareSpec,
     k = workload.num_requests
     blocks = [Workload(workload.prompt_lens[i:i + chunk], workload.gen_lens[i:i + chunk])
               for i in range(0, k, chunk)]
-    times = [predict(cfg, costs, b, config).total_s for b in blocks]
-    generated = float(sum(workload.gen_lens))
+    runs = [predict(cfg, costs, b, config) for b in blocks]
+    times = [r.total_s for r in runs]
+    generated = sum(r.generated_tokens_per_s * r.total_s for r in runs)  # rejected: none
     free = [0.0] * hosts
     for t in times:  # list scheduling in input order, as the actor pool takes blocks
         i = min(range(hosts), key=free.__getitem__)

@@ -24,9 +24,9 @@ class EngineConfig:
       kv_cache_bytes: host memory for the paged KV cache.
       kv_dtype: KV storage dtype (None: the model's dtype): "bfloat16", "float16", "float32",
         or 8-bit "int8" / "float8_e4m3fn" (a float32 scale per token and kv head).
-      weight_dtype: how the model's layers store their matrices: None (the model dtype) or
-        "int8" (`Model.quantised`; streamed as stored, dequantised on the device). Must match
-        the model the engine runs; Stage 2 charges the stream by it.
+      weight_dtype: how the model's layers store their matrices: None (the model dtype),
+        "int8" or "int4" (`Model.quantised`; streamed as stored, dequantised on the device).
+        Must match the model the engine runs; Stage 2 charges the stream by it.
       page_size: tokens per KV page.
       device_weight_layers: decoder layers resident on the device at once (2 = double buffer).
       resident_weight_fraction: where the layers stream, the fraction of each decoder layer's
