@@ -8,7 +8,6 @@ import pytest
 
 from moelens_jax import perf
 from moelens_jax.config import get_preset
-from moelens_jax.model.weights import LayerLayout
 from moelens_jax.perf import EngineCosts, Workload
 from moelens_jax.runtime import EngineConfig, GroupShape, IterationRecord, IterationShape
 from moelens_jax.runtime.scheduler import make_scheduler
@@ -127,7 +126,7 @@ def test_stage2_charges_every_term_by_hand():
     # compute's). Layers stored as int8 stream (even here) as their int8 bytes.
     cq = dataclasses.replace(c, io_s_per_byte=1e-9, unpack_s_per_byte=1e-3,
                              dequant_int8_s_per_byte=1e-8, dequant_int4_s_per_byte=1.0)
-    typed = L * LayerLayout.for_config(cfg).nbytes
+    typed = L * cfg.weight_bytes_per_layer  # each streamed layer unpacked in the model dtype
     for weight_dtype, rate in ((None, 1e-3), ("int8", 1e-8)):
         qconfig = dataclasses.replace(config, weight_dtype=weight_dtype, device_weight_layers=1,
                                       h2d_limit_gb_per_s=1.0)

@@ -144,10 +144,10 @@ class Model:
     def quantised(self, weight_dtype: str) -> Model:
         """A new model whose layers store their matrices in `weight_dtype` ("int8": per output
         channel; "int4": per output channel and 128 input rows; `weights.QUANTISED_FIELDS`),
-        quantised from this one's; embedding, lm_head,
-        norms and router stay in the model dtype. Layers stream as stored and are dequantised
-        on the device (`weights.unpack_packets`); `forward` computes with the dequantised
-        weights, so it is the oracle of an engine on the quantised model."""
+        quantised from this one's; embedding, lm_head, norms and router stay in the model
+        dtype. Layers stream as stored and are dequantised on the device
+        (`weights.unpack_packets`); `forward` computes with the dequantised weights, so it is
+        the oracle of an engine on the quantised model."""
         self.require_pageable("quantising")
         if self.weight_dtype is not None:
             raise ValueError(f"the model is already quantised ({self.weight_dtype})")
@@ -173,24 +173,24 @@ class Model:
         The engine never does this; it streams layers from `host_layers`.
         """
         if self._device_weights is None:
-            if self.pageable and self.weight_dtype is not None:  # dequantised on the device
-                dev = jax.devices()[0]
-                layout = self.host_layers[0].layout
-                typed = tuple(unpack_packets(layout, (0,), (jax.device_put(l.buffer, dev),))
-                              for l in self.host_layers)
-                self._device_weights = jax.device_put(self.weights.replace(layers=typed), dev)
-            elif self.pageable:
+            layout = self.host_layers[0].layout
+            if self.pageable and not layout.quantised:
                 self._device_weights = jax.device_put(self.weights)
-            else:  # from the pinned staging, unpacked on the device
+                return self._device_weights
+            # Unpacked on the device (a quantised layout dequantised): from the host buffers,
+            # or from the pinned staging once they are released.
+            if self.pageable:
+                dev = dst = jax.devices()[0]
+                bounds, layers = (0,), [(l.buffer,) for l in self.host_layers]
+            else:
                 (platform, dev_id, packet_bytes, cut), layers = next(iter(self._staged.items()))
                 dev = next(d for d in jax.devices(platform) if d.id == dev_id)
                 dst = jax.sharding.SingleDeviceSharding(dev, memory_kind="device")
-                layout = self.host_layers[0].layout
                 bounds = packet_bounds(layout.nbytes, packet_bytes, cut)
-                typed = tuple(unpack_packets(layout, bounds,
-                                             tuple(jax.device_put(p, dst) for p in packets))
-                              for packets in layers)
-                self._device_weights = jax.device_put(self.weights.replace(layers=typed), dev)
+            typed = tuple(unpack_packets(layout, bounds,
+                                         tuple(jax.device_put(p, dst) for p in packets))
+                          for packets in layers)
+            self._device_weights = jax.device_put(self.weights.replace(layers=typed), dev)
         return self._device_weights
 
     def forward(self, tokens_bt) -> jax.Array:

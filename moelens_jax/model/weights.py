@@ -225,9 +225,8 @@ def quantise(w: np.ndarray, weight_dtype: str) -> tuple[np.ndarray, np.ndarray]:
         return np.clip(np.rint(w / scale[..., None, :]), -127, 127).astype(np.int8), scale
     if weight_dtype != "int4":
         raise ValueError(f"weight_dtype must be one of {WEIGHT_DTYPES}, got {weight_dtype!r}")
-    stored_shape(w.shape, "int4")  # (validates the row count)
     *lead, rows, cols = w.shape
-    g = int4_group(rows)
+    g = int4_group(rows)  # (validates the row count: a multiple of 32)
     grouped = w.reshape(*lead, rows // g, g, cols)
     amax = np.abs(grouped).max(axis=-2)
     scale = np.where(amax > 0, amax / 7.0, 1.0).astype(np.float32)
@@ -235,11 +234,6 @@ def quantise(w: np.ndarray, weight_dtype: str) -> tuple[np.ndarray, np.ndarray]:
     codes = codes.reshape(*lead, rows // 2, 2, cols)
     packed = (codes[..., 0, :] & 0x0F) | (codes[..., 1, :] << 4)
     return packed.astype(np.int8), scale
-
-
-def quantise_int8(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """`quantise(w, "int8")`."""
-    return quantise(w, "int8")
 
 
 def dequantise(xp, stored, scale, dtype, weight_dtype: str = "int8"):

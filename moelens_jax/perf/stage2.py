@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 
 from moelens_jax.config import ModelConfig
-from moelens_jax.model.weights import LayerLayout
 from moelens_jax.perf.costs import EngineCosts
 from moelens_jax.perf.hardware import HardwareSpec
 from moelens_jax.perf.stage1 import Workload, layer_bytes
@@ -82,7 +81,7 @@ def predict(cfg: ModelConfig, costs: EngineCosts | HardwareSpec, workload: Workl
     split = config.split if config.resolved_pipeline(on_cpu) == "vslpipe" else None
     streamed = streamed_bytes(cfg, config, on_cpu)
     # every streamed layer is unpacked (a quantised one dequantised) whole after its copy
-    dequantised = cfg.num_layers * LayerLayout.for_config(cfg).nbytes if streamed else 0.0
+    dequantised = cfg.num_layers * layer_bytes(cfg) if streamed else 0.0
     num_pages = engine_pages(cfg, config.kv_cache_bytes, config.page_size, config.kv_dtype)
     if num_pages < 1:
         raise ValueError(f"kv_cache_bytes={config.kv_cache_bytes} holds no usable KV page")
