@@ -26,6 +26,30 @@ STORED_ATOL = 2e-5
 INPUT_ATOL = {"float32": 2e-5, "float16": 5e-3, "bfloat16": 4e-2, "int8": 4e-2,
               "float8_e4m3fn": 0.15}
 LENGTHS = lambda ps: [1, ps - 1, ps, ps + 1, 1003]  # noqa: E731
+# Paths that multiply an int8 store with integer dot products (attention_avx2.cc): queries are
+# rounded to 16 bits per row (step max|q| / 32767) and each page's softmax weights times the V
+# scales to 16 bits per (page, head). The first is reproduced exactly in `round_q16`; the
+# second moves each weight by <= half a step of its page's largest, and the softmax sum holds
+# every page's largest weight, so it moves the output by <= page_size * max|v| * 2^-16.
+INT_DOT_ISAS = {"avx2"}
+
+
+def round_q16(q, scale):
+    """q * scale rounded as the integer-dot kernels round it (per row of head_dim)."""
+    qs = q.astype(np.float32) * np.float32(scale)
+    amax = np.abs(qs).max(-1, keepdims=True)
+    step = np.where(amax > 0, amax / np.float32(32767), np.float32(1))
+    return (np.rint(qs / step) * step).astype(np.float64) / scale
+
+
+def stored_reference(q, ks, vs, group, scale, *, dtype, isa, page_size):
+    """`reference` over K/V as stored, and the tolerance of the kernel `isa` runs for `dtype`:
+    STORED_ATOL, plus the integer-dot paths' rounding of the softmax weights (see above)."""
+    if dtype == "int8" and isa in INT_DOT_ISAS and q.shape[-1] % 16 == 0:
+        vmax = max((float(np.nanmax(np.abs(v))) for v in vs if v.size), default=0.0)
+        return (reference(round_q16(q, scale), ks, vs, group, scale),
+                STORED_ATOL + page_size * vmax * 2.0 ** -16)
+    return reference(q, ks, vs, group, scale), STORED_ATOL
 
 
 def reference(q, ks, vs, group, scale):
@@ -67,8 +91,9 @@ def test_matches_float64_reference(d, group, ps, dtype, isa):
     ids = [100 + i for i in range(len(lengths))]
     out = store.decode_attention(q, ids, 1, isa=isa, chunk_tokens=256)
     stored = [store.read(i, 1) for i in ids]
-    ref_stored = reference(q, [s[0] for s in stored], [s[1] for s in stored], group, d ** -0.5)
-    np.testing.assert_allclose(out, ref_stored, rtol=0, atol=STORED_ATOL)
+    ref_stored, atol = stored_reference(q, [s[0] for s in stored], [s[1] for s in stored],
+                                        group, d ** -0.5, dtype=dtype, isa=isa, page_size=ps)
+    np.testing.assert_allclose(out, ref_stored, rtol=0, atol=atol)
     ref_input = reference(q, ks, vs, group, d ** -0.5)
     np.testing.assert_allclose(out, ref_input, rtol=0, atol=INPUT_ATOL[dtype])
 
@@ -85,6 +110,36 @@ def test_odd_groups_and_head_dims(group, d, isa):
     stored = [store.read(i, 1) for i in (100, 101, 102)]
     ref = reference(q, [s[0] for s in stored], [s[1] for s in stored], group, 0.3)
     np.testing.assert_allclose(out, ref, rtol=0, atol=STORED_ATOL)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("where", ["q", "k", "v"])
+def test_int8_store_propagates_nan(where, isa):
+    """A NaN in the query or in a stored row gives NaN for the heads that see it and leaves the
+    other heads exact, on the integer-dot path as on the float ones (the SIMD exp once
+    clamped a NaN score to exp(-87.3), silently dropping a token with a NaN key)."""
+    rng = np.random.default_rng(11)
+    d, ps = 64, 16
+    store = PagedKVStore(2, 2, d, num_pages=8, page_size=ps, dtype="int8")
+    store.add_sequence(100)
+    k = rng.standard_normal((40, 2, d)).astype(np.float32)
+    v = rng.standard_normal((40, 2, d)).astype(np.float32)
+    q = rng.standard_normal((1, 8, d)).astype(np.float32)
+    if where == "q":
+        q[0, 1, 5] = np.nan  # query head 1 (kv head 0)
+    elif where == "k":
+        k[21, 0, 3] = np.nan
+    else:
+        v[21, 0, 3] = np.nan
+    store.append([100], [40], 1, k, v)
+    out = store.decode_attention(q, [100], 1, isa=isa)
+    bad = [1] if where == "q" else [0, 1, 2, 3]
+    assert np.isnan(out[0, bad]).any(axis=-1).all()
+    assert np.isfinite(out[0, 4:]).all()
+    kk, vv = store.read(100, 1)
+    ref, atol = stored_reference(q[:, 4:], [kk[:, 1:]], [vv[:, 1:]], 4, d ** -0.5,
+                                 dtype="int8", isa=isa, page_size=ps)
+    np.testing.assert_allclose(out[:, 4:], ref, rtol=0, atol=atol)
 
 
 def test_results_do_not_depend_on_chunking_or_threads():

@@ -5,7 +5,8 @@ The fuzz drives seeded random sequences of valid AND invalid calls (add/free, ap
 and bad ids, counts, layers, shapes and dtypes, attention with good and bad ids, shapes, layers,
 scales, ISAs) through `PagedKVStore` and the raw binding, against a small Python model of the
 store. A valid call must match the model (attention: a float64 numpy reference over the model's
-K/V, within `STORED_ATOL`); an invalid one must raise the documented error and change nothing.
+K/V, within the tolerance `stored_reference` gives the kernel that runs); an invalid one must
+raise the documented error and change nothing.
 
 The expert and prefill kernels get random shapes, group sizes and layouts against float64 /
 dense references, and invalid ones that must raise. The stress tests swap the thread pool
@@ -24,7 +25,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
-from test_cpu_attention import BAD_SCALES, STORED_ATOL, reference
+from test_cpu_attention import BAD_SCALES, stored_reference
 
 from moelens_jax import _cpu_ops, ops
 from moelens_jax.kv import KvCapacityError, PagedKVStore, cpu_decode_attention
@@ -271,15 +272,16 @@ class _Fuzzer:
         group = int(rng.choice([1, 2, 3, 8, 9]))  # 9 > kMaxGroup: split into head blocks
         q = rng.standard_normal((n, self.H * group, self.d)).astype(np.float32)
         scale = None if rng.random() < 0.4 else float(rng.uniform(0.3, 1.5)) * self.d ** -0.5
-        out = self.store.decode_attention(q, ids, layer, scale=scale,
-                                          isa=str(rng.choice(self.isas)),
+        isa = str(rng.choice(self.isas))
+        out = self.store.decode_attention(q, ids, layer, scale=scale, isa=isa,
                                           chunk_tokens=int(rng.choice([1, self.ps, 5, 64, 512])))
         assert out.shape == q.shape and out.dtype == np.float32
         kvs = [self.model.kv(s, layer, self.H, self.d) for s in ids]
-        want = reference(q, [k for k, _ in kvs], [v for _, v in kvs], group,
-                         self.d ** -0.5 if scale is None else scale)
+        want, atol = stored_reference(q, [k for k, _ in kvs], [v for _, v in kvs], group,
+                                      self.d ** -0.5 if scale is None else scale,
+                                      dtype=self.dtype, isa=isa, page_size=self.ps)
         assert np.isfinite(out).all()
-        np.testing.assert_allclose(out, want, rtol=0, atol=STORED_ATOL)
+        np.testing.assert_allclose(out, want, rtol=0, atol=atol)
         self.counts["valid"] += 1
         self.counts["attention"] += 1
 

@@ -32,6 +32,33 @@ struct Item {
 
 }  // namespace
 
+void QuantiseRowsI16(const float* x, int64_t rows, int d, int16_t* out, float* scale) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = x + r * d;
+    int16_t* o = out + r * d;
+    float amax = 0.f;
+    bool finite = true;
+    for (int c = 0; c < d; ++c) {
+      finite = finite && std::isfinite(xr[c]);
+      amax = std::max(amax, std::fabs(xr[c]));
+    }
+    if (!finite || amax == 0.f) {
+      std::fill(o, o + d, int16_t(0));
+      scale[r] = finite ? 0.f : std::numeric_limits<float>::quiet_NaN();
+      continue;
+    }
+    // |x * inv| <= 32767 (to within a rounding), so adding and subtracting 1.5 * 2^23 rounds it
+    // to the nearest integer, ties to even, in plain float arithmetic the compiler vectorises.
+    const float inv = 32767.f / amax;
+    constexpr float kRound = 12582912.f;
+    for (int c = 0; c < d; ++c) {
+      const float rounded = (xr[c] * inv + kRound) - kRound;
+      o[c] = int16_t(std::clamp(rounded, -32767.f, 32767.f));
+    }
+    scale[r] = amax / 32767.f;
+  }
+}
+
 Isa EffectiveIsa(Isa requested, KvDtype dtype, int head_dim) {
   for (int level = int(requested); level > 0; --level) {
     if (GetPageFn(Isa(level), dtype, head_dim, 1) != nullptr) return Isa(level);
@@ -92,9 +119,17 @@ void DecodeAttention(const KvStore& store, const float* q, const int64_t* seq_id
   // Scaled queries; per-item partial state for every query head: m, l [n_q] and acc [n_q][d].
   std::vector<float> qs(size_t(n) * num_q_heads * d);
   for (size_t i = 0; i < qs.size(); ++i) qs[i] = q[i] * scale;
+  std::vector<int16_t> q16;  // an int8 store's kernels may dot integers (attention.h)
+  std::vector<float> q16_scale;
+  if (g.dtype == KvDtype::kI8) {
+    q16.resize(qs.size());
+    q16_scale.resize(size_t(n) * num_q_heads);
+    QuantiseRowsI16(qs.data(), n * num_q_heads, d, q16.data(), q16_scale.data());
+  }
   const int64_t slot = int64_t(num_q_heads) * (2 + d);
   std::vector<float> part(size_t(int64_t(items.size()) * slot));
   const int64_t elem = g.elem_bytes();
+  const bool quantised = KvDtypeQuantised(g.dtype);  // prefetch a block's scales with its codes
 
   pool.Run(int64_t(items.size()), [&](int64_t i) {
     const Item& it = items[size_t(i)];
@@ -115,10 +150,11 @@ void DecodeAttention(const KvStore& store, const float* q, const int64_t* seq_id
         int64_t next_bytes = 0;
         if (h + 1 < H) {
           next = store.BlockPtr(pages[p], layer, 0, h + 1);
-          next_bytes = int64_t(ntok) * d * elem;
+          next_bytes = quantised ? g.block_bytes() : int64_t(ntok) * d * elem;
         } else if (!last_page) {
           next = store.BlockPtr(pages[p + 1], layer, 0, 0);
-          next_bytes = std::min<int64_t>(ps, end - (p + 1) * ps) * d * elem;
+          next_bytes = quantised ? g.block_bytes()
+                                 : std::min<int64_t>(ps, end - (p + 1) * ps) * d * elem;
         }
         for (int k = 0; k < nblk; ++k) {
           const int q0 = h * s + k * kMaxGroup;
@@ -126,6 +162,10 @@ void DecodeAttention(const KvStore& store, const float* q, const int64_t* seq_id
                      store.BlockPtr(pages[p], layer, 1, h), store.ScalePtr(pages[p], layer, 0, h),
                      store.ScalePtr(pages[p], layer, 1, h), ntok, d, elem, m + q0, l + q0,
                      acc + int64_t(q0) * d, k == 0 ? next : nullptr, next_bytes};
+          if (!q16.empty()) {
+            a.q16 = q16.data() + (it.b * num_q_heads + q0) * d;
+            a.q16_scale = q16_scale.data() + it.b * num_q_heads + q0;
+          }
           fns[size_t(k)](a);
         }
       }

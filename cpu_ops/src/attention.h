@@ -38,9 +38,18 @@ struct PageArgs {
   float* acc;           // [s][head_dim] sum of exp(score - m) * v
   const uint8_t* next;  // next K block to prefetch (nullable)
   int64_t next_bytes;
+  // An int8 store's queries rounded to 16-bit integers: q ~= q16_scale[i] * q16[i][:] (the
+  // kernels with integer dot products read these; the others read q). Else nullptr.
+  const int16_t* q16 = nullptr;  // [s][head_dim]
+  const float* q16_scale = nullptr;  // [s]
 };
 
 using PageFn = void (*)(const PageArgs&);
+
+// Rounds each of `rows` rows of `d` floats to 16-bit integers with a per-row scale
+// (max |x| / 32767; 0 for an all-zero row; NaN for a row holding a NaN or an infinity, so the
+// result stays NaN as in float arithmetic).
+void QuantiseRowsI16(const float* x, int64_t rows, int d, int16_t* out, float* scale);
 
 // Per-ISA kernels (nullptr when the ISA's kernel cannot serve this dtype/head_dim/group).
 PageFn GetPageFnPortable(KvDtype dtype, int head_dim, int s);

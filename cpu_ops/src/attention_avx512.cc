@@ -56,6 +56,7 @@ struct Avx512Ops {
   static Vec Exp(Vec x) { return kernel::CephesExp<Avx512Ops>(x); }
   static void Store(float* p, Vec v) { _mm512_storeu_ps(p, v); }
   static float Sum(Vec v) { return _mm512_reduce_add_ps(v); }
+  static float MaxAll(Vec v) { return _mm512_reduce_max_ps(v); }
   static void Prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0); }
 };
 

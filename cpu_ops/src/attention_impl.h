@@ -8,7 +8,7 @@
 // Set1(float); Fma(a, b, c) = a*b + c;
 // Mul/Add/Sub/Min/Max(a, b); Round (to nearest integer), Pow2 (2^n for integral n); Exp(Vec)
 // (float32-accurate, usually CephesExp); Store(float*, Vec); Sum(Vec) (horizontal add);
-// Prefetch(const void*).
+// MaxAll(Vec) (horizontal max); Prefetch(const void*).
 #pragma once
 
 #include <algorithm>
@@ -28,11 +28,12 @@ namespace kernel {
 
 // Cephes-style expf for any Ops: range reduction x = n ln2 + r (|r| <= ln2/2), a degree-6
 // polynomial, 2^n from the exponent bits (Ops::Round, Ops::Pow2). Relative error ~1e-7 on
-// [-87.3, 88.3]; inputs are clamped to that range.
+// [-87.3, 88.3]; inputs are clamped to that range, and a NaN stays NaN (x86 min/max return
+// their second operand when either is NaN, so x goes second).
 template <class Ops>
 inline typename Ops::Vec CephesExp(typename Ops::Vec x) {
   using Vec = typename Ops::Vec;
-  x = Ops::Min(Ops::Max(x, Ops::Set1(-87.3f)), Ops::Set1(88.3f));
+  x = Ops::Min(Ops::Set1(88.3f), Ops::Max(Ops::Set1(-87.3f), x));
   const Vec n = Ops::Round(Ops::Mul(x, Ops::Set1(1.44269504088896341f)));
   Vec r = Ops::Fma(n, Ops::Set1(-0.693359375f), x);
   r = Ops::Fma(n, Ops::Set1(2.12194440e-4f), r);
@@ -104,14 +105,67 @@ inline void AccumulateValues(float* out, const uint8_t* vb, int d, int64_t elem,
     MOELENS_UNROLL for (int i = 0; i < S; ++i) Ops::Store(out + i * d + c + w * VL, o[w][i]);
 }
 
+// Online-softmax update of the running state (m, l, acc) with one page's scores; on return
+// score[i][t] holds exp(score - m_new), the page's unnormalised softmax weights.
+template <class Ops, int S>
+inline void UpdateSoftmax(const PageArgs& a, float (*score)[kMaxPageSize]) {
+  constexpr int VL = Ops::kLanes;
+  using Vec = typename Ops::Vec;
+  const int d = a.head_dim;
+  const int ntok = a.ntok;
+  for (int i = 0; i < S; ++i) {
+    Vec mxv = Ops::Set1(-std::numeric_limits<float>::infinity());
+    int t = 0;
+    for (; t + VL <= ntok; t += VL) mxv = Ops::Max(mxv, Ops::LoadF(&score[i][t]));
+    float mx = Ops::MaxAll(mxv);
+    for (; t < ntok; ++t) mx = std::max(mx, score[i][t]);
+    const float m_old = a.m[i];
+    const float m_new = std::max(m_old, mx);
+    // exp(-inf) = 0 on the first page; once the running max settles most pages skip the exp.
+    const float corr = m_new == m_old ? 1.f : std::exp(m_old - m_new);
+    const Vec mv = Ops::Set1(m_new);
+    Vec sv = Ops::Zero();
+    int u = 0;
+    for (; u + VL <= ntok; u += VL) {
+      const Vec e = Ops::Exp(Ops::Sub(Ops::LoadF(&score[i][u]), mv));
+      Ops::Store(&score[i][u], e);
+      sv = Ops::Add(sv, e);
+    }
+    float sum = Ops::Sum(sv);
+    for (; u < ntok; ++u) {
+      score[i][u] = std::exp(score[i][u] - m_new);
+      sum += score[i][u];
+    }
+    a.l[i] = a.l[i] * corr + sum;
+    a.m[i] = m_new;
+    if (corr != 1.f) {
+      const Vec cv = Ops::Set1(corr);
+      float* row = a.acc + i * d;
+      for (int c = 0; c < d; c += VL) Ops::Store(row + c, Ops::Mul(Ops::LoadF(row + c), cv));
+    }
+  }
+}
+
+// acc += p V over the whole page: accumulators of CC column blocks stay in registers across
+// the page's tokens.
+template <class Ops, class Tag, int S>
+inline void AccumulatePage(const PageArgs& a, const float (*p)[kMaxPageSize]) {
+  constexpr int VL = Ops::kLanes;
+  constexpr int CC = kTokStep<S>;
+  const int d = a.head_dim;
+  int c = 0;
+  for (; c + CC * VL <= d; c += CC * VL)
+    AccumulateValues<Ops, Tag, S, CC>(a.acc, a.v, d, a.elem_bytes, a.ntok, c, p);
+  for (; c < d; c += VL) {
+    AccumulateValues<Ops, Tag, S, 1>(a.acc, a.v, d, a.elem_bytes, a.ntok, c, p);
+  }
+}
+
 // One page block of one kv head for S query heads: scores, online-softmax update of the running
 // state (m, l, acc), and acc += p V. `next` (may be null) is prefetched during the PV pass.
 template <class Ops, class Tag, int S>
 void ProcessPage(const PageArgs& a) {
-  constexpr int VL = Ops::kLanes;
   constexpr int TT = kTokStep<S>;
-  constexpr int CC = kTokStep<S>;
-  using Vec = typename Ops::Vec;
   const int d = a.head_dim;
   const int ntok = a.ntok;
   const int64_t elem = a.elem_bytes;
@@ -136,45 +190,14 @@ void ProcessPage(const PageArgs& a) {
       for (int u = 0; u < ntok; ++u) score[i][u] *= a.k_scale[u];
   }
 
-  // Online softmax update (vectorised exp over the page's tokens).
-  for (int i = 0; i < S; ++i) {
-    float mx = score[i][0];
-    for (int u = 1; u < ntok; ++u) mx = std::max(mx, score[i][u]);
-    const float m_old = a.m[i];
-    const float m_new = std::max(m_old, mx);
-    const float corr = std::exp(m_old - m_new);  // exp(-inf) = 0 on the first page
-    const Vec mv = Ops::Set1(m_new);
-    Vec sv = Ops::Zero();
-    int u = 0;
-    for (; u + VL <= ntok; u += VL) {
-      const Vec e = Ops::Exp(Ops::Sub(Ops::LoadF(&score[i][u]), mv));
-      Ops::Store(&score[i][u], e);
-      sv = Ops::Add(sv, e);
-    }
-    float sum = Ops::Sum(sv);
-    for (; u < ntok; ++u) {
-      score[i][u] = std::exp(score[i][u] - m_new);
-      sum += score[i][u];
-    }
-    a.l[i] = a.l[i] * corr + sum;
-    a.m[i] = m_new;
-    if (corr != 1.f) {
-      const Vec cv = Ops::Set1(corr);
-      float* row = a.acc + i * d;
-      for (int c = 0; c < d; c += VL) Ops::Store(row + c, Ops::Mul(Ops::LoadF(row + c), cv));
-    }
-  }
+  UpdateSoftmax<Ops, S>(a, score);
 
   if (a.v_scale != nullptr) {  // p_t (s_t v_t) = (p_t s_t) v_t, after l took the plain p_t
     for (int i = 0; i < S; ++i)
       for (int u = 0; u < ntok; ++u) score[i][u] *= a.v_scale[u];
   }
 
-  // acc += p V: accumulators of CC column blocks stay in registers across the page's tokens.
-  int c = 0;
-  for (; c + CC * VL <= d; c += CC * VL)
-    AccumulateValues<Ops, Tag, S, CC>(a.acc, a.v, d, elem, ntok, c, score);
-  for (; c < d; c += VL) AccumulateValues<Ops, Tag, S, 1>(a.acc, a.v, d, elem, ntok, c, score);
+  AccumulatePage<Ops, Tag, S>(a, score);
 }
 
 template <class Ops, class Tag>

@@ -1,4 +1,5 @@
 // Portable (no ISA flags) instantiation of the page kernel: one float per "vector".
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 
@@ -40,7 +41,9 @@ struct PortableOps {
   static Vec Div(Vec a, Vec b) { return a / b; }
   static Vec Exp(Vec x) { return std::exp(x); }
   static void Store(float* p, Vec v) { *p = v; }
+  static Vec Max(Vec a, Vec b) { return std::max(a, b); }
   static float Sum(Vec v) { return v; }
+  static float MaxAll(Vec v) { return v; }
   static void Prefetch(const void* p) { __builtin_prefetch(p); }
 };
 

@@ -36,10 +36,6 @@ bool ParseKvDtype(const std::string& name, KvDtype* out) {
   return false;
 }
 
-int KvDtypeSize(KvDtype d) {
-  return d == KvDtype::kF32 ? 4 : (KvDtypeQuantised(d) ? 1 : 2);
-}
-
 namespace {
 
 std::string Str(int64_t v) { return std::to_string(v); }

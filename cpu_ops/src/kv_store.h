@@ -35,9 +35,12 @@ enum class KvDtype : int { kBf16 = 0, kF16 = 1, kF32 = 2, kI8 = 3, kF8E4M3 = 4 }
 
 const char* KvDtypeName(KvDtype d);
 bool ParseKvDtype(const std::string& name, KvDtype* out);
-int KvDtypeSize(KvDtype d);
 // Whether the format stores codes with a float32 scale per (token, kv head).
 inline bool KvDtypeQuantised(KvDtype d) { return d == KvDtype::kI8 || d == KvDtype::kF8E4M3; }
+// Bytes per stored element (inline: the attention driver computes block addresses per page).
+inline int KvDtypeSize(KvDtype d) {
+  return d == KvDtype::kF32 ? 4 : (KvDtypeQuantised(d) ? 1 : 2);
+}
 
 class KvCapacityError : public std::runtime_error {
  public:
