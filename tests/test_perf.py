@@ -74,22 +74,27 @@ def test_stage2_below_stage1_and_converges():
 
 def test_stage2_hand_computed_case():
     """Two requests (p=4, g=2) on a synthetic machine where each iteration costs 1 s of
-    weight streaming (everything else free): iteration 1 prefills both (8 tokens, 2
-    generated), iteration 2 decodes both -> 4 tokens in 2 s."""
+    weight streaming and the link's time for the activations it carries (everything else
+    free): iteration 1 prefills both (8 tokens, 2 generated), iteration 2 decodes both and
+    copies their attention outputs to the device (float32; VSLPipe's two groups of one decode
+    row each, 8 rows after bucketing in each)."""
     cfg = get_preset("tiny-mixtral")
-    costs = EngineCosts(io_s_per_byte=1.0 / (cfg.num_layers * cfg.weight_bytes_per_layer))
+    io = 1.0 / (cfg.num_layers * cfg.weight_bytes_per_layer)
+    costs = EngineCosts(io_s_per_byte=io)
     config = EngineConfig(kv_cache_bytes=64 * cfg.kv_bytes_per_token(), page_size=4,
                           device_weight_layers=1)  # streamed: tiny-mixtral has only 2 layers
     a = perf.predict(cfg, costs, Workload.fixed(4, 2, 2), config)
-    assert (a.iterations, a.total_s, a.generated_tokens_per_s) == (2, pytest.approx(2.0),
-                                                                    pytest.approx(2.0))
-    assert a.processed_tokens_per_s == pytest.approx(2 * (4 + 2) / 2.0)  # paper: p + g each
+    outputs = io * cfg.num_layers * 2 * 8 * 4 * cfg.num_heads * cfg.head_dim
+    want = 2.0 + outputs
+    assert (a.iterations, a.total_s, a.generated_tokens_per_s) == (2, pytest.approx(want),
+                                                                    pytest.approx(4 / want))
+    assert a.processed_tokens_per_s == pytest.approx(2 * (4 + 2) / want)  # paper: p + g each
     assert a.computed_tokens == 8 + 2  # two prefills of 4, then two decode tokens
     assert a == perf.predict(cfg, costs, Workload.fixed(4, 2, 2), config)  # deterministic
-    # A weight window holding every layer streams nothing: the iterations cost nothing here.
+    # A weight window holding every layer streams nothing: only the activations cost.
     resident = perf.predict(cfg, costs, Workload.fixed(4, 2, 2),
                             dataclasses.replace(config, device_weight_layers=cfg.num_layers))
-    assert resident.total_s == pytest.approx(0.0, abs=1e-9)
+    assert resident.total_s == pytest.approx(outputs)
     # So do layers used in place on a CPU-only machine (shared cores, no cap)...
     cpu = dataclasses.replace(costs, shared_cores=True)
     assert perf.predict(cfg, cpu, Workload.fixed(4, 2, 2), config).total_s == pytest.approx(0.0)
@@ -137,6 +142,45 @@ def test_stage2_charges_every_term_by_hand():
                              for d, h in ((dev1, host1), (dev2, host2)))
         assert got.total_s == pytest.approx(want, rel=1e-12), weight_dtype
         assert got.seconds_by_term["deq"] == pytest.approx(2 * rate * typed, rel=1e-12)
+
+
+def test_activation_copies_and_host_memory_by_hand():
+    """Where device and host are apart, the link carries the decode rows' float32 attention
+    outputs beside the weights, the other direction carries float32 K/V of every computed row
+    and the decode rows' queries, and host memory serves KV reads, the weight stream and both
+    copies: each can bind, computed here by hand for one designed group. On shared cores no
+    activation crosses anything."""
+    cfg = get_preset("tiny-mixtral")
+    L, q4, kv4 = cfg.num_layers, 4 * cfg.q_size, 4 * cfg.kv_size
+    g = GroupShape(prefill_tokens=30, decode_tokens=5, prefill_seqs=2, padded_rows=64,
+                   tile_pairs=3, attended_keys=0, logit_rows=8, kv_tokens_read=500,
+                   decode_rows=8)
+    shape, streamed = IterationShape((g,)), 1e6
+    h2d, d2h = L * 8 * q4, L * (64 * 2 * kv4 + 8 * q4)
+    kv = 500 * cfg.kv_bytes_per_token()
+    base = EngineCosts(io_s_per_byte=1e-9, d2h_s_per_byte=1e-9, host_mem_s_per_byte=1e-12,
+                       attn_s_per_kv_byte=1e-12)
+    assert base.activation_bytes(cfg, shape) == (h2d, d2h)
+    t = base.iteration(cfg, shape, streamed)
+    assert t["io"] == pytest.approx(1e-9 * (streamed + h2d), rel=1e-12)
+    assert t["d2h"] == pytest.approx(1e-9 * d2h, rel=1e-12)
+    assert t["mem"] == pytest.approx(1e-12 * (kv + streamed + h2d + d2h), rel=1e-12)
+    assert t["total"] == pytest.approx(max(t["io"], t["d2h"]), rel=1e-12)  # the link binds
+    slow_mem = dataclasses.replace(base, host_mem_s_per_byte=1e-6)
+    assert slow_mem.iteration(cfg, shape, streamed)["total"] == pytest.approx(
+        1e-6 * (kv + streamed + h2d + d2h), rel=1e-12)
+    slow_d2h = dataclasses.replace(base, d2h_s_per_byte=1e-6)
+    assert slow_d2h.iteration(cfg, shape, streamed)["total"] == pytest.approx(1e-6 * d2h,
+                                                                               rel=1e-12)
+    shared = dataclasses.replace(base, shared_cores=True)
+    assert shared.activation_bytes(cfg, shape) == (0, 0)
+    ts = shared.iteration(cfg, shape, streamed)
+    assert ts["d2h"] == 0 and ts["io"] == pytest.approx(1e-9 * streamed, rel=1e-12)
+    # The datasheet derivation takes each rate from the spec.
+    hw = perf.get_hardware("a40")
+    sheet = EngineCosts.from_hardware(cfg, hw)
+    assert sheet.d2h_s_per_byte == pytest.approx(1 / hw.d2h_bytes_per_s)
+    assert sheet.host_mem_s_per_byte == pytest.approx(1 / hw.host_memory_bandwidth)
 
 
 def test_data_parallel_blocks_list_scheduling_and_driver_cap():

@@ -18,7 +18,11 @@ shape (`~/.cache/moelens_jax/`, or $MOELENS_CACHE); `validate_model` reports how
   backend the "transfer" aliases the host buffer, so the rate is very high and t_io ~ 0 (the
   engine keeps the layers resident there and streams nothing); the engine's
   `h2d_limit_gb_per_s` cap is what emulates a link there;
-* host memory read bandwidth (the C++ streaming-read probe);
+* device->host bandwidth of a float32 array copied to host memory, as the engine copies
+  K/V and queries to its host stage (on a CPU backend nothing crosses a link: the h2d rate
+  stands in, and Stage 2 charges no activation copies there);
+* host memory read bandwidth (the C++ streaming-read probe), which the CPU attention, the
+  weight stream and the activation copies share;
 * the device's unpacking of a streamed layer (typed weights from the copied bytes; for int8 /
   int4 layouts a dequantisation): one layer of the model, as stored and quantised, unpacked
   on the device, per byte of the unpacked layer.
@@ -50,7 +54,7 @@ from moelens_jax.runtime.layout import IterationShape
 from moelens_jax.runtime.mover import WeightMover
 from moelens_jax.runtime.stats import IterationRecord
 
-CALIBRATION_VERSION = 7  # bump when the fitted terms change: older cache files are not read
+CALIBRATION_VERSION = 8  # bump when the fitted terms change: older cache files are not read
 
 
 def fingerprint() -> str:
@@ -81,6 +85,20 @@ def measure_h2d(model, min_bytes: int) -> float:
         layer += 1
     mover.close()
     return (mover.bytes_moved - bytes0) / (mover.copy_s - secs0)
+
+
+def measure_d2h(nbytes: int, repeats: int = 3) -> float:
+    """Bytes/s of copying a float32 device array of `nbytes` to host memory (`np.asarray`,
+    as the engine copies K/V and queries to the host stage): the median of `repeats` copies."""
+    x = jax.device_put(np.zeros(max(nbytes // 4, 1), np.float32), jax.devices()[0])
+    times = []
+    for _ in range(repeats):
+        y = x + 0  # a fresh device buffer: nothing cached on the host side
+        y.block_until_ready()
+        t0 = time.perf_counter()
+        np.asarray(y)
+        times.append(time.perf_counter() - t0)
+    return x.nbytes / max(float(np.median(times)), 1e-12)
 
 
 def measure_unpack(model, repeats: int = 9) -> dict[str, float]:
@@ -298,22 +316,25 @@ def calibrate(model, *, use_cache: bool = True, h2d_bytes: int | None = None) ->
     h2d = measure_h2d(model, nbytes)
     host_bw = measure_host_bandwidth()
     unpack = measure_unpack(model)  # first: an accelerator engine releases the float layers
+    on_cpu = jax.default_backend() == "cpu"
+    # On a CPU-only machine nothing crosses a link (the activations are charged nothing).
+    d2h = h2d if on_cpu else measure_d2h(min(nbytes, 256 << 20))
     records, runs = profile_engine(model)
     costs = dataclasses.replace(
         fit_engine_costs(cfg, records, runs, stage_points=profile_stages(model)),
-        io_s_per_byte=1.0 / h2d, unpack_s_per_byte=unpack["float"],
+        io_s_per_byte=1.0 / h2d, d2h_s_per_byte=1.0 / d2h, host_mem_s_per_byte=1.0 / host_bw,
+        unpack_s_per_byte=unpack["float"],
         dequant_int8_s_per_byte=unpack["int8"], dequant_int4_s_per_byte=unpack["int4"])
     for name in ("layer_token_s", "attn_s_per_kv_byte"):
         if getattr(costs, name) == 0:
             warnings.warn(f"calibrate: the fit put {name} at 0 (the profile did not separate "
                           "it); predictions will not charge it", stacklevel=2)
-    on_cpu = jax.default_backend() == "cpu"
     dev = jax.devices()[0]
     stats = dev.memory_stats() if hasattr(dev, "memory_stats") else None
     hw = HardwareSpec(
         name=f"local:{fingerprint()}",
         gemm_flops=cfg.flops_per_token_per_layer / max(costs.token_s, 1e-15),
-        h2d_bytes_per_s=h2d, d2h_bytes_per_s=h2d,
+        h2d_bytes_per_s=h2d, d2h_bytes_per_s=d2h,
         host_memory_bandwidth=host_bw, host_memory_bytes=float(ram),
         cpu_attn_bytes_per_s=(1.0 / costs.attn_s_per_kv_byte if costs.attn_s_per_kv_byte
                               else host_bw),

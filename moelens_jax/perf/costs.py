@@ -14,12 +14,22 @@ layout) with L layers and G groups (VSLPipe runs two, each dispatched and padded
            + head_s_per_seq * logit_rows
   t_host = L * (attn_fixed_s * G + attn_s_per_token * tokens
                 + attn_s_per_kv_byte * KV bytes the decode rows read per layer)
-  t_io   = io_s_per_byte * weight bytes streamed (0 when the layers are resident)
+  t_io   = io_s_per_byte * (weight bytes streamed (0 when the layers are resident)
+                           + activation bytes host -> device)
+  t_d2h  = d2h_s_per_byte * activation bytes device -> host
+  t_mem  = host_mem_s_per_byte * (KV bytes the decode rows read + weight bytes streamed
+                                   + activation bytes both ways): host memory serves the CPU
+           attention, the weight stream's DMA and the activation copies at once (contention)
+  Activations cross the link only where device and host are apart (not shared_cores): per
+  layer and group the engine copies float32 K and V of every computed row and the decode
+  rows' queries to the host (`np.asarray(k)`, `q[:dec_b]`), and the float32 attention output
+  of the decode rows back.
   t_deq  = unpack_s_per_byte (or dequant_<format>_s_per_byte for a quantised layout) * bytes
            of the streamed layers once unpacked: the device work that turns each copied layer
            into typed weights, which the weight mover waits for before its next copy
   t_iter = iteration_fixed_s + max(t_io + 2 t_deq, t_dev + t_host + t_deq)  if shared_cores
-           iteration_fixed_s + max(t_io + t_deq, t_dev + t_deq, t_host)        otherwise
+           iteration_fixed_s + max(t_io + t_deq, t_dev + t_deq, t_host, t_d2h, t_mem)
+                                                                                otherwise
   On shared cores (a CPU-only machine) the unpacking runs on the cores the compute uses: its
   CPU time adds to the compute, and while both run each gets half the cores, so the weight
   mover's chain waits twice its isolated time. Elsewhere it is device work beside the GEMMs
@@ -56,7 +66,10 @@ class EngineCosts:
       head_s_per_seq: per logits row (bucketed): lm_head and sampling.
       iteration_fixed_s: per iteration: scheduling, embedding, dispatch.
       request_s: per request, outside the iterations.
-      io_s_per_byte: per weight byte streamed host -> device.
+      io_s_per_byte: per byte host -> device (weights streamed, attention outputs).
+      d2h_s_per_byte: per byte device -> host (queries, new K/V).
+      host_mem_s_per_byte: per byte host memory serves (1 / its bandwidth): KV reads, the
+        weight stream and activation copies share it.
       unpack_s_per_byte: per byte of a streamed layer stored in the model dtype, unpacking it
         into typed weights on the device after its copy.
       dequant_int8_s_per_byte, dequant_int4_s_per_byte: the same for a quantised layer (its
@@ -78,6 +91,8 @@ class EngineCosts:
     iteration_fixed_s: float = 0.0
     request_s: float = 0.0
     io_s_per_byte: float = 0.0
+    d2h_s_per_byte: float = 0.0
+    host_mem_s_per_byte: float = 0.0
     unpack_s_per_byte: float = 0.0
     dequant_int8_s_per_byte: float = 0.0
     dequant_int4_s_per_byte: float = 0.0
@@ -93,13 +108,15 @@ class EngineCosts:
     @classmethod
     def from_hardware(cls, cfg: ModelConfig, hw: HardwareSpec) -> EngineCosts:
         """The datasheet derivation: GEMM work at `hw.gemm_flops`, KV reads at
-        `hw.cpu_attn_bytes_per_s`, weights at `hw.h2d_bytes_per_s`; no fixed costs."""
+        `hw.cpu_attn_bytes_per_s`, copies at `hw.h2d_bytes_per_s` / `hw.d2h_bytes_per_s`, host
+        memory at `hw.host_memory_bandwidth`; no fixed costs."""
         return cls(
             layer_token_s=cfg.flops_per_token_per_layer / hw.gemm_flops,
             attn_pair_s=4.0 * TILE * TILE * cfg.num_heads * cfg.head_dim / hw.gemm_flops,
             attn_s_per_kv_byte=1.0 / hw.cpu_attn_bytes_per_s,
             head_s_per_seq=cfg.lm_head_flops_per_row / hw.gemm_flops,
-            io_s_per_byte=1.0 / hw.h2d_bytes_per_s, shared_cores=hw.shared_cores,
+            io_s_per_byte=1.0 / hw.h2d_bytes_per_s, d2h_s_per_byte=1.0 / hw.d2h_bytes_per_s,
+            host_mem_s_per_byte=1.0 / hw.host_memory_bandwidth, shared_cores=hw.shared_cores,
             source=f"datasheet rates of {hw.name}")
 
     def with_link(self, h2d_bytes_per_s: float) -> EngineCosts:
@@ -114,11 +131,12 @@ class EngineCosts:
     def iteration(self, cfg: ModelConfig, shape: IterationShape, streamed_bytes: float = 0.0,
                   kv_dtype: str | None = None, weight_dtype: str | None = None,
                   dequantised_bytes: float = 0.0) -> dict[str, float]:
-        """Seconds of one iteration by term ("dev", "host", "io", "deq", "fixed") and
-        "total"; `dequantised_bytes`: what the streamed layers come to once unpacked (in the
-        model dtype; a `weight_dtype` layout dequantised)."""
+        """Seconds of one iteration by term ("dev", "host", "io", "d2h", "mem", "deq",
+        "fixed") and "total"; `dequantised_bytes`: what the streamed layers come to once
+        unpacked (in the model dtype; a `weight_dtype` layout dequantised)."""
         L, G = cfg.num_layers, len(shape.groups)
         kv_bytes = shape.kv_tokens_read * cfg.kv_bytes_per_token(kv_dtype) / L
+        act_h2d, act_d2h = self.activation_bytes(cfg, shape)
         t_dev = (L * (self.layer_fixed_s * G + self.layer_token_s * shape.tokens
                       + self.padded_row_s * shape.padded_rows
                       + self.attn_pair_s * shape.tile_pairs
@@ -126,11 +144,26 @@ class EngineCosts:
                  + self.head_s_per_seq * shape.logit_rows)
         t_host = L * (self.attn_fixed_s * G + self.attn_s_per_token * shape.tokens
                       + self.attn_s_per_kv_byte * kv_bytes)
-        t_io = self.io_s_per_byte * streamed_bytes
+        t_io = self.io_s_per_byte * (streamed_bytes + act_h2d)
+        t_d2h = self.d2h_s_per_byte * act_d2h
+        t_mem = self.host_mem_s_per_byte * (L * kv_bytes + streamed_bytes + act_h2d + act_d2h)
         rate = (getattr(self, f"dequant_{weight_dtype}_s_per_byte") if weight_dtype
                 else self.unpack_s_per_byte)
         t_deq = rate * dequantised_bytes
         busy = (max(t_io + 2 * t_deq, t_dev + t_host + t_deq) if self.shared_cores
-                else max(t_io + t_deq, t_dev + t_deq, t_host))
-        return {"dev": t_dev, "host": t_host, "io": t_io, "deq": t_deq,
-                "fixed": self.iteration_fixed_s, "total": self.iteration_fixed_s + busy}
+                else max(t_io + t_deq, t_dev + t_deq, t_host, t_d2h, t_mem))
+        return {"dev": t_dev, "host": t_host, "io": t_io, "d2h": t_d2h, "mem": t_mem,
+                "deq": t_deq, "fixed": self.iteration_fixed_s,
+                "total": self.iteration_fixed_s + busy}
+
+    def activation_bytes(self, cfg: ModelConfig, shape: IterationShape) -> tuple[int, int]:
+        """(host -> device, device -> host) activation bytes of one iteration over all layers:
+        float32 attention outputs of the decode rows in; float32 K and V of every computed row
+        and the decode rows' queries out. None where device and host share the cores."""
+        if self.shared_cores:
+            return 0, 0
+        q_row = 4 * cfg.q_size
+        h2d = cfg.num_layers * shape.decode_rows * q_row
+        d2h = cfg.num_layers * (shape.padded_rows * 2 * 4 * cfg.kv_size
+                                + shape.decode_rows * q_row)
+        return h2d, d2h

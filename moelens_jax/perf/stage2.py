@@ -36,7 +36,7 @@ class Stage2Result:
     mean_tokens_per_iteration: float
     kv_peak_fraction: float
     kv_use: tuple[float, ...]  # used fraction of the pages per iteration
-    seconds_by_term: dict  # summed t_dev, t_host, t_io, fixed over the run
+    seconds_by_term: dict  # each term of `EngineCosts.iteration` summed over the run
 
     def as_dict(self, with_series: bool = False) -> dict:
         d = dataclasses.asdict(self)
@@ -95,7 +95,7 @@ def predict(cfg: ModelConfig, costs: EngineCosts | HardwareSpec, workload: Workl
         except RequestRejected:
             rejected += 1
     total = costs.request_s * len(workload.prompt_lens)  # outside the iterations
-    terms = dict.fromkeys(("dev", "host", "io", "deq", "fixed"), 0.0)
+    terms = dict.fromkeys(("dev", "host", "io", "d2h", "mem", "deq", "fixed"), 0.0)
     terms["fixed"] = total
     generated = processed = iterations = 0
     kv_use = []

@@ -100,6 +100,7 @@ class GroupShape:
     attended_keys: int  # (row, key) pairs of the prefill attention: sum of n (n + 1) / 2
     logit_rows: int  # lm_head rows, bucket padding included
     kv_tokens_read: int  # cached tokens the decode rows attend to (per layer)
+    decode_rows: int = 0  # decode rows the host stage attends, bucket padding included (dec_b)
 
     @property
     def tokens(self) -> int:
@@ -117,7 +118,8 @@ class GroupShape:
                    tile_pairs=tile_pair_count(lens, n_dec) if tile_pairs else 0,
                    attended_keys=sum(n * (n + 1) // 2 for n in lens),
                    logit_rows=logit_rows(len(lens) + n_dec),
-                   kv_tokens_read=int(sum(decode_kv)))
+                   kv_tokens_read=int(sum(decode_kv)),
+                   decode_rows=bucket(n_dec) if n_dec else 0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,6 +157,7 @@ class IterationShape:
     attended_keys = property(lambda self: self._sum("attended_keys"))
     logit_rows = property(lambda self: self._sum("logit_rows"))
     kv_tokens_read = property(lambda self: self._sum("kv_tokens_read"))
+    decode_rows = property(lambda self: self._sum("decode_rows"))
 
     @property
     def tokens(self) -> int:
