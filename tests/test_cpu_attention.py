@@ -35,11 +35,15 @@ INT_DOT_ISAS = {"avx2"}
 
 
 def round_q16(q, scale):
-    """q * scale rounded as the integer-dot kernels round it (per row of head_dim)."""
+    """q * scale rounded as the integer-dot kernels round it (per row of head_dim, float32
+    steps exactly as `QuantiseRowsI16`: codes rint(x * (32767 / amax)), value code * amax /
+    32767), divided by `scale` again for `reference`."""
     qs = q.astype(np.float32) * np.float32(scale)
     amax = np.abs(qs).max(-1, keepdims=True)
-    step = np.where(amax > 0, amax / np.float32(32767), np.float32(1))
-    return (np.rint(qs / step) * step).astype(np.float64) / scale
+    with np.errstate(divide="ignore"):
+        inv = np.float32(32767) / amax
+    codes = np.where(amax > 0, np.rint(qs * inv), 0).astype(np.float32)
+    return (codes.astype(np.float64) * (amax / np.float32(32767))) / scale
 
 
 def stored_reference(q, ks, vs, group, scale, *, dtype, isa, page_size):
@@ -115,9 +119,10 @@ def test_odd_groups_and_head_dims(group, d, isa):
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("where", ["q", "k", "v"])
 def test_int8_store_propagates_nan(where, isa):
-    """A NaN in the query or in a stored row gives NaN for the heads that see it and leaves the
-    other heads exact, on the integer-dot path as on the float ones (the SIMD exp once
-    clamped a NaN score to exp(-87.3), silently dropping a token with a NaN key)."""
+    """A NaN in the query or in a stored row gives NaN in every column of the heads that see
+    it and leaves the other heads exact (those sharing the NaN head's kv head included), on
+    the integer-dot path as on the float ones (the SIMD exp once clamped a NaN score to
+    exp(-87.3), silently dropping a token with a NaN key)."""
     rng = np.random.default_rng(11)
     d, ps = 64, 16
     store = PagedKVStore(2, 2, d, num_pages=8, page_size=ps, dtype="int8")
@@ -125,6 +130,7 @@ def test_int8_store_propagates_nan(where, isa):
     k = rng.standard_normal((40, 2, d)).astype(np.float32)
     v = rng.standard_normal((40, 2, d)).astype(np.float32)
     q = rng.standard_normal((1, 8, d)).astype(np.float32)
+    q_ref = q.copy()
     if where == "q":
         q[0, 1, 5] = np.nan  # query head 1 (kv head 0)
     elif where == "k":
@@ -134,12 +140,78 @@ def test_int8_store_propagates_nan(where, isa):
     store.append([100], [40], 1, k, v)
     out = store.decode_attention(q, [100], 1, isa=isa)
     bad = [1] if where == "q" else [0, 1, 2, 3]
-    assert np.isnan(out[0, bad]).any(axis=-1).all()
-    assert np.isfinite(out[0, 4:]).all()
+    good = [h for h in range(8) if h not in bad]
+    assert np.isnan(out[0, bad]).all()
     kk, vv = store.read(100, 1)
-    ref, atol = stored_reference(q[:, 4:], [kk[:, 1:]], [vv[:, 1:]], 4, d ** -0.5,
-                                 dtype="int8", isa=isa, page_size=ps)
-    np.testing.assert_allclose(out[:, 4:], ref, rtol=0, atol=atol)
+    ref, atol = stored_reference(q_ref, [kk], [vv], 4, d ** -0.5, dtype="int8", isa=isa,
+                                 page_size=ps)
+    np.testing.assert_allclose(out[:, good], ref[:, good], rtol=0, atol=atol)
+
+
+INT_DOT_CASES = [(isa, group, d) for isa in sorted(INT_DOT_ISAS & set(ISAS))
+                 for group in range(1, 9) for d in (16, 64, 128)]
+
+
+@pytest.mark.parametrize("isa,group,d", INT_DOT_CASES)
+def test_int8_integer_path_rounds_the_queries_exactly(isa, group, d):
+    """One token per page: each page's only softmax weight rounds to exactly 32767 steps, so
+    the integer-dot path differs from float64 only by its query rounding, which `round_q16`
+    reproduces: STORED_ATOL, not the weight-rounding bound. Every group size (5-7 take the
+    4 + remainder head passes), sequences of 1-37 tokens."""
+    rng = np.random.default_rng(group * 100 + d)
+    store, _, _ = _filled(rng, [1, 2, 37], 2, d, 1, "int8")
+    q = rng.standard_normal((3, 2 * group, d)).astype(np.float32)
+    out = store.decode_attention(q, [100, 101, 102], 1, isa=isa, chunk_tokens=8)
+    stored = [store.read(i, 1) for i in (100, 101, 102)]
+    ks, vs = [s[0] for s in stored], [s[1] for s in stored]
+    np.testing.assert_allclose(out, reference(round_q16(q, d ** -0.5), ks, vs, group,
+                                              d ** -0.5), rtol=0, atol=STORED_ATOL)
+    assert np.abs(out - reference(q, ks, vs, group, d ** -0.5)).max() > STORED_ATOL / 100
+
+
+@pytest.mark.parametrize("isa,group,d", INT_DOT_CASES)
+def test_int8_integer_path_pairs_tokens_exactly(isa, group, d):
+    """Equal weights on every token (q = 0) and V rows of equal amax (equal scales): every
+    16-bit weight is exactly 32767, so the output is the mean of the stored V rows to within
+    STORED_ATOL — which pins the pairing of tokens, the odd last token of a page and the
+    order of the 16 columns each integer pass writes back."""
+    rng = np.random.default_rng(group * 7 + d)
+    ps, lengths = 16, [1, 15, 16, 17, 33]
+    store = PagedKVStore(2, 2, d, num_pages=8, page_size=ps, dtype="int8")
+    for i, n in enumerate(lengths):
+        store.add_sequence(100 + i)
+        k = rng.standard_normal((n, 2, d)).astype(np.float32)
+        v = rng.standard_normal((n, 2, d)).astype(np.float32)
+        v /= np.abs(v).max(-1, keepdims=True)
+        store.append([100 + i], [n], 1, k, v)
+    ids = [100 + i for i in range(len(lengths))]
+    q = np.zeros((len(lengths), 2 * group, d), np.float32)
+    out = store.decode_attention(q, ids, 1, isa=isa)
+    for b, i in enumerate(ids):
+        mean = store.read(i, 1)[1].astype(np.float64).mean(0)  # [kv_heads, d]
+        np.testing.assert_allclose(out[b], np.repeat(mean, group, axis=0), rtol=0,
+                                   atol=STORED_ATOL)
+
+
+@pytest.mark.parametrize("isa", sorted(INT_DOT_ISAS & set(ISAS)))
+def test_int8_integer_path_at_its_overflow_bound(isa):
+    """head_dim 2048 and a 256-token page (the limits of the integer path) with every code
+    at +-127 and a query of full-scale 16-bit codes aligned with one key's signs: each int32
+    lane sums 256 products of 32767 * 127 (~1.07e9 < 2^31). An overflow would wrap that
+    key's score negative; instead it dominates as in float64."""
+    d, ps, n = 2048, 256, 256
+    rng = np.random.default_rng(3)
+    store = PagedKVStore(1, 1, d, num_pages=2, page_size=ps, dtype="int8")
+    store.add_sequence(100)
+    k = np.where(rng.random((n, 1, d)) < 0.5, -1.0, 1.0).astype(np.float32)
+    v = rng.standard_normal((n, 1, d)).astype(np.float32)
+    store.append([100], [n], 0, k, v)
+    q = k[7:8].copy()  # [1, 1, d]: q . k_7 = d, the most a key can score
+    out = store.decode_attention(q, [100], 0, isa=isa, scale=4e-3)
+    kk, vv = store.read(100, 0)
+    ref, atol = stored_reference(q, [kk], [vv], 1, 4e-3, dtype="int8", isa=isa, page_size=ps)
+    assert ref[0, 0] @ vv[7, 0] > 0.5 * vv[7, 0] @ vv[7, 0]  # key 7 dominates
+    np.testing.assert_allclose(out, ref, rtol=0, atol=atol)
 
 
 def test_results_do_not_depend_on_chunking_or_threads():

@@ -80,7 +80,7 @@ def test_stage2_hand_computed_case():
     row each, 8 rows after bucketing in each)."""
     cfg = get_preset("tiny-mixtral")
     io = 1.0 / (cfg.num_layers * cfg.weight_bytes_per_layer)
-    costs = EngineCosts(io_s_per_byte=io)
+    costs = EngineCosts(io_s_per_byte=io, link_s_per_byte=io)
     config = EngineConfig(kv_cache_bytes=64 * cfg.kv_bytes_per_token(), page_size=4,
                           device_weight_layers=1)  # streamed: tiny-mixtral has only 2 layers
     a = perf.predict(cfg, costs, Workload.fixed(4, 2, 2), config)
@@ -147,9 +147,9 @@ def test_stage2_charges_every_term_by_hand():
 def test_activation_copies_and_host_memory_by_hand():
     """Where device and host are apart, the link carries the decode rows' float32 attention
     outputs beside the weights, the other direction carries float32 K/V of every computed row
-    and the decode rows' queries, and host memory serves KV reads, the weight stream and both
-    copies: each can bind, computed here by hand for one designed group. On shared cores no
-    activation crosses anything."""
+    and the decode rows' queries (on the host stage's chain: it waits for them), and host
+    memory serves KV reads, the weight stream and both copies: each can bind, computed here by
+    hand for one designed group. On shared cores no activation crosses anything."""
     cfg = get_preset("tiny-mixtral")
     L, q4, kv4 = cfg.num_layers, 4 * cfg.q_size, 4 * cfg.kv_size
     g = GroupShape(prefill_tokens=30, decode_tokens=5, prefill_seqs=2, padded_rows=64,
@@ -158,27 +158,33 @@ def test_activation_copies_and_host_memory_by_hand():
     shape, streamed = IterationShape((g,)), 1e6
     h2d, d2h = L * 8 * q4, L * (64 * 2 * kv4 + 8 * q4)
     kv = 500 * cfg.kv_bytes_per_token()
-    base = EngineCosts(io_s_per_byte=1e-9, d2h_s_per_byte=1e-9, host_mem_s_per_byte=1e-12,
-                       attn_s_per_kv_byte=1e-12)
+    base = EngineCosts(io_s_per_byte=1e-9, link_s_per_byte=2e-9, d2h_s_per_byte=1e-9,
+                       host_mem_s_per_byte=1e-12, attn_s_per_kv_byte=1e-12)
     assert base.activation_bytes(cfg, shape) == (h2d, d2h)
     t = base.iteration(cfg, shape, streamed)
-    assert t["io"] == pytest.approx(1e-9 * (streamed + h2d), rel=1e-12)
+    assert t["io"] == pytest.approx(1e-9 * streamed + 2e-9 * h2d, rel=1e-12)
     assert t["d2h"] == pytest.approx(1e-9 * d2h, rel=1e-12)
     assert t["mem"] == pytest.approx(1e-12 * (kv + streamed + h2d + d2h), rel=1e-12)
-    assert t["total"] == pytest.approx(max(t["io"], t["d2h"]), rel=1e-12)  # the link binds
+    assert t["total"] == pytest.approx(max(t["io"], t["host"] + t["d2h"]), rel=1e-12)
     slow_mem = dataclasses.replace(base, host_mem_s_per_byte=1e-6)
     assert slow_mem.iteration(cfg, shape, streamed)["total"] == pytest.approx(
         1e-6 * (kv + streamed + h2d + d2h), rel=1e-12)
-    slow_d2h = dataclasses.replace(base, d2h_s_per_byte=1e-6)
-    assert slow_d2h.iteration(cfg, shape, streamed)["total"] == pytest.approx(1e-6 * d2h,
-                                                                               rel=1e-12)
+    # The host stage waits for its device->host copies: they add to its chain.
+    slow_d2h = dataclasses.replace(base, d2h_s_per_byte=1e-6, attn_s_per_kv_byte=1e-6)
+    assert slow_d2h.iteration(cfg, shape, streamed)["total"] == pytest.approx(
+        1e-6 * d2h + 1e-6 * kv, rel=1e-12)
+    # A cap on the weight mover (`with_link`) leaves the outputs at the link's own rate.
+    capped = base.with_link(1e3)
+    assert capped.iteration(cfg, shape, streamed)["io"] == pytest.approx(
+        1e-3 * streamed + 2e-9 * h2d, rel=1e-12)
     shared = dataclasses.replace(base, shared_cores=True)
     assert shared.activation_bytes(cfg, shape) == (0, 0)
     ts = shared.iteration(cfg, shape, streamed)
-    assert ts["d2h"] == 0 and ts["io"] == pytest.approx(1e-9 * streamed, rel=1e-12)
+    assert ts["d2h"] == ts["mem"] == 0 and ts["io"] == pytest.approx(1e-9 * streamed, rel=1e-12)
     # The datasheet derivation takes each rate from the spec.
     hw = perf.get_hardware("a40")
     sheet = EngineCosts.from_hardware(cfg, hw)
+    assert sheet.link_s_per_byte == sheet.io_s_per_byte == pytest.approx(1 / hw.h2d_bytes_per_s)
     assert sheet.d2h_s_per_byte == pytest.approx(1 / hw.d2h_bytes_per_s)
     assert sheet.host_mem_s_per_byte == pytest.approx(1 / hw.host_memory_bandwidth)
 
@@ -263,7 +269,8 @@ def test_corrupt_calibration_cache_is_ignored_with_a_warning(tmp_path, monkeypat
 
 def test_calibration_fit_recovers_known_costs():
     """fit_engine_costs on synthetic per-iteration records built from known coefficients
-    (charged by Stage 2's own `EngineCosts.iteration`) recovers every coefficient."""
+    (charged by Stage 2's own `EngineCosts.iteration`) recovers every coefficient; on an
+    accelerator, with the host stage's measured time holding its device->host copies, too."""
     from moelens_jax.perf.calibrate import fit_engine_costs
 
     cfg = get_preset("tiny-mixtral")
@@ -280,7 +287,7 @@ def test_calibration_fit_recovers_known_costs():
                 prefill_tokens=n_pre, decode_tokens=n_dec, prefill_seqs=1 + i % 3,
                 padded_rows=64 * (1 + (n_pre + n_dec) // 64), tile_pairs=1 + (i * 7) % 40,
                 attended_keys=(i * 101 + g * 7) % 5000, logit_rows=n_dec + 1 + i % 5,
-                kv_tokens_read=(i * 997 + g * 5) % 20000))
+                kv_tokens_read=(i * 997 + g * 5) % 20000, decode_rows=-(-n_dec // 8) * 8))
         shape = IterationShape(tuple(groups))
         cost = truth.iteration(cfg, shape)  # the lm_head rows are outside GA/GB/C
         # GA holds the prefill attention, the rest of the device line splits 1 : 2.
@@ -295,6 +302,16 @@ def test_calibration_fit_recovers_known_costs():
     for f in dataclasses.fields(truth):
         if f.type == "float" and f.name not in ("request_s", "io_s_per_byte"):
             assert getattr(fit, f.name) == pytest.approx(getattr(truth, f.name), rel=1e-6), f.name
+    d2h = 1e-7
+    apart = dataclasses.replace(truth, shared_cores=False)
+    with_copies = [dataclasses.replace(r, c_s=r.c_s + d2h * apart.activation_bytes(cfg, r.shape)[1])
+                   for r in recs]
+    host_terms = ("attn_fixed_s", "attn_s_per_token", "attn_s_per_kv_byte")
+    naive = fit_engine_costs(cfg, with_copies)  # the copies land in the host terms
+    assert any(abs(getattr(naive, n) / getattr(truth, n) - 1) > 0.05 for n in host_terms)
+    fit = fit_engine_costs(cfg, with_copies, d2h_s_per_byte=d2h)
+    for name in host_terms:
+        assert getattr(fit, name) == pytest.approx(getattr(truth, name), rel=1e-6), name
 
 
 def test_moe_lightning_kv_bound_batch_and_prediction():

@@ -42,14 +42,14 @@ void QuantiseRowsI16(const float* x, int64_t rows, int d, int16_t* out, float* s
       finite = finite && std::isfinite(xr[c]);
       amax = std::max(amax, std::fabs(xr[c]));
     }
-    if (!finite || amax == 0.f) {
+    const float inv = 32767.f / amax;  // inf for a zero row (or one under ~1e-34: as zero)
+    if (!finite || !(inv <= std::numeric_limits<float>::max())) {
       std::fill(o, o + d, int16_t(0));
       scale[r] = finite ? 0.f : std::numeric_limits<float>::quiet_NaN();
       continue;
     }
     // |x * inv| <= 32767 (to within a rounding), so adding and subtracting 1.5 * 2^23 rounds it
     // to the nearest integer, ties to even, in plain float arithmetic the compiler vectorises.
-    const float inv = 32767.f / amax;
     constexpr float kRound = 12582912.f;
     for (int c = 0; c < d; ++c) {
       const float rounded = (xr[c] * inv + kRound) - kRound;

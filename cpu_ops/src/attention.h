@@ -2,12 +2,14 @@
 //
 // For each sequence b (one query token, n_q = s * n_kv heads) and its cached tokens at `layer`:
 //   out[b, h] = softmax(scale * q[b, h] . K[b, h / s]^T) V[b, h / s]
-// float32 accumulation, online (max-subtracted) softmax. GQA-packed: a work item covers all s
-// query heads of one kv head (in blocks of <= kMaxGroup heads), so each K/V element is loaded
-// once per block and used s times. Work items are (sequence, KV chunk) and walk the chunk's pages
-// in memory order, every kv head of a page before the next page, so each thread streams
-// contiguous memory; chunk partials (max, sum, unnormalised output per head) are merged by
-// log-sum-exp, so one long sequence among many short ones still spreads over every thread.
+// float32 accumulation (an int8 store on AVX2: exact int32 dot products of queries and softmax
+// weights rounded to 16 bits, see attention_avx2.cc), online (max-subtracted) softmax.
+// GQA-packed: a work item covers all s query heads of one kv head (in blocks of <= kMaxGroup
+// heads), so each K/V element is loaded once per block and used s times. Work items are
+// (sequence, KV chunk) and walk the chunk's pages in memory order, every kv head of a page
+// before the next page, so each thread streams contiguous memory; chunk partials (max, sum,
+// unnormalised output per head) are merged by log-sum-exp, so one long sequence among many
+// short ones still spreads over every thread.
 #pragma once
 
 #include <cstdint>

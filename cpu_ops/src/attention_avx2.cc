@@ -3,6 +3,7 @@
 #include <immintrin.h>
 
 #include <cstring>
+#include <limits>
 
 #include "attention_impl.h"
 #include "dtypes.h"
@@ -79,7 +80,7 @@ struct Avx2Ops {
 // multiplies integers instead: scores dot the 16-bit queries (PageArgs::q16) with K widened to
 // 16 bits (vpmaddwd: 16 products per instruction, int32 sums), and the softmax weights, times
 // each token's V scale, are rounded to 16 bits per (page, head) for the same product with V.
-// Both roundings are relative 2^-16 of a row's maximum, 128x finer than the int8 codes
+// Both roundings are relative 2^-16 of a row's maximum, ~256x finer than the int8 codes
 // themselves. Valid for head_dim a multiple of 16 and <= kI8MaxHeadDim: each int32 lane then
 // sums <= 2048 / 8 products of <= 32767 * 127 (scores) or <= 256 (kMaxPageSize) of them
 // (values), below 2^31; lanes are converted to float before they are added together.
@@ -180,8 +181,10 @@ inline bool QuantiseWeights(const PageArgs& a, const float (*p)[kMaxPageSize],
       m = std::max(m, pf[u]);
       total += pf[u];
     }
-    if (!std::isfinite(total)) return false;
     const float inv = m > 0.f ? 32767.f / m : 0.f;
+    // A non-finite weight, or a page whose largest weight is so small (< ~1e-34: every score
+    // ~80 below the running max) that 32767 / m overflows: the float path keeps the semantics.
+    if (!std::isfinite(total) || !(inv <= std::numeric_limits<float>::max())) return false;
     pscale[i] = m / 32767.f;
     const __m256 iv = _mm256_set1_ps(inv);
     u = 0;

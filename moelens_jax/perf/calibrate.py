@@ -172,21 +172,30 @@ def _stage_terms(cfg, shapes: list, ga_s, gb_s, host_s, kv_dtype
 
 
 def fit_engine_costs(cfg, records: list, runs: list[tuple[float, float, int]] = (),
-                     kv_dtype: str | None = None, stage_points: list | None = None
-                     ) -> EngineCosts:
+                     kv_dtype: str | None = None, stage_points: list | None = None,
+                     d2h_s_per_byte: float = 0.0) -> EngineCosts:
     """`EngineCosts` from an engine's per-iteration records (`IterationRecord`s of serial
     runs): the per-iteration rest (lm_head + sampling per logits row, fixed) from the
     records; the device and host terms from the records (per layer) together with
     `stage_points` ((GroupShape, {"ga_s", "c_s", "gb_s"}) of `Engine.profile_group`, one
     layer each), when given. `runs`
     (wall_s, seconds in iterations, requests) per profiled run give the per-request cost
-    outside iterations."""
+    outside iterations. With `d2h_s_per_byte` (an accelerator) the host stage's measured time
+    holds the activation copies it waits for, which Stage 2 charges apart (`t_d2h`): they are
+    taken out before the host terms are fitted."""
     L = cfg.num_layers
+    apart = EngineCosts(d2h_s_per_byte=d2h_s_per_byte)  # only for activation_bytes
+
+    def c_only(shape, c_s):  # one layer's host stage less its device->host copies
+        return max(0.0, c_s - d2h_s_per_byte * apart.activation_bytes(cfg, shape)[1] / L)
+
     # Per-layer, per-group samples: the designed micro-profile (well conditioned: attended
     # keys, rows and KV read vary independently of tokens) plus every engine iteration.
-    samples = [(IterationShape((s,)), t["ga_s"], t["gb_s"], t["c_s"])
+    samples = [(IterationShape((s,)), t["ga_s"], t["gb_s"], c_only(IterationShape((s,)),
+                                                                    t["c_s"]))
                for s, t in stage_points or ()]
-    samples += [(r.shape, r.ga_s / L, r.gb_s / L, r.c_s / L) for r in records]
+    samples += [(r.shape, r.ga_s / L, r.gb_s / L, c_only(r.shape, r.c_s / L))
+                for r in records]
     dev, host = _stage_terms(cfg, *map(list, zip(*samples, strict=True)), kv_dtype)
     rest = _nonneg_lstsq(np.stack([np.ones(len(records)),
                                    [r.shape.logit_rows for r in records]], 1),
@@ -321,8 +330,10 @@ def calibrate(model, *, use_cache: bool = True, h2d_bytes: int | None = None) ->
     d2h = h2d if on_cpu else measure_d2h(min(nbytes, 256 << 20))
     records, runs = profile_engine(model)
     costs = dataclasses.replace(
-        fit_engine_costs(cfg, records, runs, stage_points=profile_stages(model)),
-        io_s_per_byte=1.0 / h2d, d2h_s_per_byte=1.0 / d2h, host_mem_s_per_byte=1.0 / host_bw,
+        fit_engine_costs(cfg, records, runs, stage_points=profile_stages(model),
+                         d2h_s_per_byte=0.0 if on_cpu else 1.0 / d2h),
+        io_s_per_byte=1.0 / h2d, link_s_per_byte=1.0 / h2d, d2h_s_per_byte=1.0 / d2h,
+        host_mem_s_per_byte=1.0 / host_bw,
         unpack_s_per_byte=unpack["float"],
         dequant_int8_s_per_byte=unpack["int8"], dequant_int4_s_per_byte=unpack["int4"])
     for name in ("layer_token_s", "attn_s_per_kv_byte"):

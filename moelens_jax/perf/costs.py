@@ -14,21 +14,23 @@ layout) with L layers and G groups (VSLPipe runs two, each dispatched and padded
            + head_s_per_seq * logit_rows
   t_host = L * (attn_fixed_s * G + attn_s_per_token * tokens
                 + attn_s_per_kv_byte * KV bytes the decode rows read per layer)
-  t_io   = io_s_per_byte * (weight bytes streamed (0 when the layers are resident)
-                           + activation bytes host -> device)
+  t_io   = io_s_per_byte * weight bytes streamed (0 when the layers are resident)
+           + link_s_per_byte * activation bytes host -> device
   t_d2h  = d2h_s_per_byte * activation bytes device -> host
   t_mem  = host_mem_s_per_byte * (KV bytes the decode rows read + weight bytes streamed
                                    + activation bytes both ways): host memory serves the CPU
            attention, the weight stream's DMA and the activation copies at once (contention)
   Activations cross the link only where device and host are apart (not shared_cores): per
   layer and group the engine copies float32 K and V of every computed row and the decode
-  rows' queries to the host (`np.asarray(k)`, `q[:dec_b]`), and the float32 attention output
-  of the decode rows back.
+  rows' queries to the host (`np.asarray(k)`, `q[:dec_b]`: the host stage waits for them, so
+  they are on its chain), and the float32 attention output of the decode rows back
+  (dispatched without waiting: it only occupies the link, at the link's own rate even where a
+  cap slows the weight mover).
   t_deq  = unpack_s_per_byte (or dequant_<format>_s_per_byte for a quantised layout) * bytes
            of the streamed layers once unpacked: the device work that turns each copied layer
            into typed weights, which the weight mover waits for before its next copy
   t_iter = iteration_fixed_s + max(t_io + 2 t_deq, t_dev + t_host + t_deq)  if shared_cores
-           iteration_fixed_s + max(t_io + t_deq, t_dev + t_deq, t_host, t_d2h, t_mem)
+           iteration_fixed_s + max(t_io + t_deq, t_dev + t_deq, t_host + t_d2h, t_mem)
                                                                                 otherwise
   On shared cores (a CPU-only machine) the unpacking runs on the cores the compute uses: its
   CPU time adds to the compute, and while both run each gets half the cores, so the weight
@@ -66,7 +68,9 @@ class EngineCosts:
       head_s_per_seq: per logits row (bucketed): lm_head and sampling.
       iteration_fixed_s: per iteration: scheduling, embedding, dispatch.
       request_s: per request, outside the iterations.
-      io_s_per_byte: per byte host -> device (weights streamed, attention outputs).
+      io_s_per_byte: per weight byte the weight mover streams host -> device (an emulated
+        link cap, `with_link`, slows it).
+      link_s_per_byte: per byte the host -> device link carries otherwise (attention outputs).
       d2h_s_per_byte: per byte device -> host (queries, new K/V).
       host_mem_s_per_byte: per byte host memory serves (1 / its bandwidth): KV reads, the
         weight stream and activation copies share it.
@@ -91,6 +95,7 @@ class EngineCosts:
     iteration_fixed_s: float = 0.0
     request_s: float = 0.0
     io_s_per_byte: float = 0.0
+    link_s_per_byte: float = 0.0
     d2h_s_per_byte: float = 0.0
     host_mem_s_per_byte: float = 0.0
     unpack_s_per_byte: float = 0.0
@@ -115,12 +120,14 @@ class EngineCosts:
             attn_pair_s=4.0 * TILE * TILE * cfg.num_heads * cfg.head_dim / hw.gemm_flops,
             attn_s_per_kv_byte=1.0 / hw.cpu_attn_bytes_per_s,
             head_s_per_seq=cfg.lm_head_flops_per_row / hw.gemm_flops,
-            io_s_per_byte=1.0 / hw.h2d_bytes_per_s, d2h_s_per_byte=1.0 / hw.d2h_bytes_per_s,
+            io_s_per_byte=1.0 / hw.h2d_bytes_per_s, link_s_per_byte=1.0 / hw.h2d_bytes_per_s,
+            d2h_s_per_byte=1.0 / hw.d2h_bytes_per_s,
             host_mem_s_per_byte=1.0 / hw.host_memory_bandwidth, shared_cores=hw.shared_cores,
             source=f"datasheet rates of {hw.name}")
 
     def with_link(self, h2d_bytes_per_s: float) -> EngineCosts:
-        """These costs behind a host->device link of this rate (e.g. the engine's cap)."""
+        """These costs with the weight stream capped at this rate (the engine's
+        `h2d_limit_gb_per_s`, which throttles only the weight mover)."""
         return dataclasses.replace(self, io_s_per_byte=1.0 / h2d_bytes_per_s)
 
     @property
@@ -144,14 +151,15 @@ class EngineCosts:
                  + self.head_s_per_seq * shape.logit_rows)
         t_host = L * (self.attn_fixed_s * G + self.attn_s_per_token * shape.tokens
                       + self.attn_s_per_kv_byte * kv_bytes)
-        t_io = self.io_s_per_byte * (streamed_bytes + act_h2d)
+        t_io = self.io_s_per_byte * streamed_bytes + self.link_s_per_byte * act_h2d
         t_d2h = self.d2h_s_per_byte * act_d2h
-        t_mem = self.host_mem_s_per_byte * (L * kv_bytes + streamed_bytes + act_h2d + act_d2h)
+        t_mem = (0.0 if self.shared_cores else  # on shared cores t_host is the memory's time
+                 self.host_mem_s_per_byte * (L * kv_bytes + streamed_bytes + act_h2d + act_d2h))
         rate = (getattr(self, f"dequant_{weight_dtype}_s_per_byte") if weight_dtype
                 else self.unpack_s_per_byte)
         t_deq = rate * dequantised_bytes
         busy = (max(t_io + 2 * t_deq, t_dev + t_host + t_deq) if self.shared_cores
-                else max(t_io + t_deq, t_dev + t_deq, t_host, t_d2h, t_mem))
+                else max(t_io + t_deq, t_dev + t_deq, t_host + t_d2h, t_mem))
         return {"dev": t_dev, "host": t_host, "io": t_io, "d2h": t_d2h, "mem": t_mem,
                 "deq": t_deq, "fixed": self.iteration_fixed_s,
                 "total": self.iteration_fixed_s + busy}
