@@ -9,6 +9,7 @@ import pytest
 from moelens_jax import perf
 from moelens_jax.config import get_preset
 from moelens_jax.perf import EngineCosts, Workload
+from moelens_jax.perf.costs import activation_bytes
 from moelens_jax.runtime import EngineConfig, GroupShape, IterationRecord, IterationShape
 from moelens_jax.runtime.scheduler import make_scheduler
 
@@ -160,7 +161,7 @@ def test_activation_copies_and_host_memory_by_hand():
     kv = 500 * cfg.kv_bytes_per_token()
     base = EngineCosts(io_s_per_byte=1e-9, link_s_per_byte=2e-9, d2h_s_per_byte=1e-9,
                        host_mem_s_per_byte=1e-12, attn_s_per_kv_byte=1e-12)
-    assert base.activation_bytes(cfg, shape) == (h2d, d2h)
+    assert activation_bytes(cfg, shape) == (h2d, d2h)
     t = base.iteration(cfg, shape, streamed)
     assert t["io"] == pytest.approx(1e-9 * streamed + 2e-9 * h2d, rel=1e-12)
     assert t["d2h"] == pytest.approx(1e-9 * d2h, rel=1e-12)
@@ -178,7 +179,6 @@ def test_activation_copies_and_host_memory_by_hand():
     assert capped.iteration(cfg, shape, streamed)["io"] == pytest.approx(
         1e-3 * streamed + 2e-9 * h2d, rel=1e-12)
     shared = dataclasses.replace(base, shared_cores=True)
-    assert shared.activation_bytes(cfg, shape) == (0, 0)
     ts = shared.iteration(cfg, shape, streamed)
     assert ts["d2h"] == ts["mem"] == 0 and ts["io"] == pytest.approx(1e-9 * streamed, rel=1e-12)
     # The datasheet derivation takes each rate from the spec.
@@ -303,8 +303,7 @@ def test_calibration_fit_recovers_known_costs():
         if f.type == "float" and f.name not in ("request_s", "io_s_per_byte"):
             assert getattr(fit, f.name) == pytest.approx(getattr(truth, f.name), rel=1e-6), f.name
     d2h = 1e-7
-    apart = dataclasses.replace(truth, shared_cores=False)
-    with_copies = [dataclasses.replace(r, c_s=r.c_s + d2h * apart.activation_bytes(cfg, r.shape)[1])
+    with_copies = [dataclasses.replace(r, c_s=r.c_s + d2h * activation_bytes(cfg, r.shape)[1])
                    for r in recs]
     host_terms = ("attn_fixed_s", "attn_s_per_token", "attn_s_per_kv_byte")
     naive = fit_engine_costs(cfg, with_copies)  # the copies land in the host terms

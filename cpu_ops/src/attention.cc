@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "dtypes.h"
 #include "scratch.h"
 
 namespace moelens {
@@ -36,12 +37,8 @@ void QuantiseRowsI16(const float* x, int64_t rows, int d, int16_t* out, float* s
   for (int64_t r = 0; r < rows; ++r) {
     const float* xr = x + r * d;
     int16_t* o = out + r * d;
-    float amax = 0.f;
     bool finite = true;
-    for (int c = 0; c < d; ++c) {
-      finite = finite && std::isfinite(xr[c]);
-      amax = std::max(amax, std::fabs(xr[c]));
-    }
+    const float amax = AbsMax(xr, d, &finite);
     const float inv = 32767.f / amax;  // inf for a zero row (or one under ~1e-34: as zero)
     if (!finite || !(inv <= std::numeric_limits<float>::max())) {
       std::fill(o, o + d, int16_t(0));

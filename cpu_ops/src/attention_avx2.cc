@@ -228,8 +228,6 @@ void ProcessPageI8(const PageArgs& a) {
   alignas(32) int16_t p16[S][kP16Row];
   float pscale[S];
   if (!QuantiseWeights<S>(a, score, p16, pscale)) {
-    for (int i = 0; i < S; ++i)
-      for (int u = 0; u < ntok; ++u) score[i][u] *= a.v_scale[u];
     kernel::AccumulatePage<Avx2Ops, kernel::TagI8, S>(a, score);
     return;
   }

@@ -146,13 +146,18 @@ inline void UpdateSoftmax(const PageArgs& a, float (*score)[kMaxPageSize]) {
   }
 }
 
-// acc += p V over the whole page: accumulators of CC column blocks stay in registers across
-// the page's tokens.
+// acc += p V over the whole page (an 8-bit store's V scales first folded into p: p_t (s_t v_t)
+// = (p_t s_t) v_t, after l took the plain p_t); accumulators of CC column blocks stay in
+// registers across the page's tokens.
 template <class Ops, class Tag, int S>
-inline void AccumulatePage(const PageArgs& a, const float (*p)[kMaxPageSize]) {
+inline void AccumulatePage(const PageArgs& a, float (*p)[kMaxPageSize]) {
   constexpr int VL = Ops::kLanes;
   constexpr int CC = kTokStep<S>;
   const int d = a.head_dim;
+  if (a.v_scale != nullptr) {
+    for (int i = 0; i < S; ++i)
+      for (int u = 0; u < a.ntok; ++u) p[i][u] *= a.v_scale[u];
+  }
   int c = 0;
   for (; c + CC * VL <= d; c += CC * VL)
     AccumulateValues<Ops, Tag, S, CC>(a.acc, a.v, d, a.elem_bytes, a.ntok, c, p);
@@ -191,11 +196,6 @@ void ProcessPage(const PageArgs& a) {
   }
 
   UpdateSoftmax<Ops, S>(a, score);
-
-  if (a.v_scale != nullptr) {  // p_t (s_t v_t) = (p_t s_t) v_t, after l took the plain p_t
-    for (int i = 0; i < S; ++i)
-      for (int u = 0; u < ntok; ++u) score[i][u] *= a.v_scale[u];
-  }
 
   AccumulatePage<Ops, Tag, S>(a, score);
 }

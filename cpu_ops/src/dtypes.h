@@ -3,6 +3,7 @@
 // per token and kv head, applied by the caller).
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -77,6 +78,19 @@ inline uint8_t F32ToF8E4M3(float f) {
   const float d0 = a - below, d1 = above - a;
   const int code = d0 < d1 ? lo : (d1 < d0 ? lo + 1 : (lo % 2 == 0 ? lo : lo + 1));
   return uint8_t(sign | code);
+}
+
+// max |x[i]| over n floats, and whether every x[i] is finite (the scale of a symmetric row
+// quantisation: the KV store's 8-bit rows, the attention kernel's 16-bit queries).
+inline float AbsMax(const float* x, int n, bool* finite) {
+  float amax = 0.f;
+  bool ok = true;
+  for (int i = 0; i < n; ++i) {
+    ok = ok && std::isfinite(x[i]);
+    amax = std::max(amax, std::fabs(x[i]));
+  }
+  *finite = ok;
+  return amax;
 }
 
 // int8 with a symmetric scale: round to nearest, ties to even, clamped to [-127, 127].

@@ -194,12 +194,8 @@ namespace {
 // scale (amax / code max; a row with a non-finite value gets a NaN scale, so its attention
 // output is NaN as with a float store).
 void QuantiseRow(const float* s, KvDtype dtype, uint8_t* dst, float* scale, int n) {
-  float amax = 0.f;
   bool finite = true;
-  for (int i = 0; i < n; ++i) {
-    finite = finite && std::isfinite(s[i]);
-    amax = std::max(amax, std::fabs(s[i]));
-  }
+  const float amax = AbsMax(s, n, &finite);
   const float top = dtype == KvDtype::kI8 ? 127.f : kF8E4M3Max;
   const float sc = finite ? amax / top : std::numeric_limits<float>::quiet_NaN();
   std::memcpy(scale, &sc, 4);

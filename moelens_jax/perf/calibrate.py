@@ -47,7 +47,7 @@ import numpy as np
 
 from moelens_jax import _cpu_ops, ops, workloads
 from moelens_jax.model.weights import WEIGHT_DTYPES, LayerLayout, packet_bounds, unpack_packets
-from moelens_jax.perf.costs import EngineCosts
+from moelens_jax.perf.costs import EngineCosts, activation_bytes
 from moelens_jax.perf.hardware import HardwareSpec
 from moelens_jax.runtime.engine import Engine
 from moelens_jax.runtime.layout import IterationShape
@@ -184,10 +184,9 @@ def fit_engine_costs(cfg, records: list, runs: list[tuple[float, float, int]] = 
     holds the activation copies it waits for, which Stage 2 charges apart (`t_d2h`): they are
     taken out before the host terms are fitted."""
     L = cfg.num_layers
-    apart = EngineCosts(d2h_s_per_byte=d2h_s_per_byte)  # only for activation_bytes
 
     def c_only(shape, c_s):  # one layer's host stage less its device->host copies
-        return max(0.0, c_s - d2h_s_per_byte * apart.activation_bytes(cfg, shape)[1] / L)
+        return max(0.0, c_s - d2h_s_per_byte * activation_bytes(cfg, shape)[1] / L)
 
     # Per-layer, per-group samples: the designed micro-profile (well conditioned: attended
     # keys, rows and KV read vary independently of tokens) plus every engine iteration.

@@ -143,7 +143,7 @@ class EngineCosts:
         unpacked (in the model dtype; a `weight_dtype` layout dequantised)."""
         L, G = cfg.num_layers, len(shape.groups)
         kv_bytes = shape.kv_tokens_read * cfg.kv_bytes_per_token(kv_dtype) / L
-        act_h2d, act_d2h = self.activation_bytes(cfg, shape)
+        act_h2d, act_d2h = (0, 0) if self.shared_cores else activation_bytes(cfg, shape)
         t_dev = (L * (self.layer_fixed_s * G + self.layer_token_s * shape.tokens
                       + self.padded_row_s * shape.padded_rows
                       + self.attn_pair_s * shape.tile_pairs
@@ -164,14 +164,12 @@ class EngineCosts:
                 "deq": t_deq, "fixed": self.iteration_fixed_s,
                 "total": self.iteration_fixed_s + busy}
 
-    def activation_bytes(self, cfg: ModelConfig, shape: IterationShape) -> tuple[int, int]:
-        """(host -> device, device -> host) activation bytes of one iteration over all layers:
-        float32 attention outputs of the decode rows in; float32 K and V of every computed row
-        and the decode rows' queries out. None where device and host share the cores."""
-        if self.shared_cores:
-            return 0, 0
-        q_row = 4 * cfg.q_size
-        h2d = cfg.num_layers * shape.decode_rows * q_row
-        d2h = cfg.num_layers * (shape.padded_rows * 2 * 4 * cfg.kv_size
-                                + shape.decode_rows * q_row)
-        return h2d, d2h
+
+def activation_bytes(cfg: ModelConfig, shape: IterationShape) -> tuple[int, int]:
+    """(host -> device, device -> host) bytes the engine copies in one iteration over all
+    layers where device and host are apart: float32 attention outputs of the decode rows in;
+    float32 K and V of every computed row and the decode rows' queries out."""
+    q_row = 4 * cfg.q_size
+    h2d = cfg.num_layers * shape.decode_rows * q_row
+    d2h = cfg.num_layers * (shape.padded_rows * 2 * 4 * cfg.kv_size + shape.decode_rows * q_row)
+    return h2d, d2h
