@@ -449,8 +449,9 @@ def _expert_reference(w, x, gs):
 
 
 def test_expert_kernel_random_valid_and_invalid_calls():
-    """Random shapes (widths below and above the SIMD width), dtypes and group sizes (empty
-    experts, one expert taking everything, padding rows), plus invalid group sizes and weight
+    """Random shapes (widths below and above the SIMD width and the packed GEMM's 256-row
+    blocks), dtypes and group sizes (empty experts, one expert taking everything, groups for
+    each of the kernel's three GEMMs, padding rows), plus invalid group sizes and weight
     shapes/dtypes that must raise, never crash."""
     from moelens_jax.ops.experts import grouped_expert_ffn
 
@@ -458,10 +459,12 @@ def test_expert_kernel_random_valid_and_invalid_calls():
     bad = 0
     for case in range(EXPERT_CASES):
         E, h, f = int(rng.integers(1, 9)), int(rng.integers(1, 70)), int(rng.integers(1, 90))
+        if case % 3 == 0:  # inner dimensions past one packed block (256 rows)
+            h, f = int(rng.integers(250, 320)), int(rng.integers(250, 320))
         dt = jnp.bfloat16 if case % 2 else jnp.float32
         w = [jnp.asarray(rng.standard_normal(s) * 0.3, dt) for s in ((E, h, f), (E, h, f),
                                                                       (E, f, h))]
-        gs = rng.multinomial(int(rng.integers(0, 60)), rng.dirichlet(np.ones(E))).astype(np.int32)
+        gs = rng.multinomial(int(rng.integers(0, 160)), rng.dirichlet(np.ones(E))).astype(np.int32)
         if case % 5 == 0:
             gs[:] = 0
             gs[-1] = int(rng.integers(1, 40))  # one expert takes every row

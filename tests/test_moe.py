@@ -224,19 +224,23 @@ def test_accelerator_gb_temporaries_at_mixtral_scale():
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("h,f", [(19, 37), (64, 96), (48, 200)])
+@pytest.mark.parametrize("h,f", [(19, 37), (64, 96), (48, 200), (300, 530)])
 def test_grouped_kernel_odd_shapes_and_group_sizes(h, f, dtype):
-    """Widths that are no multiple of the SIMD width (tail columns), groups of 1..3 rows (row
-    remainders), decode-sized groups (the bf16 small-GEMM path) and large ones (OpenBLAS)."""
+    """Every GEMM the C++ kernel picks by group size (expert_ffn.cc): SmallGemm (bf16, <= 16
+    rows), PackedGemm (<= 48 rows; 1..3, 16, 41 and 47 rows hit its 6-row blocks and their
+    remainders) and OpenBLAS (49 and 60 rows); widths that are no multiple of the SIMD width
+    (tail columns); and with h = 300 and f = 530, inner dimensions past one packed block of 256
+    rows (the second block accumulates) and more than one column panel per expert."""
     rng = np.random.default_rng(h * f)
-    E = 6
+    gs = np.array([1, 2, 3, 0, 16, 41, 47, 49, 60], np.int32)
+    E = len(gs)
     w = [jnp.asarray(rng.standard_normal(s) * 0.2, dtype)
          for s in ((E, h, f), (E, h, f), (E, f, h))]
-    gs = np.array([1, 2, 3, 0, 16, 41], np.int32)
     x = jnp.asarray(rng.standard_normal((int(gs.sum()) + 2, h)), jnp.float32)
     got = moe.expert_ffn(*w, x, jnp.asarray(gs), "grouped")
     want = reference.expert_ffn_loop(*w, x, jnp.asarray(gs))
     reference.assert_close(got, want, rel_l2=REL_L2[dtype])
+    np.testing.assert_array_equal(np.asarray(got)[int(gs.sum()):], 0.0)
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])

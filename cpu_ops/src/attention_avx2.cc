@@ -264,5 +264,6 @@ PageFn GetPageFnAvx2(KvDtype dtype, int head_dim, int s) {
 
 SiluMulFn GetSiluMulAvx2() { return kernel::SiluMul<Avx2Ops>; }
 SmallGemmFn GetSmallGemmAvx2() { return kernel::SmallGemm<Avx2Ops>; }
+PackedGemmFn GetPackedGemmAvx2() { return kernel::PackedGemm<Avx2Ops>; }
 
 }  // namespace moelens

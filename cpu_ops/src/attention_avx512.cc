@@ -68,5 +68,6 @@ PageFn GetPageFnAvx512(KvDtype dtype, int head_dim, int s) {
 
 SiluMulFn GetSiluMulAvx512() { return kernel::SiluMul<Avx512Ops>; }
 SmallGemmFn GetSmallGemmAvx512() { return kernel::SmallGemm<Avx512Ops>; }
+PackedGemmFn GetPackedGemmAvx512() { return kernel::PackedGemm<Avx512Ops>; }
 
 }  // namespace moelens

@@ -9,4 +9,6 @@ SiluMulFn GetSiluMulAvx2() { return nullptr; }
 SiluMulFn GetSiluMulAvx512() { return nullptr; }
 SmallGemmFn GetSmallGemmAvx2() { return nullptr; }
 SmallGemmFn GetSmallGemmAvx512() { return nullptr; }
+PackedGemmFn GetPackedGemmAvx2() { return nullptr; }
+PackedGemmFn GetPackedGemmAvx512() { return nullptr; }
 }  // namespace moelens

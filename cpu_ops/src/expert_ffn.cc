@@ -17,16 +17,28 @@ namespace {
 constexpr int64_t kPanel = 256;                 // target columns per work item
 constexpr int64_t kScratchBytes = int64_t(64) << 20;  // gate + up activations of one chunk
 
-// Expert groups of at most this many rows use SmallGemm when the weights are bf16: measured on
-// a 2-core AVX2 machine (small-mixtral shapes) 1.2-2.5x faster than widening panels for
-// OpenBLAS at 4-16 rows, a tie at 24. With float32 weights OpenBLAS was as fast or faster at
-// every row count, so float32 always takes it.
+// Which GEMM an expert segment takes, by its rows (measured on a 2-core AVX2 machine, both
+// threads busy, bench_experts and a C++ harness, cold weights):
+// - bf16 weights, <= kSmallRowsBf16 rows: SmallGemm (streams bf16 B once, widening in
+//   registers) was 1.2-2.5x faster than widening panels for OpenBLAS at 4-16 rows and beat
+//   PackedGemm, which writes the widened panels; float32 weights never take it (under two
+//   threads' memory traffic it lost to OpenBLAS at small-mixtral's f = 1792).
+// - <= kPackedRows rows: PackedGemm, 1.1-1.3x OpenBLAS's sgemm at 1-16 rows in the harness;
+//   end to end at 128 experts (f = 192) 1.2-1.5x at 4 rows per expert, 1.1-1.2x at 16; a tie
+//   at 48-64 rows, where OpenBLAS takes over.
 constexpr int64_t kSmallRowsBf16 = 16;
+constexpr int64_t kPackedRows = 48;
 
 SmallGemmFn GetSmallGemm(Isa isa) {
   if (isa >= Isa::kAvx512) return GetSmallGemmAvx512();
   if (isa >= Isa::kAvx2) return GetSmallGemmAvx2();
   return nullptr;  // the scalar version would lose to OpenBLAS
+}
+
+PackedGemmFn GetPackedGemm(Isa isa) {
+  if (isa >= Isa::kAvx512) return GetPackedGemmAvx512();
+  if (isa >= Isa::kAvx2) return GetPackedGemmAvx2();
+  return nullptr;
 }
 
 SiluMulFn GetSiluMul(Isa isa) {
@@ -96,6 +108,41 @@ void Validate(const ExpertFfnArgs& a, int64_t* total) {
   *total = sum;
 }
 
+// C[rows, n] = A[rows, k] @ B[k, n] for one expert segment x column panel, B row-major
+// (float32 or bf16, `ldb` elements per row): SmallGemm for decode-sized bf16 groups, PackedGemm
+// up to a few dozen rows, OpenBLAS (bf16 widened to a float32 panel first) above.
+class GroupGemm {
+ public:
+  GroupGemm(Isa isa, WeightDtype dt)
+      : dt_(dt), small_(GetSmallGemm(isa)), packed_(GetPackedGemm(isa)) {
+    small_rows_ = small_ != nullptr && dt == WeightDtype::kBf16 ? kSmallRowsBf16 : 0;
+    packed_rows_ = packed_ != nullptr ? kPackedRows : 0;
+  }
+
+  void operator()(const float* a, int64_t lda, const uint8_t* b, int64_t ldb, float* c,
+                  int64_t ldc, int64_t rows, int64_t n, int64_t k) const {
+    const bool bf16 = dt_ == WeightDtype::kBf16;
+    if (rows <= small_rows_) {
+      small_(a, lda, b, ldb, bf16, c, ldc, rows, n, k);
+    } else if (rows <= packed_rows_) {
+      thread_local std::vector<float> pack;
+      pack.resize(size_t(kPackK * PackedCols(n)));
+      packed_(a, lda, b, ldb, bf16, c, ldc, rows, n, k, pack.data());
+    } else {
+      thread_local std::vector<float> wbuf;
+      int64_t ld = 0;
+      const float* bp = Panel(b, dt_, k, ldb, 0, n, wbuf, &ld);
+      Sgemm(rows, n, k, a, lda, bp, ld, 0.f, c, ldc);
+    }
+  }
+
+ private:
+  WeightDtype dt_;
+  SmallGemmFn small_;
+  PackedGemmFn packed_;
+  int64_t small_rows_ = 0, packed_rows_ = 0;
+};
+
 }  // namespace
 
 void ExpertFfn(const ExpertFfnArgs& a, Isa isa, ThreadPool& pool) {
@@ -104,10 +151,9 @@ void ExpertFfn(const ExpertFfnArgs& a, Isa isa, ThreadPool& pool) {
   std::fill(a.y + total * a.ho, a.y + a.m * a.ho, 0.f);
   if (total == 0) return;
   const SiluMulFn silu_mul = GetSiluMul(isa);
-  const SmallGemmFn small_gemm = GetSmallGemm(isa);
+  const GroupGemm gemm(isa, a.dtype);
   const bool round_bf16 = a.dtype == WeightDtype::kBf16;
-  const int64_t small_rows = small_gemm && round_bf16 ? kSmallRowsBf16 : 0;
-  const int64_t esize = a.dtype == WeightDtype::kBf16 ? 2 : 4;
+  const int64_t esize = round_bf16 ? 2 : 4;
   const int64_t h = a.h, f = a.f, ho = a.ho;
   const int64_t chunk = std::max<int64_t>(64, kScratchBytes / (2 * 4 * f));
   const int64_t nb1 = PanelWidth(f), p1 = (f + nb1 - 1) / nb1;
@@ -130,43 +176,23 @@ void ExpertFfn(const ExpertFfnArgs& a, Isa isa, ThreadPool& pool) {
     }
     const int64_t ns = int64_t(segs.size());
     pool.Run(ns * p1, [&](int64_t item) {
-      thread_local std::vector<float> wbuf;
       const Segment& s = segs[size_t(item / p1)];
       const int64_t col0 = (item % p1) * nb1, nc = std::min(nb1, f - col0);
       const float* xs = a.x + s.row0 * h;
       float* g = gbuf + (s.row0 - c0) * f + col0;
       float* u = ubuf + (s.row0 - c0) * f + col0;
-      int64_t ldb = 0;
-      const auto* wg = static_cast<const uint8_t*>(a.w_gate) + s.expert * h * f * esize;
-      const auto* wu = static_cast<const uint8_t*>(a.w_up) + s.expert * h * f * esize;
-      if (s.rows <= small_rows) {  // decode-sized group: stream the weights once, no packing
-        small_gemm(xs, h, wg + col0 * esize, f, round_bf16, g, f, s.rows, nc, h);
-        small_gemm(xs, h, wu + col0 * esize, f, round_bf16, u, f, s.rows, nc, h);
-        for (int64_t r = 0; r < s.rows; ++r) silu_mul(g + r * f, u + r * f, g + r * f, nc,
-                                                      round_bf16);
-        return;
-      }
-      const float* b = Panel(wg, a.dtype, h, f, col0, nc, wbuf, &ldb);
-      Sgemm(s.rows, nc, h, xs, h, b, ldb, 0.f, g, f);
-      b = Panel(wu, a.dtype, h, f, col0, nc, wbuf, &ldb);
-      Sgemm(s.rows, nc, h, xs, h, b, ldb, 0.f, u, f);
+      const int64_t off = (s.expert * h * f + col0) * esize;
+      gemm(xs, h, static_cast<const uint8_t*>(a.w_gate) + off, f, g, f, s.rows, nc, h);
+      gemm(xs, h, static_cast<const uint8_t*>(a.w_up) + off, f, u, f, s.rows, nc, h);
       for (int64_t r = 0; r < s.rows; ++r) silu_mul(g + r * f, u + r * f, g + r * f, nc,
                                                     round_bf16);
     });
     pool.Run(ns * p2, [&](int64_t item) {
-      thread_local std::vector<float> wbuf;
       const Segment& s = segs[size_t(item / p2)];
       const int64_t col0 = (item % p2) * nb2, nc = std::min(nb2, ho - col0);
-      int64_t ldb = 0;
-      const auto* wd = static_cast<const uint8_t*>(a.w_down) + s.expert * f * ho * esize;
-      if (s.rows <= small_rows) {
-        small_gemm(gbuf + (s.row0 - c0) * f, f, wd + col0 * esize, ho, round_bf16,
-                   a.y + s.row0 * ho + col0, ho, s.rows, nc, f);
-        return;
-      }
-      const float* b = Panel(wd, a.dtype, f, ho, col0, nc, wbuf, &ldb);
-      Sgemm(s.rows, nc, f, gbuf + (s.row0 - c0) * f, f, b, ldb, 0.f, a.y + s.row0 * ho + col0,
-            ho);
+      const int64_t off = (s.expert * f * ho + col0) * esize;
+      gemm(gbuf + (s.row0 - c0) * f, f, static_cast<const uint8_t*>(a.w_down) + off, ho,
+           a.y + s.row0 * ho + col0, ho, s.rows, nc, f);
     });
   }
 }

@@ -1,11 +1,13 @@
 // Grouped SwiGLU expert FFN over rows sorted by expert (the CPU backend's `expert_ffn`):
 //   y[r] = (silu(x[r] @ Wg[e]) * (x[r] @ Wu[e])) @ Wd[e]   for every row r of expert e's group
-// computing exactly the routed rows (no capacity padding). GEMMs are OpenBLAS sgemm calls
-// (blas.h), one BLAS thread per work item on our pool; bf16 weights are widened to float32 one
-// column panel at a time (decode-sized groups of bf16 weights instead stream the weights once
-// through SmallGemm, widening in registers), so the arithmetic is float32 with float32
-// accumulation, and the activations fed to a bf16 down projection are rounded to bf16 first
-// (what XLA does).
+// computing exactly the routed rows (no capacity padding). Each (expert segment x column panel)
+// GEMM takes one of three kernels by its rows (expert_ffn.cc): decode-sized groups of bf16
+// weights stream the weights once through SmallGemm (widened in registers); groups of up to a
+// few dozen rows read the weights row by row into packed column panels (PackedGemm, bf16
+// widened while packing); larger groups call OpenBLAS sgemm (blas.h; bf16 widened to float32
+// one column panel at a time), one BLAS thread per work item on our pool. The arithmetic is
+// float32 with float32 accumulation, and the activations fed to a bf16 down projection are
+// rounded to bf16 first (what XLA does).
 //
 // Work is cut into row chunks (bounded scratch), and each chunk into two phases with a barrier:
 // (expert segment x column panel of f) for gate/up + SiLU, then (expert segment x column panel

@@ -31,6 +31,20 @@ SmallGemmFn GetSmallGemmPortable();
 SmallGemmFn GetSmallGemmAvx2();
 SmallGemmFn GetSmallGemmAvx512();
 
+// C[M, N] = A[M, K] @ B[K, N] for an expert group of up to a few dozen rows: B (row-major,
+// float32 or bfloat16) is read row by row, kPackK rows at a time, into column panels of two
+// vectors ([N / (2 lanes)][kPackK][2 lanes] float32, zero-padded; bf16 widened here), and a
+// register block of up to 6 rows x 2 vectors runs down each panel from L1/L2. Reading B in
+// rows streams it from memory at full bandwidth; the panels make the inner loop two aligned
+// loads per step. `pack` holds kPackK x PackedCols(N) floats. Leading dimensions in elements.
+constexpr int64_t kPackK = 256;
+inline int64_t PackedCols(int64_t n) { return (n + 31) / 32 * 32; }  // covers 8 and 16 lanes
+using PackedGemmFn = void (*)(const float* a, int64_t lda, const void* b, int64_t ldb,
+                              bool bf16, float* c, int64_t ldc, int64_t m, int64_t n,
+                              int64_t k, float* pack);
+PackedGemmFn GetPackedGemmAvx2();
+PackedGemmFn GetPackedGemmAvx512();
+
 namespace kernel {
 
 inline float RoundToBf16(float x) { return Bf16ToF32(F32ToBf16(x)); }
@@ -131,6 +145,120 @@ void SmallGemm(const float* a, int64_t lda, const void* b, int64_t ldb, bool bf1
     SmallGemmTyped<Ops, TagBf16>(a, lda, bb, ldb, c, ldc, m, n, k);
   } else {
     SmallGemmTyped<Ops, TagF32>(a, lda, bb, ldb, c, ldc, m, n, k);
+  }
+}
+
+// Panels of B[0, kc) x [0, n) (row-major, `ldb_bytes` per row) -> pack[n / NR][kc][NR].
+template <class Ops, class Tag>
+void PackPanels(const uint8_t* b, int64_t ldb_bytes, int64_t elem, int64_t kc, int64_t n,
+                float* pack) {
+  constexpr int VL = Ops::kLanes, NR = 2 * VL;
+  const int64_t full = n / NR, panels = (n + NR - 1) / NR;
+  for (int64_t kk = 0; kk < kc; ++kk) {
+    const uint8_t* row = b + kk * ldb_bytes;
+    for (int64_t j = 0; j < full; ++j) {
+      float* d = pack + (j * kc + kk) * NR;
+      Ops::Store(d, Ops::Load(Tag{}, row + j * NR * elem));
+      Ops::Store(d + VL, Ops::Load(Tag{}, row + (j * NR + VL) * elem));
+    }
+    if (full < panels) {  // tail columns, zero-padded to the panel width
+      float* d = pack + (full * kc + kk) * NR;
+      for (int64_t c = 0; c < NR; ++c) {
+        const int64_t col = full * NR + c;
+        float v = 0.f;
+        if (col < n) {
+          const uint8_t* p = row + col * elem;
+          if (elem == 2) {
+            uint16_t bits;
+            std::memcpy(&bits, p, 2);
+            v = Bf16ToF32(bits);
+          } else {
+            std::memcpy(&v, p, 4);
+          }
+        }
+        d[c] = v;
+      }
+    }
+  }
+}
+
+// C[0, RB) x [0, nc) (+)= A[0, RB) x [0, kc) @ one packed panel [kc][2 lanes]; nc <= 2 lanes.
+template <class Ops, int RB>
+inline void PanelBlock(const float* a, int64_t lda, const float* panel, int64_t kc, float* c,
+                       int64_t ldc, int64_t nc, bool accumulate) {
+  constexpr int VL = Ops::kLanes, NR = 2 * VL;
+  typename Ops::Vec acc[RB][2];
+  MOELENS_UNROLL for (int r = 0; r < RB; ++r) acc[r][0] = acc[r][1] = Ops::Zero();
+  for (int64_t kk = 0; kk < kc; ++kk) {
+    const auto b0 = Ops::LoadF(panel + kk * NR), b1 = Ops::LoadF(panel + kk * NR + VL);
+    MOELENS_UNROLL for (int r = 0; r < RB; ++r) {
+      const auto av = Ops::Set1(a[r * lda + kk]);
+      acc[r][0] = Ops::Fma(av, b0, acc[r][0]);
+      acc[r][1] = Ops::Fma(av, b1, acc[r][1]);
+    }
+  }
+  if (nc == NR) {
+    MOELENS_UNROLL for (int r = 0; r < RB; ++r) {
+      float* cr = c + r * ldc;
+      if (accumulate) {
+        acc[r][0] = Ops::Add(acc[r][0], Ops::LoadF(cr));
+        acc[r][1] = Ops::Add(acc[r][1], Ops::LoadF(cr + VL));
+      }
+      Ops::Store(cr, acc[r][0]);
+      Ops::Store(cr + VL, acc[r][1]);
+    }
+    return;
+  }
+  float t[NR];
+  MOELENS_UNROLL for (int r = 0; r < RB; ++r) {
+    Ops::Store(t, acc[r][0]);
+    Ops::Store(t + VL, acc[r][1]);
+    float* cr = c + r * ldc;
+    for (int64_t j = 0; j < nc; ++j) cr[j] = accumulate ? cr[j] + t[j] : t[j];
+  }
+}
+
+template <class Ops, class Tag>
+void PackedGemmTyped(const float* a, int64_t lda, const uint8_t* b, int64_t ldb, float* c,
+                     int64_t ldc, int64_t m, int64_t n, int64_t k, float* pack) {
+  constexpr int NR = 2 * Ops::kLanes;
+  const int64_t elem = std::is_same<Tag, TagBf16>::value ? 2 : 4;
+  const int64_t panels = (n + NR - 1) / NR;
+  for (int64_t k0 = 0; k0 < k; k0 += kPackK) {
+    const int64_t kc = std::min(kPackK, k - k0);
+    PackPanels<Ops, Tag>(b + k0 * ldb * elem, ldb * elem, elem, kc, n, pack);
+    const float* a0 = a + k0;
+    for (int64_t j = 0; j < panels; ++j) {
+      const float* panel = pack + j * kc * NR;
+      const int64_t nc = std::min<int64_t>(NR, n - j * NR);
+      float* cj = c + j * NR;
+      const bool acc = k0 > 0;
+      int64_t r = 0;
+      for (; r + 6 <= m; r += 6) {
+        PanelBlock<Ops, 6>(a0 + r * lda, lda, panel, kc, cj + r * ldc, ldc, nc, acc);
+      }
+      const float* ar = a0 + r * lda;
+      float* cr = cj + r * ldc;
+      switch (m - r) {
+        case 5: PanelBlock<Ops, 5>(ar, lda, panel, kc, cr, ldc, nc, acc); break;
+        case 4: PanelBlock<Ops, 4>(ar, lda, panel, kc, cr, ldc, nc, acc); break;
+        case 3: PanelBlock<Ops, 3>(ar, lda, panel, kc, cr, ldc, nc, acc); break;
+        case 2: PanelBlock<Ops, 2>(ar, lda, panel, kc, cr, ldc, nc, acc); break;
+        case 1: PanelBlock<Ops, 1>(ar, lda, panel, kc, cr, ldc, nc, acc); break;
+        default: break;
+      }
+    }
+  }
+}
+
+template <class Ops>
+void PackedGemm(const float* a, int64_t lda, const void* b, int64_t ldb, bool bf16, float* c,
+                int64_t ldc, int64_t m, int64_t n, int64_t k, float* pack) {
+  const auto* bb = static_cast<const uint8_t*>(b);
+  if (bf16) {
+    PackedGemmTyped<Ops, TagBf16>(a, lda, bb, ldb, c, ldc, m, n, k, pack);
+  } else {
+    PackedGemmTyped<Ops, TagF32>(a, lda, bb, ldb, c, ldc, m, n, k, pack);
   }
 }
 

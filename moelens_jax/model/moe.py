@@ -9,7 +9,8 @@ computes only the routed rows (plus at most one block of padding per expert on a
 
 * ``"grouped"`` (the default, ``"auto"``) — under `jax.lax.platform_dependent`: on the CPU
   backend the C++ kernel `ops.experts.grouped_expert_ffn` (XLA FFI; each expert's contiguous
-  rows through OpenBLAS sgemm; exactly the routed rows, group sizes read inside the kernel);
+  rows through its own small-group GEMMs or OpenBLAS sgemm; exactly the routed rows, group
+  sizes read inside the kernel);
   on every other backend "blocked".
 * ``"blocked"`` — pure XLA for any backend: a loop over experts, and inside it a loop over the
   expert's rows in blocks of `block_rows(m, E)` (dense SwiGLU per block, with the expert's

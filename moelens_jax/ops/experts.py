@@ -1,10 +1,13 @@
-"""The CPU backend's grouped expert FFN: C++ over OpenBLAS, called from jit through XLA FFI.
+"""The CPU backend's grouped expert FFN: C++ (own small-group GEMMs + OpenBLAS) through XLA FFI.
 
 `grouped_expert_ffn` has the contract of `moe.expert_ffn` (rows sorted by expert, group sizes,
 float32 out) and computes exactly the routed rows: each expert's contiguous rows go through its
 gate/up GEMMs, SiLU, and its down GEMM (`cpu_ops/src/expert_ffn.cc`), on the same thread pool
-as decode attention, one single-threaded OpenBLAS sgemm per work item. The group sizes are read
-inside the kernel, so no host round trip and no static capacity is needed.
+as decode attention. Each work item's GEMM is picked by the group's rows: for up to a few dozen
+rows our own AVX2/AVX-512 kernels (the weights read once, in rows, into packed column panels;
+decode-sized bf16 groups stream them without packing), above that one single-threaded OpenBLAS
+sgemm. The group sizes are read inside the kernel, so no host round trip and no static
+capacity is needed.
 
 The GEMM library is OpenBLAS from the `scipy-openblas32` wheel (the build numpy and scipy link
 against), opened at import with dlopen; the extension does not link against it. Float32 and
