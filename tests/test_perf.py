@@ -189,6 +189,30 @@ def test_activation_copies_and_host_memory_by_hand():
     assert sheet.host_mem_s_per_byte == pytest.approx(1 / hw.host_memory_bandwidth)
 
 
+@pytest.mark.parametrize("pipeline", ["serial", "vslpipe"])
+def test_activation_bytes_are_what_the_engine_moves(pipeline):
+    """The copies Stage 2 charges (`activation_bytes` of each iteration's `IterationShape`)
+    equal the bytes the engine's host stages moved between device and host arrays in that
+    iteration, for every iteration of a run with prefill-only, mixed and decode-only
+    iterations (and two groups under VSLPipe)."""
+    import moelens_jax as mj
+    from moelens_jax import workloads
+
+    model = mj.load_model("tiny-mixtral", dtype="float32", seed=0)
+    cfg = model.config
+    reqs = workloads.synthetic(12, 20, 6, cfg.vocab_size, seed=3)
+    with mj.Engine(model, kv_cache_bytes=2 << 20, pipeline=pipeline, token_budget=64) as eng:
+        eng.generate(reqs)
+        recs = eng.stats.per_iteration
+    kinds = {(r.shape.prefill_tokens > 0, r.shape.decode_tokens > 0) for r in recs}
+    assert {(True, False), (True, True), (False, True)} <= kinds
+    if pipeline == "vslpipe":
+        assert any(len(r.shape.groups) == 2 for r in recs)
+    for r in recs:
+        assert (r.act_h2d_bytes, r.act_d2h_bytes) == activation_bytes(cfg, r.shape), r.shape
+        assert r.act_d2h_bytes > 0
+
+
 def test_data_parallel_blocks_list_scheduling_and_driver_cap():
     """Blocks of `chunk` requests in input order go to the host free first; the makespan is the
     busiest host's Stage-2 time; the driver's line rate caps the whole job."""

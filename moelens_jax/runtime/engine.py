@@ -492,6 +492,7 @@ class Engine:
         stats.per_iteration.append(IterationRecord(
             start_s=t_start - t0, wall_s=t_end - t_start, shape=shape,
             **{f"{k.lower()}_s": v for k, v in clock.sums.items()},
+            act_d2h_bytes=clock.d2h_bytes, act_h2d_bytes=clock.h2d_bytes,
             pages_used=pages_used, pages_free=self.kv_pages - pages_used,
             preempted=tuple(plan.preempted), finished=tuple(sorted(finished))))
         stats.stage_events += clock.events
@@ -534,19 +535,24 @@ class Engine:
     def _ga(self, lw, g: Group, x):
         return self._fn.ga(lw, x, g.pos, g.seg, g.pairs)
 
-    def _host_stage(self, g: Group, layer: int, ga_out):
+    def _host_stage(self, g: Group, layer: int, ga_out, clock: StageClock | None = None):
         """C: append the group's new K/V to the paged store, decode attention on the host.
 
         Returns the group's attention output: prefill rows from GA, decode rows from the host
-        kernel placed into rows [0, dec_b)."""
+        kernel placed into rows [0, dec_b). `clock` counts the bytes moved between the device
+        and host arrays (what `perf.activation_bytes` charges)."""
         q, k, v, attn = ga_out
         k_h, v_h = np.asarray(k), np.asarray(v)  # waits for GA (a true dependency)
         self.store.append(g.seqs_np, g.counts_np, layer,
                           k_h[g.real_rows], v_h[g.real_rows])
+        if clock is not None:
+            clock.moved(d2h=k_h.nbytes + v_h.nbytes)
         if not g.dec_b:
             return attn
         q_dec = jax.device_put(q[:g.dec_b], self._host)
         dec = self._decode_attn(q_dec, g.dec_ids, layer).block_until_ready()
+        if clock is not None:
+            clock.moved(d2h=q_dec.nbytes, h2d=dec.nbytes)
         return self._fn.place(attn, jax.device_put(dec, self._device))
 
     def _gb(self, lw, g: Group, x, attn):
@@ -560,7 +566,7 @@ class Engine:
                 with clock("GA", layer, gi):
                     ga_out = jax.block_until_ready(self._ga(lw, g, xs[gi]))
                 with clock("C", layer, gi):
-                    attn = self._host_stage(g, layer, ga_out)
+                    attn = self._host_stage(g, layer, ga_out, clock)
                 with clock("GB", layer, gi):
                     xs[gi] = jax.block_until_ready(self._gb(lw, g, xs[gi], attn))
 
@@ -582,7 +588,7 @@ class Engine:
             nxt = None
             for gi, g in enumerate(groups):
                 with clock("C", layer, gi):
-                    attn = self._host_stage(g, layer, gas[gi])
+                    attn = self._host_stage(g, layer, gas[gi], clock)
                 with clock("GB", layer, gi):
                     xs[gi] = self._gb(lw, g, xs[gi], attn)
                 if layer + 1 < num_layers:

@@ -15,8 +15,10 @@ STAGES = ("GA", "C", "GB", "IO")
 @dataclasses.dataclass(frozen=True)
 class IterationRecord:
     """One iteration as it ran: its layout (`shape`, the same value Stage 2 charges), wall
-    seconds per stage summed over layers and groups (io_s: waiting for the weight stream), and
-    the scheduler's bookkeeping."""
+    seconds per stage summed over layers and groups (io_s: waiting for the weight stream), the
+    activation bytes its host stages moved between device and host arrays (K, V and decode
+    queries out, attention outputs in; what `perf.activation_bytes` charges, which a test ties
+    to these counts), and the scheduler's bookkeeping."""
 
     start_s: float
     wall_s: float
@@ -29,6 +31,8 @@ class IterationRecord:
     pages_free: int
     preempted: tuple[int, ...] = ()
     finished: tuple[int, ...] = ()
+    act_d2h_bytes: int = 0
+    act_h2d_bytes: int = 0
 
     @property
     def rest_s(self) -> float:
@@ -113,13 +117,20 @@ class RunStats:
 
 
 class StageClock:
-    """Wall time per stage (GA, C, GB, IO) for one iteration, summed; with `keep`, also every
-    interval as (stage, layer, group, start_s, dur_s) for the trace."""
+    """Wall time per stage (GA, C, GB, IO) for one iteration, summed, and the activation bytes
+    moved; with `keep`, also every interval as (stage, layer, group, start_s, dur_s) for the
+    trace."""
 
     def __init__(self, t0: float, keep: bool):
         self.t0, self.keep = t0, keep
         self.sums = dict.fromkeys(STAGES, 0.0)
         self.events: list[tuple] = []
+        self.d2h_bytes = self.h2d_bytes = 0
+
+    def moved(self, d2h: int = 0, h2d: int = 0) -> None:
+        """Counts activation bytes moved device -> host and host -> device."""
+        self.d2h_bytes += int(d2h)
+        self.h2d_bytes += int(h2d)
 
     @contextlib.contextmanager
     def __call__(self, stage: str, layer: int, group: int):
