@@ -271,7 +271,7 @@ def step_prediction(sizes) -> dict:
     t0 = time.perf_counter()
     cal = perf.calibrate(model, use_cache=False)
     calibrate_s = time.perf_counter() - t0
-    rows = [model_validation.run_config(model, cal.costs, row, _SEED.value)
+    rows = [model_validation.run_config(model, cal, row, _SEED.value)
             for row in model_validation.QUICK_GRID[:sizes["prediction_rows"]]]
     acc = [r["accuracy"] for r in rows]
     return {"prediction_mean_accuracy": float(np.mean(acc)),

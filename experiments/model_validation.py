@@ -44,7 +44,12 @@ MIN_TIMED_RUNS = 3  # and at least this often, so the spread of the repeats is v
 MAX_TIMED_RUNS = 30
 
 
-def run_config(model, costs, cfg_row, seed):
+def run_config(model, cal, cfg_row, seed):
+    """Measures one grid row (median of timed repeats) and predicts it from `cal`. The speed
+    probe runs right before and right after the timed repeats: their mean over the probe at
+    calibration time is the machine's drift since then, and `accuracy_drift_corrected` judges
+    the prediction scaled by it (the model's own error, apart from the machine's drift)."""
+    costs = cal.costs
     k, p, g, kv_tokens, page, budget, pipeline = cfg_row
     cfg = model.config
     reqs = workloads.synthetic(k, p, g, cfg.vocab_size, seed=seed)
@@ -53,21 +58,27 @@ def run_config(model, costs, cfg_row, seed):
                           pipeline=pipeline)
     with Engine(model, config) as eng:
         eng.generate(reqs)  # compiles every shape the measured run uses
+        probes = [perf.speed_probe(model)]
         walls = []
         while (len(walls) < MIN_TIMED_RUNS
                or (sum(walls) < MIN_TIMED_S and len(walls) < MAX_TIMED_RUNS)):
             eng.generate(reqs)
             walls.append(eng.stats.wall_s)
         st = eng.stats
+    probes.append(perf.speed_probe(model))
     median = float(np.median(walls))
     measured = st.generated_tokens / median
     pred = perf.predict(cfg, costs, perf.Workload.from_requests(reqs), config)
+    drift = float(np.mean(probes)) / cal.probe_s if cal.probe_s > 0 else 1.0
+    corrected = pred.generated_tokens_per_s / drift
     return {"model": cfg.name, "num_requests": k, "prompt_mean": p, "gen_len": g,
             "kv_tokens": kv_tokens, "page_size": page, "token_budget": budget,
             "pipeline": eng.mode, "repeat_spread": (max(walls) - min(walls)) / median,
             "measured_generated_tokens_per_s": measured,
             "predicted_generated_tokens_per_s": pred.generated_tokens_per_s,
             "accuracy": 1 - abs(pred.generated_tokens_per_s - measured) / measured,
+            "probe_drift": drift, "probe_s": probes,
+            "accuracy_drift_corrected": 1 - abs(corrected - measured) / measured,
             "iterations": st.iterations, "predicted_iterations": pred.iterations,
             "preemptions": st.preemptions, "predicted_preemptions": pred.preemptions,
             "timed_runs": len(walls), "timed_walls_s": walls}
@@ -106,31 +117,37 @@ def validate(presets, grid, seed=0, plot_out=None) -> dict:
         calib[name] = {"calibrate_s": time.perf_counter() - tc,
                        "gemm_flops": cal.hardware.gemm_flops,
                        "layer_fixed_s": costs.layer_fixed_s,
-                       "cpu_attn_bytes_per_s": cal.hardware.cpu_attn_bytes_per_s}
+                       "cpu_attn_bytes_per_s": cal.hardware.cpu_attn_bytes_per_s,
+                       "probe_s": cal.probe_s}
         for row in grid:
-            rows.append(run_config(model, costs, row, seed))
+            rows.append(run_config(model, cal, row, seed))
             r = rows[-1]
             print(f"{name:>16} K={r['num_requests']:>3} p={r['prompt_mean']:>3} "
                   f"g={r['gen_len']:>3} kv={r['kv_tokens']:>5} page={r['page_size']:>2}: "
                   f"measured {r['measured_generated_tokens_per_s']:8.1f}  predicted "
                   f"{r['predicted_generated_tokens_per_s']:8.1f}  accuracy {r['accuracy']:.3f}"
+                  f" (drift {r['probe_drift']:.2f}: {r['accuracy_drift_corrected']:.3f})"
                   f"  preemptions {r['preemptions']}/{r['predicted_preemptions']}"
                   f"  {r['pipeline']:>7}  spread {r['repeat_spread']:.0%} of "
                   f"{r['timed_runs']} runs",
                   flush=True)
         # The machine's own drift over this preset's runs: the first configuration again.
-        again = run_config(model, costs, grid[0], seed)["measured_generated_tokens_per_s"]
+        again = run_config(model, cal, grid[0], seed)["measured_generated_tokens_per_s"]
         first = rows[-len(grid)]["measured_generated_tokens_per_s"]
         calib[name]["first_config_remeasured_ratio"] = again / first
     acc = np.array([r["accuracy"] for r in rows])
+    acc_c = np.array([r["accuracy_drift_corrected"] for r in rows])
     if plot_out:
         plot(rows, plot_out)
     drift = [c["first_config_remeasured_ratio"] for c in calib.values()]
     print(common.table([("configs", len(rows)), ("mean accuracy", f"{acc.mean():.3f}"),
                         ("min accuracy", f"{acc.min():.3f}"),
+                        ("drift-corrected mean / min", f"{acc_c.mean():.3f} / {acc_c.min():.3f}"),
                         ("first config re-measured / measured",
                          " ".join(f"{d:.3f}" for d in drift)),
                         ("wall", f"{time.perf_counter() - t0:.0f} s")], "== validate_model =="))
     return {"mean_accuracy": float(acc.mean()), "min_accuracy": float(acc.min()),
+            "mean_accuracy_drift_corrected": float(acc_c.mean()),
+            "min_accuracy_drift_corrected": float(acc_c.min()),
             "n_configs": len(rows), "configs": rows, "calibration": calib,
             "plot_out": plot_out, "seed": seed}

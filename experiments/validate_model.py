@@ -6,7 +6,11 @@ calibration workloads) run the engine on identical requests once untimed (it com
 shape) and then timed: at least 3 runs and until 6 s were timed (at most 30), the median, with
 the spread of the repeats ((max - min) / median) reported so noise is visible; and predict it
 with Stage 2 from that calibration and the same `EngineConfig`. Accuracy per configuration =
-1 - |predicted - measured| / measured on generated tokens/s.
+1 - |predicted - measured| / measured on generated tokens/s. On a shared machine the speed
+drifts between calibration and measurement: a speed probe (`perf.speed_probe`) recorded at
+calibration and run again right before and after each configuration's timed runs gives the
+drift, and JSON `mean_accuracy_drift_corrected` / `min_accuracy_drift_corrected` judge the
+predictions scaled by it. The uncorrected `mean_accuracy` / `min_accuracy` are the headline.
 
     python -m experiments.validate_model --plot_out validate.png
     python -m experiments.validate_model --quick          # 4 configs per preset (CI-sized)

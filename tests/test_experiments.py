@@ -163,6 +163,10 @@ def test_validate_model_quick(tmp_path, cache_env):
         assert len(row["timed_walls_s"]) == row["timed_runs"] >= 3
         assert row["repeat_spread"] >= 0
     assert result["calibration"]["small-mixtral"]["first_config_remeasured_ratio"] > 0
+    assert result["calibration"]["small-mixtral"]["probe_s"] > 0
+    for row in result["configs"]:  # the probe ran next to each measurement
+        assert len(row["probe_s"]) == 2 and min(row["probe_s"]) > 0 and row["probe_drift"] > 0
+        assert row["accuracy_drift_corrected"] <= 1
     assert png.read_bytes()[:4] == b"\x89PNG"
 
 

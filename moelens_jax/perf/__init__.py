@@ -1,7 +1,7 @@
 """The MoE-Lens performance model: hardware rates, engine cost terms, Stage 1 (bound), Stage 2
 (simulation of the engine's own scheduler), and the schedule choices it makes."""
 
-from moelens_jax.perf.calibrate import Calibration, cached, calibrate, fingerprint
+from moelens_jax.perf.calibrate import Calibration, cached, calibrate, fingerprint, speed_probe
 from moelens_jax.perf.costs import EngineCosts
 from moelens_jax.perf.hardware import PRESETS, HardwareSpec, get_hardware
 from moelens_jax.perf.lightning_planner import LightningHardware, LightningPlan
@@ -39,5 +39,5 @@ __all__ = ["HardwareSpec", "EngineCosts", "Calibration", "PRESETS", "get_hardwar
            "tokens_to_saturate_approx", "engine_pages", "streamed_bytes",
            "default_token_budget", "split_costs", "engine_config", "machine_engine_config",
            "cached", "LightningHardware", "DataParallelResult", "predict_data_parallel",
-           "layer_bytes", "choose_precision",
+           "layer_bytes", "choose_precision", "speed_probe",
            "LightningPlan"]

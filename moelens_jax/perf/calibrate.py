@@ -25,7 +25,9 @@ shape (`~/.cache/moelens_jax/`, or $MOELENS_CACHE); `validate_model` reports how
   weight stream and the activation copies share;
 * the device's unpacking of a streamed layer (typed weights from the copied bytes; for int8 /
   int4 layouts a dequantisation): one layer of the model, as stored and quantised, unpacked
-  on the device, per byte of the unpacked layer.
+  on the device, per byte of the unpacked layer;
+* a speed probe (`speed_probe`: one fixed mixed group's stages), recorded so that a later
+  probe shows how much faster or slower the machine runs now than when it was calibrated.
 
 On a CPU-only backend `shared_cores` is True (device and host stages run on the same cores).
 The decode-attention read rate comes from the fit (it is what the engine achieves, conversion
@@ -54,7 +56,7 @@ from moelens_jax.runtime.layout import IterationShape
 from moelens_jax.runtime.mover import WeightMover
 from moelens_jax.runtime.stats import IterationRecord
 
-CALIBRATION_VERSION = 8  # bump when the fitted terms change: older cache files are not read
+CALIBRATION_VERSION = 9  # bump when the fitted terms change: older cache files are not read
 
 
 def fingerprint() -> str:
@@ -231,6 +233,25 @@ def profile_stages(model, kv_cache_bytes: int | None = None) -> list:
         return [eng.profile_group(d, p, STAGE_REPEATS) for d, p in STAGE_DESIGN]
 
 
+# The speed probe's group (decode contexts, prefill lengths): a mixed group whose stages take
+# tens of milliseconds per layer at small-mixtral's size.
+PROBE_GROUP = ([256] * 32, [256] * 2)
+
+
+def speed_probe(model, repeats: int = 11) -> float:
+    """Seconds of one layer's GA + C + GB on `PROBE_GROUP` (medians of `repeats` passes, after
+    the compile): a fixed measure of how fast this machine runs this engine right now.
+    `calibrate` records it (`Calibration.probe_s`); `validate_model` probes again next to each
+    measurement, so a shared machine's drift between calibration and measurement is visible
+    apart from the model's own error."""
+    decode_kv, prefill = PROBE_GROUP
+    kv = 2 * (sum(decode_kv) + sum(prefill) * (repeats + 1)) * model.config.kv_bytes_per_token()
+    with Engine(model, kv_cache_bytes=kv, pipeline="serial") as eng:
+        eng.profile_group(decode_kv, prefill, 1)  # compiles
+        _, t = eng.profile_group(decode_kv, prefill, repeats)
+    return t["ga_s"] + t["c_s"] + t["gb_s"]
+
+
 PROFILE_MIN_RECORDED_S = 2.0  # per workload: repeat the recorded run (mean) up to this
 
 
@@ -280,15 +301,18 @@ def profile_engine(model, kv_cache_bytes: int | None = None, seed: int = 0
 
 @dataclasses.dataclass(frozen=True)
 class Calibration:
-    """What `calibrate()` measured: the machine's rates and this engine's cost terms."""
+    """What `calibrate()` measured: the machine's rates, this engine's cost terms, and the
+    speed probe's seconds at calibration time (`speed_probe`; 0 when not measured)."""
 
     hardware: HardwareSpec
     costs: EngineCosts
+    probe_s: float = 0.0
 
     def to_json(self) -> str:
         return json.dumps({"version": CALIBRATION_VERSION,
                            "hardware": dataclasses.asdict(self.hardware),
-                           "costs": dataclasses.asdict(self.costs)}, sort_keys=True)
+                           "costs": dataclasses.asdict(self.costs),
+                           "probe_s": self.probe_s}, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> Calibration:
@@ -296,7 +320,8 @@ class Calibration:
         if d.get("version") != CALIBRATION_VERSION:
             raise ValueError(f"calibration version {d.get('version')}, expected "
                              f"{CALIBRATION_VERSION}")
-        return cls(HardwareSpec(**d["hardware"]), EngineCosts(**d["costs"]))
+        return cls(HardwareSpec(**d["hardware"]), EngineCosts(**d["costs"]),
+                   float(d.get("probe_s", 0.0)))
 
 
 def cached(cfg) -> Calibration | None:
@@ -328,6 +353,7 @@ def calibrate(model, *, use_cache: bool = True, h2d_bytes: int | None = None) ->
     # On a CPU-only machine nothing crosses a link (the activations are charged nothing).
     d2h = h2d if on_cpu else measure_d2h(min(nbytes, 256 << 20))
     records, runs = profile_engine(model)
+    probe_s = speed_probe(model)  # next to the engine profile, which the fit rests on
     costs = dataclasses.replace(
         fit_engine_costs(cfg, records, runs, stage_points=profile_stages(model),
                          d2h_s_per_byte=0.0 if on_cpu else 1.0 / d2h),
@@ -351,7 +377,7 @@ def calibrate(model, *, use_cache: bool = True, h2d_bytes: int | None = None) ->
         device_memory_bytes=float((stats or {}).get("bytes_limit", ram)),
         shared_cores=on_cpu, source=f"calibrate() for {cfg.name or 'model'} on "
         f"{platform.processor() or platform.machine()}, jax {jax.__version__}")
-    cal = Calibration(hw, dataclasses.replace(costs, source=hw.source))
+    cal = Calibration(hw, dataclasses.replace(costs, source=hw.source), probe_s)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
         f.write(cal.to_json())
