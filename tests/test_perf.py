@@ -9,7 +9,7 @@ import pytest
 from moelens_jax import perf
 from moelens_jax.config import get_preset
 from moelens_jax.perf import EngineCosts, Workload
-from moelens_jax.perf.costs import activation_bytes
+from moelens_jax.perf.costs import activation_bytes, active_experts
 from moelens_jax.runtime import EngineConfig, GroupShape, IterationRecord, IterationShape
 from moelens_jax.runtime.scheduler import make_scheduler
 
@@ -111,16 +111,19 @@ def test_stage2_charges_every_term_by_hand():
     cfg = get_preset("tiny-mixtral")
     L, kvb = cfg.num_layers, cfg.kv_bytes_per_token()
     c = EngineCosts(layer_fixed_s=1e-3, layer_token_s=2e-4, padded_row_s=3e-5,
-                    attn_pair_s=7.0, attn_key_s=5e-6, attn_fixed_s=4e-4, attn_s_per_token=6e-5,
+                    attn_pair_s=7.0, attn_key_s=5e-6, expert_s=9e-5, attn_fixed_s=4e-4,
+                    attn_s_per_token=6e-5,
                     attn_s_per_kv_byte=1e-9, head_s_per_seq=8e-3, iteration_fixed_s=2e-2,
                     request_s=0.5, io_s_per_byte=1.0, shared_cores=True)
     config = EngineConfig(kv_cache_bytes=64 * kvb, page_size=4)
     got = perf.predict(cfg, c, Workload.fixed(4, 2, 2), config)
-    # iteration 1: prefill 4 + 4 tokens: 64 rows, 2 * (4 * 5 / 2) attended keys, 2 logits rows
-    dev1 = L * (1e-3 + 2e-4 * 8 + 3e-5 * 64 + 5e-6 * 20) + 8e-3 * 2
+    # iteration 1: prefill 4 + 4 tokens: 64 rows, 2 * (4 * 5 / 2) attended keys, 2 logits rows;
+    # 8 tokens routed top-2 of 4 experts: 4 (1 - (1/2)^8) experts expected active
+    dev1 = L * (1e-3 + 2e-4 * 8 + 3e-5 * 64 + 5e-6 * 20 + 9e-5 * 4 * 255 / 256) + 8e-3 * 2
     host1 = L * (4e-4 + 6e-5 * 8)
-    # iteration 2: decode 2 rows (8 after bucketing, 64 computed), each attending to 5 tokens
-    dev2 = L * (1e-3 + 2e-4 * 2 + 3e-5 * 64) + 8e-3 * 2
+    # iteration 2: decode 2 rows (8 after bucketing, 64 computed), each attending to 5 tokens;
+    # 2 tokens: 4 (1 - (1/2)^2) = 3 experts expected active
+    dev2 = L * (1e-3 + 2e-4 * 2 + 3e-5 * 64 + 9e-5 * 3) + 8e-3 * 2
     host2 = L * (4e-4 + 6e-5 * 2 + 1e-9 * 10 * kvb / L)
     want = 2 * 0.5 + (2e-2 + dev1 + host1) + (2e-2 + dev2 + host2)
     assert got.total_s == pytest.approx(want, rel=1e-12)
@@ -299,7 +302,7 @@ def test_calibration_fit_recovers_known_costs():
 
     cfg = get_preset("tiny-mixtral")
     truth = EngineCosts(layer_fixed_s=2e-3, layer_token_s=1e-5, padded_row_s=2e-6,
-                        attn_pair_s=3e-5, attn_key_s=4e-8, attn_fixed_s=5e-4,
+                        attn_pair_s=3e-5, attn_key_s=4e-8, expert_s=6e-4, attn_fixed_s=5e-4,
                         attn_s_per_token=7e-6, attn_s_per_kv_byte=1e-9,
                         iteration_fixed_s=1e-2, head_s_per_seq=3e-4, shared_cores=True)
     recs = []
@@ -314,13 +317,16 @@ def test_calibration_fit_recovers_known_costs():
                 kv_tokens_read=(i * 997 + g * 5) % 20000, decode_rows=-(-n_dec // 8) * 8))
         shape = IterationShape(tuple(groups))
         cost = truth.iteration(cfg, shape)  # the lm_head rows are outside GA/GB/C
-        # GA holds the prefill attention, the rest of the device line splits 1 : 2.
+        # GA holds the prefill attention, GB the experts, the rest of the device line splits
+        # 1 : 2.
         attn = cfg.num_layers * (truth.attn_pair_s * shape.tile_pairs
                                  + truth.attn_key_s * shape.attended_keys)
-        base = cost["dev"] - truth.head_s_per_seq * shape.logit_rows - attn
+        experts = cfg.num_layers * truth.expert_s * active_experts(cfg, shape)
+        base = cost["dev"] - truth.head_s_per_seq * shape.logit_rows - attn - experts
         recs.append(IterationRecord(
             start_s=0.0, wall_s=cost["total"], shape=shape, ga_s=attn + base / 3,
-            gb_s=2 * base / 3, c_s=cost["host"], io_s=0.0, pages_used=0, pages_free=0))
+            gb_s=2 * base / 3 + experts, c_s=cost["host"], io_s=0.0, pages_used=0,
+            pages_free=0))
     fit = fit_engine_costs(cfg, recs, [(10.0, 9.5, 40), (4.0, 3.9, 10)])
     assert fit.request_s == pytest.approx(0.6 / 50)
     for f in dataclasses.fields(truth):

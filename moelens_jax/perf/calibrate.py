@@ -10,8 +10,9 @@ shape (`~/.cache/moelens_jax/`, or $MOELENS_CACHE); `validate_model` reports how
   non-negative least squares on the typed per-iteration records (`IterationRecord.shape`, the
   same `IterationShape` Stage 2 charges) give every `EngineCosts` term: the per-layer device
   line (per group + per token + per padded row + per prefill-attention tile pair + per
-  attended prefill key; the experts compute the routed rows, so they are in the per-token
-  term), the host-stage terms (per group, per token, per KV byte read) and the
+  attended prefill key + per expected active expert; the experts compute the routed rows, so
+  their GEMM work is in the per-token term, and reading an active expert's weights in the
+  per-expert one), the host-stage terms (per group, per token, per KV byte read) and the
   per-iteration rest (lm_head + sampling per logits row, fixed);
 * host->device bandwidth as the weight mover achieves it, streaming whole layer buffers (one
   contiguous transfer each) for >= 1 GB in total (or 1/16 of RAM if smaller). On a CPU
@@ -49,14 +50,14 @@ import numpy as np
 
 from moelens_jax import _cpu_ops, ops, workloads
 from moelens_jax.model.weights import WEIGHT_DTYPES, LayerLayout, packet_bounds, unpack_packets
-from moelens_jax.perf.costs import EngineCosts, activation_bytes
+from moelens_jax.perf.costs import EngineCosts, activation_bytes, active_experts
 from moelens_jax.perf.hardware import HardwareSpec
 from moelens_jax.runtime.engine import Engine
 from moelens_jax.runtime.layout import IterationShape
 from moelens_jax.runtime.mover import WeightMover
 from moelens_jax.runtime.stats import IterationRecord
 
-CALIBRATION_VERSION = 9  # bump when the fitted terms change: older cache files are not read
+CALIBRATION_VERSION = 10  # bump when the fitted terms change: older cache files are not read
 
 
 def fingerprint() -> str:
@@ -163,14 +164,15 @@ def _stage_terms(cfg, shapes: list, ga_s, gb_s, host_s, kv_dtype
     col = {k: np.array([getattr(s, k) for s in shapes], float) for k in (
         "tokens", "padded_rows", "tile_pairs", "attended_keys", "kv_tokens_read")}
     groups = np.array([len(s.groups) for s in shapes], float)
+    active = np.array([active_experts(cfg, s) for s in shapes], float)
     ga = _nonneg_lstsq(np.stack([groups, col["tokens"], col["padded_rows"], col["tile_pairs"],
                                  col["attended_keys"]], 1), np.asarray(ga_s, float))
-    gb = _nonneg_lstsq(np.stack([groups, col["tokens"], col["padded_rows"]], 1),
+    gb = _nonneg_lstsq(np.stack([groups, col["tokens"], col["padded_rows"], active], 1),
                        np.asarray(gb_s, float))
     kv_bytes = col["kv_tokens_read"] * cfg.kv_bytes_per_token(kv_dtype) / L
     host = _nonneg_lstsq(np.stack([groups, col["tokens"], kv_bytes], 1),
                          np.asarray(host_s, float))
-    return ga + np.r_[gb, 0.0, 0.0], host
+    return np.r_[ga + np.r_[gb[:3], 0.0, 0.0], gb[3]], host
 
 
 def fit_engine_costs(cfg, records: list, runs: list[tuple[float, float, int]] = (),
@@ -205,16 +207,18 @@ def fit_engine_costs(cfg, records: list, runs: list[tuple[float, float, int]] = 
                  if runs else 0.0)
     return EngineCosts(
         layer_fixed_s=dev[0], layer_token_s=dev[1], padded_row_s=dev[2], attn_pair_s=dev[3],
-        attn_key_s=dev[4], attn_fixed_s=host[0], attn_s_per_token=host[1],
+        attn_key_s=dev[4], expert_s=dev[5], attn_fixed_s=host[0], attn_s_per_token=host[1],
         attn_s_per_kv_byte=host[2], iteration_fixed_s=rest[0], head_s_per_seq=rest[1],
         request_s=request_s, shared_cores=jax.default_backend() == "cpu",
         source="fitted by calibrate()")
 
 
 # The micro-profile's designed group layouts: (decode contexts, prefill lengths). Decode-only
-# groups vary rows and KV read independently; prefill groups of ~the same tokens vary the
-# attended keys 64-fold; padding varies from none to 8x the tokens.
+# groups vary rows and KV read independently (and, from 1 to 4 tokens, the active experts);
+# prefill groups of ~the same tokens vary the attended keys 64-fold; padding varies from none
+# to 8x the tokens.
 STAGE_DESIGN = (
+    ([64], []), ([256] * 2, []), ([512] * 4, []),  # few tokens: few experts active
     ([64] * 8, []), ([1024] * 8, []), ([256] * 32, []), ([1024] * 32, []), ([64] * 128, []),
     ([256] * 128, []), ([32] * 256, []), ([16] * 512, []),
     ([], [1024]), ([], [256] * 4), ([], [64] * 16), ([], [16] * 64), ([], [512] * 2),

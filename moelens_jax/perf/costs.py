@@ -10,8 +10,13 @@ Stage 2 charges one planned iteration (`runtime.layout.IterationShape`, the engi
 layout) with L layers and G groups (VSLPipe runs two, each dispatched and padded on its own):
 
   t_dev  = L * (layer_fixed_s * G + layer_token_s * tokens + padded_row_s * rows
-                + attn_pair_s * tile_pairs + attn_key_s * attended_keys)
+                + attn_pair_s * tile_pairs + attn_key_s * attended_keys
+                + expert_s * active experts)
            + head_s_per_seq * logit_rows
+  (active experts: summed over groups, the expected number of experts that receive at least
+  one of a group's n routed tokens, E (1 - (1 - k / E)^n) under uniform routing: each active
+  expert's weights are read once per layer, so small batches pay for the experts they touch,
+  not for all E)
   t_host = L * (attn_fixed_s * G + attn_s_per_token * tokens
                 + attn_s_per_kv_byte * KV bytes the decode rows read per layer)
   t_io   = io_s_per_byte * weight bytes streamed (0 when the layers are resident)
@@ -62,6 +67,8 @@ class EngineCosts:
       attn_pair_s: per layer and prefill-attention tile pair (the tiled XLA path).
       attn_key_s: per layer and attended (row, key) pair of the prefill attention (the CPU
         kernel's work: sum over prompts of n (n + 1) / 2).
+      expert_s: per layer and expected active expert (`active_experts`): reading its
+        weights and dispatching its GEMMs, whatever its rows.
       attn_fixed_s: per layer and group: the host stage's fixed cost (K/V append, launch).
       attn_s_per_token: per layer and token: K/V conversion and append.
       attn_s_per_kv_byte: per KV byte the decode attention reads.
@@ -88,6 +95,7 @@ class EngineCosts:
     padded_row_s: float = 0.0
     attn_pair_s: float = 0.0
     attn_key_s: float = 0.0
+    expert_s: float = 0.0
     attn_fixed_s: float = 0.0
     attn_s_per_token: float = 0.0
     attn_s_per_kv_byte: float = 0.0
@@ -147,7 +155,8 @@ class EngineCosts:
         t_dev = (L * (self.layer_fixed_s * G + self.layer_token_s * shape.tokens
                       + self.padded_row_s * shape.padded_rows
                       + self.attn_pair_s * shape.tile_pairs
-                      + self.attn_key_s * shape.attended_keys)
+                      + self.attn_key_s * shape.attended_keys
+                      + self.expert_s * active_experts(cfg, shape))
                  + self.head_s_per_seq * shape.logit_rows)
         t_host = L * (self.attn_fixed_s * G + self.attn_s_per_token * shape.tokens
                       + self.attn_s_per_kv_byte * kv_bytes)
@@ -173,3 +182,16 @@ def activation_bytes(cfg: ModelConfig, shape: IterationShape) -> tuple[int, int]
     h2d = cfg.num_layers * shape.decode_rows * q_row
     d2h = cfg.num_layers * (shape.padded_rows * 2 * 4 * cfg.kv_size + shape.decode_rows * q_row)
     return h2d, d2h
+
+
+def expected_active_experts(cfg: ModelConfig, tokens: int) -> float:
+    """Experts expected to receive at least one of `tokens` routed tokens (top-k of E each,
+    uniform routing): E (1 - (1 - k / E)^tokens); 0 for no tokens, -> E as tokens grow."""
+    E, k = cfg.num_experts, cfg.num_experts_per_tok
+    return E * (1.0 - (1.0 - k / E) ** max(int(tokens), 0))
+
+
+def active_experts(cfg: ModelConfig, shape: IterationShape) -> float:
+    """`expected_active_experts` summed over the iteration's groups (each group runs its own
+    expert GEMMs)."""
+    return sum(expected_active_experts(cfg, g.tokens) for g in shape.groups)
