@@ -5,7 +5,8 @@ expert's weights (three GEMMs, jitted XLA): the same FLOPs with no grouping at a
 case (expert shape x router skew x routed-row count) this times, interleaved in one run, the
 dense roof and each expert path over the same rows, and reports medians:
 
-* ``grouped`` — `moe.expert_ffn`'s default (the C++ kernel over OpenBLAS on the CPU backend);
+* ``grouped`` — `moe.expert_ffn`'s default (the C++ kernel on the CPU backend: its own GEMMs
+  for groups of up to 48 rows, OpenBLAS above);
 * ``blocked`` — the accelerators' pure-XLA path (run here on the CPU backend for comparison);
 * ``capacity`` — the old CPU path (E x capacity rows), with `--with_capacity`.
 

@@ -31,8 +31,9 @@ def main(argv):
     for title, d in (("rates (HardwareSpec)", hw), ("cost terms (EngineCosts)", costs)):
         print(common.table([(k, f"{v:.4g}" if isinstance(v, float) else v)
                             for k, v in d.items()], f"== calibration: {title} =="))
-    print(f"calibration took {took:.1f} s")
-    common.print_json({"hardware": hw, "costs": costs, "calibrate_s": took, "flags": settings,
+    print(f"speed probe {cal.probe_s * 1e3:.1f} ms; calibration took {took:.1f} s")
+    common.print_json({"hardware": hw, "costs": costs, "probe_s": cal.probe_s,
+                       "calibrate_s": took, "flags": settings,
                        "machine": common.machine_fingerprint()})
 
 

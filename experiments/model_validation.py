@@ -48,7 +48,8 @@ def run_config(model, cal, cfg_row, seed):
     """Measures one grid row (median of timed repeats) and predicts it from `cal`. The speed
     probe runs right before and right after the timed repeats: their mean over the probe at
     calibration time is the machine's drift since then, and `accuracy_drift_corrected` judges
-    the prediction scaled by it (the model's own error, apart from the machine's drift)."""
+    the prediction scaled by it (the model's own error, apart from the machine's drift).
+    The first probe runs before the measured engine is built, the second after it is closed."""
     costs = cal.costs
     k, p, g, kv_tokens, page, budget, pipeline = cfg_row
     cfg = model.config
@@ -56,9 +57,9 @@ def run_config(model, cal, cfg_row, seed):
     kv_bytes = kv_tokens * cfg.kv_bytes_per_token()
     config = EngineConfig(kv_cache_bytes=kv_bytes, page_size=page, token_budget=budget,
                           pipeline=pipeline)
+    probes = [perf.speed_probe(model)]
     with Engine(model, config) as eng:
         eng.generate(reqs)  # compiles every shape the measured run uses
-        probes = [perf.speed_probe(model)]
         walls = []
         while (len(walls) < MIN_TIMED_RUNS
                or (sum(walls) < MIN_TIMED_S and len(walls) < MAX_TIMED_RUNS)):
@@ -116,7 +117,7 @@ def validate(presets, grid, seed=0, plot_out=None) -> dict:
         costs = cal.costs
         calib[name] = {"calibrate_s": time.perf_counter() - tc,
                        "gemm_flops": cal.hardware.gemm_flops,
-                       "layer_fixed_s": costs.layer_fixed_s,
+                       "layer_fixed_s": costs.layer_fixed_s, "expert_s": costs.expert_s,
                        "cpu_attn_bytes_per_s": cal.hardware.cpu_attn_bytes_per_s,
                        "probe_s": cal.probe_s}
         for row in grid:

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 import moelens_jax as mj
@@ -163,10 +164,15 @@ def test_validate_model_quick(tmp_path, cache_env):
         assert len(row["timed_walls_s"]) == row["timed_runs"] >= 3
         assert row["repeat_spread"] >= 0
     assert result["calibration"]["small-mixtral"]["first_config_remeasured_ratio"] > 0
-    assert result["calibration"]["small-mixtral"]["probe_s"] > 0
-    for row in result["configs"]:  # the probe ran next to each measurement
-        assert len(row["probe_s"]) == 2 and min(row["probe_s"]) > 0 and row["probe_drift"] > 0
-        assert row["accuracy_drift_corrected"] <= 1
+    probe_cal = result["calibration"]["small-mixtral"]["probe_s"]
+    assert probe_cal > 0
+    for row in result["configs"]:  # the probe ran next to each measurement; drift = its ratio
+        assert len(row["probe_s"]) == 2 and min(row["probe_s"]) > 0
+        assert row["probe_drift"] == pytest.approx(np.mean(row["probe_s"]) / probe_cal)
+        measured = row["measured_generated_tokens_per_s"]
+        corrected = row["predicted_generated_tokens_per_s"] / row["probe_drift"]
+        assert row["accuracy_drift_corrected"] == pytest.approx(
+            1 - abs(corrected - measured) / measured)
     assert png.read_bytes()[:4] == b"\x89PNG"
 
 

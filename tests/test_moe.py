@@ -226,13 +226,14 @@ def test_accelerator_gb_temporaries_at_mixtral_scale():
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("h,f", [(19, 37), (64, 96), (48, 200), (300, 530)])
 def test_grouped_kernel_odd_shapes_and_group_sizes(h, f, dtype):
-    """Every GEMM the C++ kernel picks by group size (expert_ffn.cc): SmallGemm (bf16, <= 16
-    rows), PackedGemm (<= 48 rows; 1..3, 16, 41 and 47 rows hit its 6-row blocks and their
-    remainders) and OpenBLAS (49 and 60 rows); widths that are no multiple of the SIMD width
+    """Every GEMM the C++ kernel picks by group size (expert_ffn.cc; on AVX2 / AVX-512):
+    SmallGemm (bf16, <= 16 rows), PackedGemm (<= 48 rows: float32 from 1 row, bf16 from 17;
+    18, 41, 47 and 48 rows hit its 6-row blocks, their remainders and none) and OpenBLAS (49
+    and 60 rows), each side of both thresholds; widths that are no multiple of the SIMD width
     (tail columns); and with h = 300 and f = 530, inner dimensions past one packed block of 256
     rows (the second block accumulates) and more than one column panel per expert."""
     rng = np.random.default_rng(h * f)
-    gs = np.array([1, 2, 3, 0, 16, 41, 47, 49, 60], np.int32)
+    gs = np.array([1, 2, 3, 0, 16, 17, 18, 41, 47, 48, 49, 60], np.int32)
     E = len(gs)
     w = [jnp.asarray(rng.standard_normal(s) * 0.2, dtype)
          for s in ((E, h, f), (E, h, f), (E, f, h))]

@@ -274,6 +274,13 @@ def test_hardware_presets_and_errors():
     assert 64 <= perf.default_token_budget(MIXTRAL, A40, costs) <= 32768
     assert perf.engine_config(MIXTRAL, A40, kv_cache_bytes=10**9).token_budget == \
         perf.default_token_budget(MIXTRAL, A40, costs)
+    # On shared cores (nothing streams, so saturation needs few tokens) the budget amortises a
+    # group's fixed cost with every expert active: 9 * (1 ms + 8 * 0.5 ms) / 10 us = 4500
+    # tokens -> 8192; charging the fixed term alone would give 900 -> 1024.
+    cpu = dataclasses.replace(A40, shared_cores=True, h2d_bytes_per_s=1e15)
+    fixed = EngineCosts(layer_fixed_s=1e-3, expert_s=5e-4, layer_token_s=1e-5, shared_cores=True)
+    assert fixed.group_fixed_s(MIXTRAL) == pytest.approx(5e-3)
+    assert perf.default_token_budget(MIXTRAL, cpu, fixed) == 8192
 
 
 def test_corrupt_calibration_cache_is_ignored_with_a_warning(tmp_path, monkeypatch):
@@ -283,7 +290,7 @@ def test_corrupt_calibration_cache_is_ignored_with_a_warning(tmp_path, monkeypat
     cfg = get_preset("tiny-mixtral")
     assert perf.cached(cfg) is None
     path = _cache_path(cfg)
-    cal = perf.Calibration(A40, EngineCosts.from_hardware(cfg, A40))
+    cal = perf.Calibration(A40, EngineCosts.from_hardware(cfg, A40), probe_s=0.123)
     with open(path, "w") as f:
         f.write(cal.to_json())
     assert perf.cached(cfg) == cal

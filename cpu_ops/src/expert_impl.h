@@ -1,8 +1,10 @@
-// The expert FFN's elementwise stage, written once over the ISA `Ops` trait of
-// attention_impl.h and compiled per ISA (attention_{portable,avx2,avx512}.cc instantiate it):
-//   a[i] = silu(g[i]) * u[i] = g[i] / (1 + exp(-g[i])) * u[i]
-// optionally rounded to bfloat16 (round to nearest even) and widened back, so a bf16 model's
-// down projection sees exactly the bf16 activations XLA would feed it.
+// The expert FFN's own kernels, written once over the ISA `Ops` trait of attention_impl.h and
+// compiled per ISA (attention_{portable,avx2,avx512}.cc instantiate them; the two GEMMs only
+// for AVX2 and AVX-512, where they beat OpenBLAS on small groups):
+// - the elementwise stage a[i] = silu(g[i]) * u[i] = g[i] / (1 + exp(-g[i])) * u[i],
+//   optionally rounded to bfloat16 (round to nearest even) and widened back, so a bf16
+//   model's down projection sees exactly the bf16 activations XLA would feed it;
+// - SmallGemm (decode-sized groups, no packing) and PackedGemm (up to a few dozen rows).
 #pragma once
 
 #include <cstdint>
@@ -32,11 +34,13 @@ SmallGemmFn GetSmallGemmAvx2();
 SmallGemmFn GetSmallGemmAvx512();
 
 // C[M, N] = A[M, K] @ B[K, N] for an expert group of up to a few dozen rows: B (row-major,
-// float32 or bfloat16) is read row by row, kPackK rows at a time, into column panels of two
-// vectors ([N / (2 lanes)][kPackK][2 lanes] float32, zero-padded; bf16 widened here), and a
-// register block of up to 6 rows x 2 vectors runs down each panel from L1/L2. Reading B in
-// rows streams it from memory at full bandwidth; the panels make the inner loop two aligned
-// loads per step. `pack` holds kPackK x PackedCols(N) floats. Leading dimensions in elements.
+// float32 or bfloat16) is read row by row, kc = min(kPackK, rows left) rows at a time, into
+// column panels of two vectors (NR = 2 lanes: [ceil(N / NR)][kc][NR] float32, the last panel
+// zero-padded; bf16 widened here), and a register block of up to 6 rows x 2 vectors runs down
+// each panel from L1/L2 (the first block of rows writes C, later ones add to it). Reading B in
+// rows streams it from memory at full bandwidth; the panels make the inner loop two
+// contiguous loads per step. `pack` holds kPackK x PackedCols(N) floats; k > 0. Leading
+// dimensions in elements.
 constexpr int64_t kPackK = 256;
 inline int64_t PackedCols(int64_t n) { return (n + 31) / 32 * 32; }  // covers 8 and 16 lanes
 using PackedGemmFn = void (*)(const float* a, int64_t lda, const void* b, int64_t ldb,
@@ -222,6 +226,7 @@ template <class Ops, class Tag>
 void PackedGemmTyped(const float* a, int64_t lda, const uint8_t* b, int64_t ldb, float* c,
                      int64_t ldc, int64_t m, int64_t n, int64_t k, float* pack) {
   constexpr int NR = 2 * Ops::kLanes;
+  static_assert(32 % NR == 0, "PackedCols must round to a multiple of the panel width");
   const int64_t elem = std::is_same<Tag, TagBf16>::value ? 2 : 4;
   const int64_t panels = (n + NR - 1) / NR;
   for (int64_t k0 = 0; k0 < k; k0 += kPackK) {

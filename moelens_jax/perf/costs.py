@@ -138,6 +138,11 @@ class EngineCosts:
         `h2d_limit_gb_per_s`, which throttles only the weight mover)."""
         return dataclasses.replace(self, io_s_per_byte=1.0 / h2d_bytes_per_s)
 
+    def group_fixed_s(self, cfg: ModelConfig) -> float:
+        """A group's per-layer device cost that does not grow with its tokens once they touch
+        every expert (the fixed term plus every expert active)."""
+        return self.layer_fixed_s + cfg.num_experts * self.expert_s
+
     @property
     def token_s(self) -> float:
         """Device seconds per token per layer as n grows (token + its row)."""

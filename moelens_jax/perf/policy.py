@@ -21,11 +21,12 @@ def default_token_budget(cfg: ModelConfig, hw: HardwareSpec, costs: EngineCosts,
 
     The larger of (a) the tokens that saturate the accelerator against the weight stream
     (GEMM time = transfer time; beyond it more tokens per pass only add compute time) and
-    (b) the tokens at which a layer's fixed cost is 10% of its time, rounded up to a power of
+    (b) the tokens at which a layer's fixed cost (`EngineCosts.group_fixed_s`: every expert
+    active) is 10% of its time, rounded up to a power of
     two and clipped to [64, 32768]. KV capacity, not this budget, bounds most runs (Stage 1);
     the budget only has to be large enough not to bind first.
     """
-    amortise = 9.0 * costs.layer_fixed_s / max(costs.token_s, 1e-15)
+    amortise = 9.0 * costs.group_fixed_s(cfg) / max(costs.token_s, 1e-15)
     n = max(tokens_to_saturate(cfg, hw, weight_dtype), amortise, MIN_BUDGET)
     return int(min(MAX_BUDGET, 1 << (int(n) - 1).bit_length()))
 
