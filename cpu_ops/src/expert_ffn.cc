@@ -1,7 +1,6 @@
 #include "expert_ffn.h"
 
 #include <algorithm>
-#include <cstring>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -48,23 +47,20 @@ SiluMulFn GetSiluMul(Isa isa) {
   return fn != nullptr ? fn : GetSiluMulPortable();
 }
 
-// Columns [c0, c0 + nc) of a row-major [rows, ld] matrix as float32: the matrix itself when it
-// is float32, else widened into `buf` ([rows, nc]).
-const float* Panel(const void* w, WeightDtype dt, int64_t rows, int64_t ld, int64_t c0,
-                   int64_t nc, std::vector<float>& buf, int64_t* ld_out) {
+// Columns [0, nc) of a row-major [rows, ld] matrix as float32: the matrix itself when it is
+// float32, else widened into `buf` ([rows, nc]).
+const float* Panel(const void* w, WeightDtype dt, int64_t rows, int64_t ld, int64_t nc,
+                   std::vector<float>& buf, int64_t* ld_out) {
   if (dt == WeightDtype::kF32) {
     *ld_out = ld;
-    return static_cast<const float*>(w) + c0;
+    return static_cast<const float*>(w);
   }
   buf.resize(size_t(rows * nc));
-  const uint16_t* src = static_cast<const uint16_t*>(w) + c0;
+  const uint16_t* src = static_cast<const uint16_t*>(w);
   for (int64_t r = 0; r < rows; ++r) {
     const uint16_t* s = src + r * ld;
     float* d = buf.data() + r * nc;
-    for (int64_t c = 0; c < nc; ++c) {
-      const uint32_t u = uint32_t(s[c]) << 16;
-      std::memcpy(d + c, &u, 4);
-    }
+    for (int64_t c = 0; c < nc; ++c) d[c] = Bf16ToF32(s[c]);
   }
   *ld_out = nc;
   return buf.data();
@@ -131,7 +127,7 @@ class GroupGemm {
     } else {
       thread_local std::vector<float> wbuf;
       int64_t ld = 0;
-      const float* bp = Panel(b, dt_, k, ldb, 0, n, wbuf, &ld);
+      const float* bp = Panel(b, dt_, k, ldb, n, wbuf, &ld);
       Sgemm(rows, n, k, a, lda, bp, ld, 0.f, c, ldc);
     }
   }

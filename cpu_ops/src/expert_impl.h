@@ -53,6 +53,18 @@ namespace kernel {
 
 inline float RoundToBf16(float x) { return Bf16ToF32(F32ToBf16(x)); }
 
+// One weight as float32 from `elem` bytes at p (2: bfloat16, 4: float32); the GEMMs' tails.
+inline float LoadWeight(const uint8_t* p, int64_t elem) {
+  if (elem == 2) {
+    uint16_t bits;
+    std::memcpy(&bits, p, 2);
+    return Bf16ToF32(bits);
+  }
+  float v;
+  std::memcpy(&v, p, 4);
+  return v;
+}
+
 template <class Ops>
 void SiluMul(const float* g, const float* u, float* a, int64_t n, bool round_bf16) {
   constexpr int VL = Ops::kLanes;
@@ -111,16 +123,7 @@ inline void SmallGemmRows(const float* a, int64_t lda, const uint8_t* b, int64_t
     for (int r = 0; r < RB; ++r) {
       float sum = 0.f;
       for (int64_t kk = 0; kk < k; ++kk) {
-        const uint8_t* p = b + (kk * ldb + col) * elem;
-        float bvf;
-        if (elem == 2) {
-          uint16_t hbits;
-          std::memcpy(&hbits, p, 2);
-          bvf = Bf16ToF32(hbits);
-        } else {
-          std::memcpy(&bvf, p, 4);
-        }
-        sum += a[r * lda + kk] * bvf;
+        sum += a[r * lda + kk] * LoadWeight(b + (kk * ldb + col) * elem, elem);
       }
       c[r * ldc + col] = sum;
     }
@@ -169,18 +172,7 @@ void PackPanels(const uint8_t* b, int64_t ldb_bytes, int64_t elem, int64_t kc, i
       float* d = pack + (full * kc + kk) * NR;
       for (int64_t c = 0; c < NR; ++c) {
         const int64_t col = full * NR + c;
-        float v = 0.f;
-        if (col < n) {
-          const uint8_t* p = row + col * elem;
-          if (elem == 2) {
-            uint16_t bits;
-            std::memcpy(&bits, p, 2);
-            v = Bf16ToF32(bits);
-          } else {
-            std::memcpy(&v, p, 4);
-          }
-        }
-        d[c] = v;
+        d[c] = col < n ? LoadWeight(row + col * elem, elem) : 0.f;
       }
     }
   }
