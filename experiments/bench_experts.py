@@ -10,6 +10,13 @@ dense roof and each expert path over the same rows, and reports medians:
 * ``blocked`` — the accelerators' pure-XLA path (run here on the CPU backend for comparison);
 * ``capacity`` — the old CPU path (E x capacity rows), with `--with_capacity`.
 
+With `--weight_dtype int8|int4` the experts are stored quantised (`weights.quantise`) and
+``grouped`` reads the codes, dequantising inside its GEMMs; ``grouped_float`` then runs the same
+kernel on the dequantised weights (in `--dtype`), and JSON `quantised_speedup_vs_float` (median
+and minimum over cases with >= 512 rows of grouped_float time / grouped time) says what reading
+8 or 4 bits per weight instead of 16 or 32 buys. The dense roof keeps `--dtype` weights, and the
+attainable time counts the stored bytes (codes and scales).
+
 Router skews: ``uniform`` (every row picks an expert uniformly), ``zipf`` (expert e with
 probability proportional to 1 / (e + 1)^1.2), ``hot`` (one expert receives every token, i.e.
 1/k of the rows, the most a top-k router can send it; the rest uniform). Group sizes are drawn
@@ -25,6 +32,7 @@ the minimum of attainable / grouped time over cases with >= 512 rows.
 
     python -m experiments.bench_experts
     python -m experiments.bench_experts --rows 512,4096 --shapes small-mixtral --repeats 3
+    python -m experiments.bench_experts --dtype bfloat16 --weight_dtype int8
 """
 
 from __future__ import annotations
@@ -38,6 +46,7 @@ from absl import app, flags
 
 from experiments import common
 from moelens_jax.model import moe
+from moelens_jax.model.weights import QuantisedMatrix, quantise
 from moelens_jax.ops import experts
 from moelens_jax.perf.calibrate import measure_host_bandwidth
 
@@ -54,6 +63,8 @@ _REPEATS = flags.DEFINE_integer("repeats", 7, "Timed repeats per path (median re
 _WITH_CAPACITY = flags.DEFINE_bool("with_capacity", False, "Also time the capacity path.")
 _SKIP_BLOCKED = flags.DEFINE_bool("skip_blocked", False, "Skip the accelerator path.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed for weights, rows and group sizes.")
+_WEIGHT_DTYPE = flags.DEFINE_enum("weight_dtype", None, ["int8", "int4"],
+                                  "Store the experts quantised (the kernel reads the codes).")
 
 
 def group_sizes(skew: str, m: int, num_experts: int, k: int, rng) -> np.ndarray:
@@ -72,16 +83,27 @@ def group_sizes(skew: str, m: int, num_experts: int, k: int, rng) -> np.ndarray:
     return rng.multinomial(m, p).astype(np.int32)
 
 
+def stored_bytes(w) -> int:
+    """Bytes of one expert's three matrices as stored (codes + scales when quantised)."""
+    return sum((a.codes.nbytes + a.scale.nbytes if isinstance(a, QuantisedMatrix) else a.nbytes)
+               // a.shape[0] for a in w)
+
+
 def run_case(name: str, w: list, x, gs: np.ndarray, fns: dict,
-             stream_gb_per_s: float) -> dict:
-    """Times the dense roof and each path on one case, interleaved; medians."""
+             stream_gb_per_s: float, wq: list | None = None) -> dict:
+    """Times the dense roof and each path on one case, interleaved; medians. `w`: the experts
+    in the model dtype; `wq`: the same experts stored quantised (then what the paths read)."""
     E = w[0].shape[0]
     m = x.shape[0]
     g = jnp.asarray(gs)
-    paths = {"grouped": functools.partial(fns["grouped"], *w, x, g)}
+    stored = wq or w
+    paths = {"grouped": functools.partial(fns["grouped"], *stored, x, g)}
     computed = {"grouped": m}
+    if wq:
+        paths["grouped_float"] = functools.partial(fns["grouped"], *w, x, g)
+        computed["grouped_float"] = m
     if not _SKIP_BLOCKED.value:
-        paths["blocked"] = functools.partial(fns["blocked"], *w, x, g)
+        paths["blocked"] = functools.partial(fns["blocked"], *stored, x, g)
         computed["blocked"] = moe.blocked_rows_computed(gs, moe.block_rows(m, E))
     if _WITH_CAPACITY.value:
         cap = moe.capacity_bucket(int(gs.max()))
@@ -96,7 +118,7 @@ def run_case(name: str, w: list, x, gs: np.ndarray, fns: dict,
             t_path[p] += common.timed(fn, 1)
     flops = 6 * w[0].shape[1] * w[0].shape[2] * m
     td = float(np.median(t_dense))
-    weight_bytes = int((gs > 0).sum()) * 3 * w[0].shape[1] * w[0].shape[2] * w[0].dtype.itemsize
+    weight_bytes = int((gs > 0).sum()) * stored_bytes(stored)
     t_stream = weight_bytes / (stream_gb_per_s * 1e9)
     case = {"shape": name, "rows": m, "max_group": int(gs.max()),
             "dense_gflop_per_s": flops / td / 1e9, "weight_bytes": weight_bytes,
@@ -113,13 +135,16 @@ def main(argv):
     settings = common.log_flags(__name__)
     dt = jnp.dtype(_DTYPE.value)
     rows = [int(r) for r in _ROWS.value]
+    wdt = _WEIGHT_DTYPE.value
     card = [("machine", common.machine_fingerprint()), ("BLAS", experts.blas_info()),
-            ("dtype", _DTYPE.value), ("routed rows", rows), ("skews", _SKEWS.value)]
+            ("dtype", _DTYPE.value + (f", experts stored {wdt}" if wdt else "")),
+            ("routed rows", rows), ("skews", _SKEWS.value)]
     for name in _SHAPES.value:
         E, k, h, f = SHAPES[name]
+        per_weight = {"int8": 1, "int4": 0.5}.get(wdt, dt.itemsize)
         card.append((name, f"E={E} top-{k} h={h} f={f}: {6 * h * f / 1e6:.2f} MFLOP per "
-                           f"routed row, expert weights {3 * E * h * f * dt.itemsize / 2**20:.0f}"
-                           " MiB"))
+                           f"routed row, expert weights {3 * E * h * f * per_weight / 2**20:.0f}"
+                           " MiB (codes)"))
     stream = measure_host_bandwidth(1 << 30) / 1e9
     card.append(("ceiling", "dense SwiGLU over the same m rows with one expert's weights "
                             "(jitted XLA), timed interleaved with each path; attainable: "
@@ -134,15 +159,23 @@ def main(argv):
     cases = []
     for name in _SHAPES.value:
         E, k, h, f = SHAPES[name]
-        w = [jnp.asarray(rng.standard_normal(s).astype(np.float32) * 0.05, dt)
-             for s in ((E, h, f), (E, h, f), (E, f, h))]
+        w32 = [rng.standard_normal(s).astype(np.float32) * 0.05
+               for s in ((E, h, f), (E, h, f), (E, f, h))]
+        wq = None
+        if wdt:
+            wq = [QuantisedMatrix(*map(jnp.asarray, quantise(a, wdt)), wdt, dt.name)
+                  for a in w32]
+            w = [q.dequantise() for q in wq]
+        else:
+            w = [jnp.asarray(a, dt) for a in w32]
         for m in rows:
             x = jnp.asarray(rng.standard_normal((m, h)).astype(np.float32))
             for skew in _SKEWS.value:
-                case = run_case(name, w, x, group_sizes(skew, m, E, k, rng), fns, stream)
+                case = run_case(name, w, x, group_sizes(skew, m, E, k, rng), fns, stream, wq)
                 case["skew"] = skew
                 cases.append(case)
-                paths = [p for p in ("grouped", "blocked", "capacity") if p in case]
+                paths = [p for p in ("grouped", "grouped_float", "blocked", "capacity")
+                         if p in case]
                 print(common.table([(
                     f"{name} m={m:<5} {skew:<7}",
                     f"dense {case['dense_gflop_per_s']:6.1f} GF/s | " + " | ".join(
@@ -162,6 +195,10 @@ def main(argv):
                                   if big and "blocked" in big[0] else None),
         "blocked_row_overhead": (max(c["blocked"]["row_overhead"] for c in big)
                                  if big and "blocked" in big[0] else None),
+        "quantised_speedup_vs_float": ({
+            "median": float(np.median(speedups)), "min": float(min(speedups))}
+            if (speedups := [c["grouped_float"]["seconds"] / c["grouped"]["seconds"]
+                             for c in big if "grouped_float" in c]) else None),
         "cases": cases, "flags": settings, "machine": common.machine_fingerprint(),
         "blas": experts.blas_info(),
     }
@@ -171,6 +208,8 @@ def main(argv):
         ("grouped attainable", f"{result['expert_attainable_fraction']} (min, >= 512 rows)"),
         ("blocked roof fraction", f"{result['blocked_roof_fraction']} (min, >= 512 rows)"),
         ("blocked row overhead", f"{result['blocked_row_overhead']} (max, >= 512 rows)"),
+        ("quantised / float time", f"{result['quantised_speedup_vs_float']} "
+                                   "(grouped_float / grouped, >= 512 rows)"),
     ], "== summary =="))
     common.print_json(result)
 

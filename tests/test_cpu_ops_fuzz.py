@@ -430,11 +430,13 @@ def test_set_num_threads_while_attention_runs():
 EXPERT_CASES = 24
 
 
-def _expert_reference(w, x, gs):
-    """float64 grouped SwiGLU with the kernel's rounding (x and bf16 activations rounded)."""
+def _expert_reference(w, x, gs, bf16=None):
+    """float64 grouped SwiGLU with the kernel's rounding (x and bf16 activations rounded;
+    `bf16`: whether they round, default the weights' dtype)."""
     wg, wu, wd = (np.asarray(a, np.float64) for a in w)
-    bf16 = w[0].dtype == jnp.bfloat16
-    xr = np.asarray(jnp.asarray(x).astype(w[0].dtype).astype(jnp.float32), np.float64)
+    bf16 = w[0].dtype == jnp.bfloat16 if bf16 is None else bf16
+    xdt = jnp.bfloat16 if bf16 else jnp.float32
+    xr = np.asarray(jnp.asarray(x).astype(xdt).astype(jnp.float32), np.float64)
     out = np.zeros((x.shape[0], wd.shape[-1]))
     start = 0
     for e, g in enumerate(gs):
@@ -488,6 +490,43 @@ def test_expert_kernel_random_valid_and_invalid_calls():
         grouped_expert_ffn(w[0], w[1].astype(jnp.float16), w[2], jnp.asarray(x),
                            jnp.asarray(gs))
     assert bad > 10
+
+
+def test_expert_kernel_random_quantised_calls():
+    """Random int8 / int4 experts (random shapes, scale groups of 32-128 rows, float32 or
+    bf16 model, random group sizes with padding rows) against the float64 loop on code x
+    scale; scales of the wrong shape must raise, never crash or read past."""
+    from moelens_jax.model.weights import dequantise, quantise
+    from moelens_jax.ops.experts import grouped_expert_ffn
+
+    rng = np.random.default_rng(11)
+    for case in range(EXPERT_CASES // 2):
+        wd = "int4" if case % 2 else "int8"
+        model_dt = "bfloat16" if case % 3 == 1 else "float32"
+        E = int(rng.integers(1, 7))
+        if wd == "int8":
+            h, f = int(rng.integers(1, 300)), int(rng.integers(1, 300))
+        else:  # int4 rows come in multiples of 32 (`int4_group`)
+            h, f = 32 * int(rng.integers(1, 10)), 32 * int(rng.integers(1, 10))
+        q = [quantise(rng.standard_normal(s).astype(np.float32) * 0.3, wd)
+             for s in ((E, h, f), (E, h, f), (E, f, h))]
+        deq = [dequantise(np, c, sc, np.float32, wd) for c, sc in q]  # code x scale, unrounded
+        gs = rng.multinomial(int(rng.integers(0, 120)), rng.dirichlet(np.ones(E))).astype(np.int32)
+        m = int(gs.sum()) + int(rng.integers(0, 4))
+        x = rng.standard_normal((m, h)).astype(np.float32)
+        codes = [jnp.asarray(c) for c, _ in q]
+        scales = tuple(jnp.asarray(sc) for _, sc in q)
+        got = np.asarray(grouped_expert_ffn(*codes, jnp.asarray(x), jnp.asarray(gs),
+                                            scales=scales, weight_dtype=wd, dtype=model_dt))
+        want = _expert_reference(deq, x, gs, bf16=model_dt == "bfloat16")
+        tol = 2e-2 if model_dt == "bfloat16" else 1e-4
+        np.testing.assert_allclose(got, want, atol=tol * max(1.0, np.abs(want).max()), rtol=0)
+        np.testing.assert_array_equal(got[int(gs.sum()):], 0.0)
+        short = (scales[0], scales[1], scales[2][..., :-1])  # one output channel short
+        with pytest.raises(Exception, match="s_down must be"):
+            jax.block_until_ready(grouped_expert_ffn(*codes, jnp.asarray(x), jnp.asarray(gs),
+                                                     scales=short, weight_dtype=wd,
+                                                     dtype=model_dt))
 
 
 def test_prefill_kernel_random_layouts():

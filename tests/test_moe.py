@@ -13,6 +13,8 @@ import pytest
 import moelens_jax as mj
 from moelens_jax import reference
 from moelens_jax.model import moe
+from moelens_jax.model.weights import QuantisedMatrix, quantise
+from moelens_jax.ops import experts
 
 # Tolerances (relative L2 over the whole output). float32: the grouped GEMM and the dense loop
 # differ only in summation order. bfloat16: both round inputs to bf16 identically and accumulate
@@ -242,6 +244,93 @@ def test_grouped_kernel_odd_shapes_and_group_sizes(h, f, dtype):
     want = reference.expert_ffn_loop(*w, x, jnp.asarray(gs))
     reference.assert_close(got, want, rel_l2=REL_L2[dtype])
     np.testing.assert_array_equal(np.asarray(got)[int(gs.sum()):], 0.0)
+
+
+def _quantised_experts(rng, E, h, f, weight_dtype, dtype):
+    """(QuantisedMatrix gate, up, down) of random experts, and their dequantised arrays."""
+    qs = []
+    for shape in ((E, h, f), (E, h, f), (E, f, h)):
+        codes, scale = quantise(rng.standard_normal(shape).astype(np.float32) * 0.2,
+                                weight_dtype)
+        qs.append(QuantisedMatrix(jnp.asarray(codes), jnp.asarray(scale), weight_dtype, dtype))
+    return qs, [q.dequantise() for q in qs]
+
+
+def _fused_reference(q, x, gs, dtype):
+    """float64 loop of what the kernel computes on quantised experts: weights code x scale
+    (not rounded to the model dtype), x and the SwiGLU activations rounded to a bf16 model's
+    dtype as the float path rounds them."""
+    w = [np.asarray(QuantisedMatrix(a.codes, a.scale, a.weight_dtype, "float32").dequantise(),
+                    np.float64) for a in q]
+    rnd = lambda a: np.asarray(jnp.asarray(a, jnp.float32).astype(dtype), np.float64)  # noqa: E731
+    xr, out, start = rnd(x), np.zeros((x.shape[0], w[2].shape[-1])), 0
+    for e, g in enumerate(gs):
+        rows = xr[start:start + g]
+        gate, up = rows @ w[0][e], rows @ w[1][e]
+        out[start:start + g] = rnd(gate / (1 + np.exp(-gate)) * up) @ w[2][e]
+        start += g
+    return out
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("weight_dtype,h,f", [("int8", 40, 100), ("int8", 288, 530),
+                                              ("int4", 64, 96), ("int4", 256, 384),
+                                              ("int4", 288, 544)])
+def test_grouped_kernel_dequantises_inside_its_gemms(weight_dtype, h, f, dtype):
+    """int8 / int4 experts (codes + scales, `QuantisedMatrix`) through the C++ kernel, which
+    dequantises in registers (SmallGemm, <= 16 rows: int8 applies its column scales once at
+    the end), while it packs panels (<= 48 rows) or while it widens them for OpenBLAS (> 48),
+    against a float64 loop on code x scale, with the float test's group sizes (empty experts,
+    both sides of both thresholds) and padding rows. Shapes: int8 widths that are no multiple
+    of the SIMD width (tail columns); h = 288 / 530 past one 256-row packed block; int4 with
+    128-row scale groups (256 x 384) and 32-row ones (288, 544). The kernel does not round
+    the dequantised weights to a bf16 model's dtype (unpacking does): against the loop on the
+    unpacked (rounded) weights it differs by that rounding only. "blocked" (the accelerator
+    default) dequantises one expert at a time as unpacking does."""
+    rng = np.random.default_rng(h + f)
+    gs = np.array([1, 2, 3, 0, 16, 17, 18, 41, 47, 48, 49, 60], np.int32)
+    q, deq = _quantised_experts(rng, len(gs), h, f, weight_dtype, dtype)
+    x = jnp.asarray(rng.standard_normal((int(gs.sum()) + 2, h)), jnp.float32)
+    got = moe.expert_ffn(*q, x, jnp.asarray(gs), "grouped")
+    reference.assert_close(got, _fused_reference(q, np.asarray(x), gs, dtype),
+                           rel_l2=REL_L2[dtype], name="grouped")
+    unpacked = reference.expert_ffn_loop(*deq, x, jnp.asarray(gs))
+    reference.assert_close(got, unpacked, rel_l2=REL_L2[dtype], name="vs unpacked")
+    blocked = moe.expert_ffn(*q, x, jnp.asarray(gs), "blocked")
+    reference.assert_close(blocked, unpacked, rel_l2=REL_L2[dtype], name="blocked")
+    for y in (got, blocked):
+        np.testing.assert_array_equal(np.asarray(y)[int(gs.sum()):], 0.0)
+
+
+def test_grouped_kernel_rejects_bad_quantised_weights():
+    rng = np.random.default_rng(0)
+    q, _ = _quantised_experts(rng, 3, 64, 32, "int8", "float32")
+    x, gs = jnp.ones((4, 64), jnp.float32), jnp.asarray([1, 2, 1], jnp.int32)
+    codes, scales = [w.codes for w in q], tuple(w.scale for w in q)
+
+    def call(codes, scales, weight_dtype, dtype="float32"):
+        return jax.block_until_ready(experts.grouped_expert_ffn(
+            *codes, x, gs, scales=scales, weight_dtype=weight_dtype, dtype=dtype))
+
+    with pytest.raises(ValueError, match="quantised weights are int8 codes with scales"):
+        call(codes, None, "int8")
+    with pytest.raises(ValueError, match="need the model dtype"):
+        call(codes, scales, "int8", None)
+    with pytest.raises(ValueError, match="must be float32 or bfloat16"):
+        call(codes, scales, "int8", "float16")
+    with pytest.raises(Exception, match=r"s_gate must be \[E, out\] for int8"):
+        call(codes, (scales[0][:, :16], scales[1], scales[2]), "int8")
+    with pytest.raises(Exception, match="weight shapes disagree"):  # int8 codes read as int4
+        call(codes, scales, "int4")
+    q4, _ = _quantised_experts(rng, 3, 64, 32, "int4", "float32")
+    c4, s4 = [w.codes for w in q4], [w.scale for w in q4]
+    with pytest.raises(Exception, match="group dividing k"):  # 3 groups do not divide 64 rows
+        call(c4, (jnp.ones((3, 3, 32), jnp.float32), s4[1], s4[2]), "int4")
+    with pytest.raises(Exception, match="multiple of an even scale group"):  # 1-row groups
+        call(c4, (jnp.ones((3, 64, 32), jnp.float32), jnp.ones((3, 64, 32), jnp.float32),
+                  s4[2]), "int4")
+    with pytest.raises(Exception, match="one group size"):
+        call(c4, (s4[0], jnp.ones((3, 2, 32), jnp.float32), s4[2]), "int4")  # 64 vs 32 rows
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])

@@ -5,6 +5,7 @@ Stage 2 alike, and the error each format allows."""
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -13,8 +14,11 @@ import moelens_jax as mj
 from moelens_jax import perf, reference
 from moelens_jax.model.model import Model
 from moelens_jax.model.weights import (
+    ALIGN,
+    EXPERT_FIELDS,
     QUANTISED_FIELDS,
     LayerLayout,
+    QuantisedMatrix,
     dequantise,
     int4_group,
     packet_bounds,
@@ -118,8 +122,9 @@ def test_quantised_layouts_stream_a_half_and_a_quarter_of_bf16():
                                                    ("serial", "int4")])
 def test_engine_on_quantised_weights_equals_its_oracle(pipeline, weight_dtype):
     """The oracle is the quantised model's own forward (its weights dequantised): the engine
-    streams the int8 layers, dequantises on the device and must produce the same tokens; it
-    moves the int8 bytes, which Stage 2 charges."""
+    streams the int8 layers, dequantises on the device (the routed experts inside the expert
+    kernel's GEMMs on the CPU backend) and must produce the same tokens; it moves the int8
+    bytes, which Stage 2 charges."""
     model = _model("tiny-mixtral", num_layers=3).quantised(weight_dtype)  # > the window
     cfg = model.config
     rng = np.random.default_rng(4)
@@ -136,9 +141,21 @@ def test_engine_on_quantised_weights_equals_its_oracle(pipeline, weight_dtype):
         passes = eng.stats.iterations * cfg.num_layers  # (a prefetch may run one ahead)
         assert passes <= eng.stats.h2d_bytes // layer <= passes + 2
         assert eng.stats.h2d_bytes % layer == 0
-        # device memory: the window holds dequantised layers, the one in flight its packets too
-        typed = LayerLayout.for_config(cfg, "float32").nbytes
-        assert eng.mover.device_bytes() == 3 * typed + layer  # window 2 + 1 in flight
+        # on the CPU backend the routed experts reach the expert kernel as codes + scales
+        # (dequantised inside its GEMMs); everything else is unpacked to the model dtype
+        lw = eng.mover.get(0)
+        assert all(isinstance(getattr(lw, n), QuantisedMatrix) for n in EXPERT_FIELDS)
+        assert lw.wq.dtype == jnp.float32 and lw.w_gate.codes.dtype == jnp.int8
+        # device memory: the window holds unpacked layers (experts at their stored size), the
+        # one in flight its packets too
+        typed, stored = LayerLayout.for_config(cfg, "float32"), model.host_layers[0].layout
+        experts = lambda lay: sum(s.nbytes for s in lay.slots  # noqa: E731
+                                  if s.name.split(".")[0] in EXPERT_FIELDS)
+        held = typed.nbytes - experts(typed) + experts(stored)
+        leaves = sum(a.nbytes for a in jax.tree.leaves(lw))  # what the mover hands over
+        assert leaves <= held < leaves + ALIGN * (len(typed.slots) + len(EXPERT_FIELDS))
+        assert held < typed.nbytes
+        assert eng.mover.device_bytes() == 3 * held + layer  # window 2 + 1 in flight
     assert perf.streamed_bytes(cfg, config, on_cpu=True) == cfg.num_layers * layer
     with pytest.raises(ValueError, match=f"stores its layers as {weight_dtype}"):
         Engine(model, kv_cache_bytes=config.kv_cache_bytes)

@@ -41,6 +41,12 @@ struct Avx2Ops {
                                    _mm_slli_epi16(_mm_and_si128(w, _mm_set1_epi16(0x80)), 8));
     return _mm256_mul_ps(_mm256_cvtph_ps(h), _mm256_set1_ps(256.f));
   }
+  // Eight int4 codes from the low (hi = 0) or high (hi = 1) nibbles of 8 bytes, sign-extended.
+  static Vec LoadI4(const uint8_t* p, int hi) {
+    const __m256i v = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+    return _mm256_cvtepi32_ps(hi ? _mm256_srai_epi32(v, 4)
+                                 : _mm256_srai_epi32(_mm256_slli_epi32(v, 28), 28));
+  }
   static Vec Set1(float x) { return _mm256_set1_ps(x); }
   static Vec Fma(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
   static Vec Mul(Vec a, Vec b) { return _mm256_mul_ps(a, b); }

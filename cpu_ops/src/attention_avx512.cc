@@ -38,6 +38,12 @@ struct Avx512Ops {
                         _mm256_slli_epi16(_mm256_and_si256(w, _mm256_set1_epi16(0x80)), 8));
     return _mm512_mul_ps(_mm512_cvtph_ps(h), _mm512_set1_ps(256.f));
   }
+  // Sixteen int4 codes from the low (hi = 0) or high (hi = 1) nibbles of 16 bytes.
+  static Vec LoadI4(const uint8_t* p, int hi) {
+    const __m512i v = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    return _mm512_cvtepi32_ps(hi ? _mm512_srai_epi32(v, 4)
+                                 : _mm512_srai_epi32(_mm512_slli_epi32(v, 28), 28));
+  }
   static Vec Set1(float x) { return _mm512_set1_ps(x); }
   static Vec Fma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
   static Vec Mul(Vec a, Vec b) { return _mm512_mul_ps(a, b); }

@@ -54,6 +54,5 @@ PageFn GetPageFnPortable(KvDtype dtype, int head_dim, int s) {
 }
 
 SiluMulFn GetSiluMulPortable() { return kernel::SiluMul<PortableOps>; }
-SmallGemmFn GetSmallGemmPortable() { return kernel::SmallGemm<PortableOps>; }
 
 }  // namespace moelens

@@ -18,14 +18,17 @@ constexpr int64_t kScratchBytes = int64_t(64) << 20;  // gate + up activations o
 
 // Which GEMM an expert segment takes, by its rows (measured on a 2-core AVX2 machine, both
 // threads busy, bench_experts and a C++ harness, cold weights):
-// - bf16 weights, <= kSmallRowsBf16 rows: SmallGemm (streams bf16 B once, widening in
+// - bf16 weights, <= kSmallRows rows: SmallGemm (streams bf16 B once, widening in
 //   registers) was 1.2-2.5x faster than widening panels for OpenBLAS at 4-16 rows and beat
 //   PackedGemm, which writes the widened panels; float32 weights never take it (under two
-//   threads' memory traffic it lost to OpenBLAS at small-mixtral's f = 1792).
+//   threads' memory traffic it lost to OpenBLAS at small-mixtral's f = 1792). int8 / int4
+//   codes take it too, dequantised in registers: with PackedGemm instead (dequantising while
+//   packing) int8 ran 0.64-0.86x the bf16 kernel at 64-512 routed rows; with SmallGemm
+//   0.93-1.34x (bench_experts --dtype bfloat16 --weight_dtype int8).
 // - <= kPackedRows rows: PackedGemm, 1.1-1.3x OpenBLAS's sgemm at 1-16 rows in the harness;
 //   end to end at 128 experts (f = 192) 1.2-1.5x at 4 rows per expert, 1.1-1.2x at 16; a tie
 //   at 48-64 rows, where OpenBLAS takes over.
-constexpr int64_t kSmallRowsBf16 = 16;
+constexpr int64_t kSmallRows = 16;
 constexpr int64_t kPackedRows = 48;
 
 SmallGemmFn GetSmallGemm(Isa isa) {
@@ -47,20 +50,34 @@ SiluMulFn GetSiluMul(Isa isa) {
   return fn != nullptr ? fn : GetSiluMulPortable();
 }
 
-// Columns [0, nc) of a row-major [rows, ld] matrix as float32: the matrix itself when it is
-// float32, else widened into `buf` ([rows, nc]).
-const float* Panel(const void* w, WeightDtype dt, int64_t rows, int64_t ld, int64_t nc,
-                   std::vector<float>& buf, int64_t* ld_out) {
-  if (dt == WeightDtype::kF32) {
-    *ld_out = ld;
-    return static_cast<const float*>(w);
+// Columns [0, nc) of a [rows, ld] block as float32 for OpenBLAS: the matrix itself when it
+// is float32, else widened (bf16) or dequantised (int8 / int4) into `buf` ([rows, nc]).
+const float* Panel(const WeightView& w, int64_t rows, int64_t nc, std::vector<float>& buf,
+                   int64_t* ld_out) {
+  if (w.fmt == WeightDtype::kF32) {
+    *ld_out = w.ld;
+    return reinterpret_cast<const float*>(w.b);
   }
   buf.resize(size_t(rows * nc));
-  const uint16_t* src = static_cast<const uint16_t*>(w);
   for (int64_t r = 0; r < rows; ++r) {
-    const uint16_t* s = src + r * ld;
     float* d = buf.data() + r * nc;
-    for (int64_t c = 0; c < nc; ++c) d[c] = Bf16ToF32(s[c]);
+    if (w.fmt == WeightDtype::kBf16) {
+      const uint16_t* s = reinterpret_cast<const uint16_t*>(w.b) + r * w.ld;
+      for (int64_t c = 0; c < nc; ++c) d[c] = Bf16ToF32(s[c]);
+      continue;
+    }
+    // Quantised: QuantWeight's values, with the row's codes and scales located once.
+    const float* sc = w.scale + (r / w.group) * w.ld;
+    if (w.fmt == WeightDtype::kInt8) {
+      const int8_t* s = reinterpret_cast<const int8_t*>(w.b) + r * w.ld;
+      for (int64_t c = 0; c < nc; ++c) d[c] = float(s[c]) * sc[c];
+    } else {
+      const int8_t* s = reinterpret_cast<const int8_t*>(w.b) + (r >> 1) * w.ld;
+      const int shift = r & 1 ? 24 : 28;  // the row's nibble to the top, then sign-extend
+      for (int64_t c = 0; c < nc; ++c) {
+        d[c] = float(int32_t(uint32_t(uint8_t(s[c])) << shift) >> 28) * sc[c];
+      }
+    }
   }
   *ld_out = nc;
   return buf.data();
@@ -93,6 +110,19 @@ void Validate(const ExpertFfnArgs& a, int64_t* total) {
     }
     sum += g;
   }
+  const bool quantised = a.dtype == WeightDtype::kInt8 || a.dtype == WeightDtype::kInt4;
+  if (quantised && (a.s_gate == nullptr || a.s_up == nullptr || a.s_down == nullptr)) {
+    throw std::invalid_argument("expert_ffn: quantised weights need their scales");
+  }
+  if (a.dtype == WeightDtype::kInt4) {
+    const bool ok = a.h % 2 == 0 && a.f % 2 == 0 && a.gate_group > 0 && a.down_group > 0 &&
+                    a.gate_group % 2 == 0 && a.down_group % 2 == 0 && a.h % a.gate_group == 0 &&
+                    a.f % a.down_group == 0;
+    if (!ok) {
+      throw std::invalid_argument("expert_ffn: int4 needs even h and f, each a multiple of an "
+                                  "even scale group");
+    }
+  }
   if (sum > a.m) {
     throw std::invalid_argument("expert_ffn: group sizes sum to " + std::to_string(sum) +
                                 " rows but x has " + std::to_string(a.m));
@@ -104,40 +134,63 @@ void Validate(const ExpertFfnArgs& a, int64_t* total) {
   *total = sum;
 }
 
-// C[rows, n] = A[rows, k] @ B[k, n] for one expert segment x column panel, B row-major
-// (float32 or bf16, `ldb` elements per row): SmallGemm for decode-sized bf16 groups, PackedGemm
-// up to a few dozen rows, OpenBLAS (bf16 widened to a float32 panel first) above.
+// C[rows, n] = A[rows, k] @ B[k, n] for one expert segment x column panel (`WeightView`):
+// SmallGemm for decode-sized bf16 / int8 / int4 groups, PackedGemm up to a few dozen rows
+// (every format; int8 / int4 dequantised while packing), OpenBLAS (on a float32 panel of the
+// column block, widened or dequantised by `Panel`) above.
 class GroupGemm {
  public:
-  GroupGemm(Isa isa, WeightDtype dt)
-      : dt_(dt), small_(GetSmallGemm(isa)), packed_(GetPackedGemm(isa)) {
-    small_rows_ = small_ != nullptr && dt == WeightDtype::kBf16 ? kSmallRowsBf16 : 0;
+  GroupGemm(Isa isa, WeightDtype dt) : small_(GetSmallGemm(isa)), packed_(GetPackedGemm(isa)) {
+    small_rows_ = small_ != nullptr && dt != WeightDtype::kF32 ? kSmallRows : 0;
     packed_rows_ = packed_ != nullptr ? kPackedRows : 0;
   }
 
-  void operator()(const float* a, int64_t lda, const uint8_t* b, int64_t ldb, float* c,
-                  int64_t ldc, int64_t rows, int64_t n, int64_t k) const {
-    const bool bf16 = dt_ == WeightDtype::kBf16;
+  void operator()(const float* a, int64_t lda, const WeightView& w, float* c, int64_t ldc,
+                  int64_t rows, int64_t n, int64_t k) const {
     if (rows <= small_rows_) {
-      small_(a, lda, b, ldb, bf16, c, ldc, rows, n, k);
+      small_(a, lda, w, c, ldc, rows, n, k);
     } else if (rows <= packed_rows_) {
       thread_local std::vector<float> pack;
       pack.resize(size_t(kPackK * PackedCols(n)));
-      packed_(a, lda, b, ldb, bf16, c, ldc, rows, n, k, pack.data());
+      packed_(a, lda, w, c, ldc, rows, n, k, pack.data());
     } else {
       thread_local std::vector<float> wbuf;
       int64_t ld = 0;
-      const float* bp = Panel(b, dt_, k, ldb, n, wbuf, &ld);
+      const float* bp = Panel(w, k, n, wbuf, &ld);
       Sgemm(rows, n, k, a, lda, bp, ld, 0.f, c, ldc);
     }
   }
 
  private:
-  WeightDtype dt_;
   SmallGemmFn small_;
   PackedGemmFn packed_;
   int64_t small_rows_ = 0, packed_rows_ = 0;
 };
+
+// Columns [col0, ...) of expert e's matrix `w` ([E, k, ld] codes; int4 [E, k / 2, ld]) with
+// its scales `s` ([E, ld] for int8, [E, k / group, ld] for int4).
+WeightView ExpertView(const ExpertFfnArgs& a, const void* w, const float* s, int64_t e,
+                      int64_t k, int64_t ld, int64_t col0, int64_t group) {
+  WeightView v;
+  v.fmt = a.dtype;
+  v.ld = ld;
+  const auto* base = static_cast<const uint8_t*>(w);
+  switch (a.dtype) {
+    case WeightDtype::kF32: v.b = base + (e * k * ld + col0) * 4; break;
+    case WeightDtype::kBf16: v.b = base + (e * k * ld + col0) * 2; break;
+    case WeightDtype::kInt8:
+      v.b = base + e * k * ld + col0;
+      v.scale = s + e * ld + col0;
+      v.group = k;
+      break;
+    case WeightDtype::kInt4:
+      v.b = base + e * (k / 2) * ld + col0;
+      v.scale = s + e * (k / group) * ld + col0;
+      v.group = group;
+      break;
+  }
+  return v;
+}
 
 }  // namespace
 
@@ -148,8 +201,7 @@ void ExpertFfn(const ExpertFfnArgs& a, Isa isa, ThreadPool& pool) {
   if (total == 0) return;
   const SiluMulFn silu_mul = GetSiluMul(isa);
   const GroupGemm gemm(isa, a.dtype);
-  const bool round_bf16 = a.dtype == WeightDtype::kBf16;
-  const int64_t esize = round_bf16 ? 2 : 4;
+  const bool round_bf16 = a.dtype == WeightDtype::kBf16 || a.round_bf16;
   const int64_t h = a.h, f = a.f, ho = a.ho;
   const int64_t chunk = std::max<int64_t>(64, kScratchBytes / (2 * 4 * f));
   const int64_t nb1 = PanelWidth(f), p1 = (f + nb1 - 1) / nb1;
@@ -177,17 +229,18 @@ void ExpertFfn(const ExpertFfnArgs& a, Isa isa, ThreadPool& pool) {
       const float* xs = a.x + s.row0 * h;
       float* g = gbuf + (s.row0 - c0) * f + col0;
       float* u = ubuf + (s.row0 - c0) * f + col0;
-      const int64_t off = (s.expert * h * f + col0) * esize;
-      gemm(xs, h, static_cast<const uint8_t*>(a.w_gate) + off, f, g, f, s.rows, nc, h);
-      gemm(xs, h, static_cast<const uint8_t*>(a.w_up) + off, f, u, f, s.rows, nc, h);
+      gemm(xs, h, ExpertView(a, a.w_gate, a.s_gate, s.expert, h, f, col0, a.gate_group), g, f,
+           s.rows, nc, h);
+      gemm(xs, h, ExpertView(a, a.w_up, a.s_up, s.expert, h, f, col0, a.gate_group), u, f,
+           s.rows, nc, h);
       for (int64_t r = 0; r < s.rows; ++r) silu_mul(g + r * f, u + r * f, g + r * f, nc,
                                                     round_bf16);
     });
     pool.Run(ns * p2, [&](int64_t item) {
       const Segment& s = segs[size_t(item / p2)];
       const int64_t col0 = (item % p2) * nb2, nc = std::min(nb2, ho - col0);
-      const int64_t off = (s.expert * f * ho + col0) * esize;
-      gemm(gbuf + (s.row0 - c0) * f, f, static_cast<const uint8_t*>(a.w_down) + off, ho,
+      gemm(gbuf + (s.row0 - c0) * f, f,
+           ExpertView(a, a.w_down, a.s_down, s.expert, f, ho, col0, a.down_group),
            a.y + s.row0 * ho + col0, ho, s.rows, nc, f);
     });
   }

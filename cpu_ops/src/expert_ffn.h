@@ -9,6 +9,13 @@
 // float32 with float32 accumulation, and the activations fed to a bf16 down projection are
 // rounded to bf16 first (what XLA does).
 //
+// Quantised weights (int8 per output channel, int4 per output channel and group of input rows;
+// the layouts of moelens_jax/model/weights.py) are dequantised inside the GEMMs to code x scale
+// in float32 (not rounded to a bf16 model's dtype, which unpacking does): in registers by
+// SmallGemm (int8: the column scales applied once to the sums), while PackedGemm packs its
+// panels, or (above 48 rows) into the float32 panel of one column block that OpenBLAS reads.
+// The codes are what streams from memory; no dequantised copy of a whole expert is made.
+//
 // Work is cut into row chunks (bounded scratch), and each chunk into two phases with a barrier:
 // (expert segment x column panel of f) for gate/up + SiLU, then (expert segment x column panel
 // of the output) for the down projection, so a hot expert spreads over every thread too.
@@ -21,15 +28,25 @@
 
 namespace moelens {
 
-enum class WeightDtype { kF32 = 0, kBf16 = 1 };
+// How the expert matrices are stored (values match the FFI's `fmt` attribute).
+enum class WeightDtype { kF32 = 0, kBf16 = 1, kInt8 = 2, kInt4 = 3 };
 
 struct ExpertFfnArgs {
   const float* x = nullptr;            // [m, h] rows sorted by expert
   const int32_t* group_sizes = nullptr;  // [E]; rows past their sum are padding (output 0)
-  const void* w_gate = nullptr;        // [E, h, f]
-  const void* w_up = nullptr;          // [E, h, f]
-  const void* w_down = nullptr;        // [E, f, ho]
+  // [E, h, f], [E, h, f], [E, f, ho] (int4: [E, h/2, f], [E, h/2, f], [E, f/2, ho], two codes
+  // per byte along the input axis, row 2j in the low nibble).
+  const void* w_gate = nullptr;
+  const void* w_up = nullptr;
+  const void* w_down = nullptr;
   WeightDtype dtype = WeightDtype::kF32;
+  // Quantised only: float32 scales, int8 [E, f] / [E, f] / [E, ho]; int4 [E, h / gate_group, f]
+  // (gate and up) and [E, f / down_group, ho], one per output channel and group of input rows.
+  const float* s_gate = nullptr;
+  const float* s_up = nullptr;
+  const float* s_down = nullptr;
+  int64_t gate_group = 0, down_group = 0;  // int4: input rows per scale (even, divides h / f)
+  bool round_bf16 = false;  // quantised: a bf16 model (its activations round to bf16)
   int64_t m = 0, h = 0, f = 0, ho = 0, num_experts = 0;
   float* y = nullptr;                  // [m, ho]
 };

@@ -4,7 +4,9 @@
 // - the elementwise stage a[i] = silu(g[i]) * u[i] = g[i] / (1 + exp(-g[i])) * u[i],
 //   optionally rounded to bfloat16 (round to nearest even) and widened back, so a bf16
 //   model's down projection sees exactly the bf16 activations XLA would feed it;
-// - SmallGemm (decode-sized groups, no packing) and PackedGemm (up to a few dozen rows).
+// - SmallGemm (decode-sized bf16, int8 and int4 groups, no packing; codes dequantised in
+//   registers) and PackedGemm (up to a few dozen rows; every `WeightDtype`: int8 / int4 codes
+//   are dequantised while the panels are packed).
 #pragma once
 
 #include <cstdint>
@@ -13,8 +15,19 @@
 
 #include "attention_impl.h"
 #include "dtypes.h"
+#include "expert_ffn.h"
 
 namespace moelens {
+
+// A column block of one expert matrix B[k, n] (x @ B) as the GEMMs read it.
+struct WeightView {
+  const uint8_t* b = nullptr;  // the block's element (0, 0) (int4: its byte row 0)
+  int64_t ld = 0;              // elements per stored row (int8 / int4: bytes)
+  WeightDtype fmt = WeightDtype::kF32;
+  const float* scale = nullptr;  // quantised: scale row 0 at the block's first column
+  int64_t group = 1;             // quantised: input rows per scale row (int8: >= k)
+  bool quantised() const { return fmt == WeightDtype::kInt8 || fmt == WeightDtype::kInt4; }
+};
 
 // a[0, n) = silu(g) * u; g/u/a may alias (a == g is the engine's in-place use).
 using SiluMulFn = void (*)(const float* g, const float* u, float* a, int64_t n, bool round_bf16);
@@ -24,28 +37,26 @@ SiluMulFn GetSiluMulAvx2();
 SiluMulFn GetSiluMulAvx512();
 
 // C[M, N] = A[M, K] @ B[K, N] for the few rows of a decode-sized expert group, streaming B
-// (float32 or bfloat16, widened in registers) once with no packing: blocks of up to 4 rows x
-// 2 vectors of columns held in registers, B rows prefetched ahead. Leading dimensions in
-// elements. Null where the ISA has no such kernel.
-using SmallGemmFn = void (*)(const float* a, int64_t lda, const void* b, int64_t ldb, bool bf16,
-                             float* c, int64_t ldc, int64_t m, int64_t n, int64_t k);
-SmallGemmFn GetSmallGemmPortable();
+// (any `WeightDtype`: bf16 widened, int8 / int4 dequantised in registers) once with no
+// packing: blocks of up to 4 rows x 2 vectors of columns held in registers, B rows prefetched
+// ahead. Leading dimensions in elements. Null where the ISA has no such kernel.
+using SmallGemmFn = void (*)(const float* a, int64_t lda, const WeightView& w, float* c,
+                             int64_t ldc, int64_t m, int64_t n, int64_t k);
 SmallGemmFn GetSmallGemmAvx2();
 SmallGemmFn GetSmallGemmAvx512();
 
 // C[M, N] = A[M, K] @ B[K, N] for an expert group of up to a few dozen rows: B (row-major,
-// float32 or bfloat16) is read row by row, kc = min(kPackK, rows left) rows at a time, into
+// any `WeightDtype`) is read row by row, kc = min(kPackK, rows left) rows at a time, into
 // column panels of two vectors (NR = 2 lanes: [ceil(N / NR)][kc][NR] float32, the last panel
-// zero-padded; bf16 widened here), and a register block of up to 6 rows x 2 vectors runs down
+// zero-padded; bf16 widened and int8 / int4 dequantised here), and a register block of up to 6 rows x 2 vectors runs down
 // each panel from L1/L2 (the first block of rows writes C, later ones add to it). Reading B in
 // rows streams it from memory at full bandwidth; the panels make the inner loop two
 // contiguous loads per step. `pack` holds kPackK x PackedCols(N) floats; k > 0. Leading
 // dimensions in elements.
 constexpr int64_t kPackK = 256;
 inline int64_t PackedCols(int64_t n) { return (n + 31) / 32 * 32; }  // covers 8 and 16 lanes
-using PackedGemmFn = void (*)(const float* a, int64_t lda, const void* b, int64_t ldb,
-                              bool bf16, float* c, int64_t ldc, int64_t m, int64_t n,
-                              int64_t k, float* pack);
+using PackedGemmFn = void (*)(const float* a, int64_t lda, const WeightView& w, float* c,
+                              int64_t ldc, int64_t m, int64_t n, int64_t k, float* pack);
 PackedGemmFn GetPackedGemmAvx2();
 PackedGemmFn GetPackedGemmAvx512();
 
@@ -63,6 +74,26 @@ inline float LoadWeight(const uint8_t* p, int64_t elem) {
   float v;
   std::memcpy(&v, p, 4);
   return v;
+}
+
+// Element (r, c) of a quantised block: code x scale in float32 (what `weights.dequantise`
+// gives before it rounds to the model dtype).
+inline float QuantWeight(const WeightView& w, int64_t r, int64_t c) {
+  int32_t code;
+  if (w.fmt == WeightDtype::kInt4) {
+    const uint8_t byte = w.b[(r >> 1) * w.ld + c];
+    code = (r & 1) ? int32_t(int8_t(byte)) >> 4 : int32_t(int8_t(uint8_t(byte << 4))) >> 4;
+  } else {
+    code = int8_t(w.b[r * w.ld + c]);
+  }
+  return float(code) * w.scale[(r / w.group) * w.ld + c];
+}
+
+// Element (r, c) of a block in any format, as float32.
+inline float WeightAt(const WeightView& w, int64_t r, int64_t c) {
+  if (w.quantised()) return QuantWeight(w, r, c);
+  const int64_t elem = w.fmt == WeightDtype::kBf16 ? 2 : 4;
+  return LoadWeight(w.b + (r * w.ld + c) * elem, elem);
 }
 
 template <class Ops>
@@ -85,73 +116,108 @@ void SiluMul(const float* g, const float* u, float* a, int64_t n, bool round_bf1
   }
 }
 
-// Rows [0, RB) x columns [c, c + CB * VL) of C.
-template <class Ops, class Tag, int RB, int CB>
-inline void SmallGemmBlock(const float* a, int64_t lda, const uint8_t* b, int64_t ldb_bytes,
-                           int64_t elem, float* c, int64_t ldc, int64_t col, int64_t k) {
+// Rows [0, RB) x columns [col, col + CB * VL) of C, B streamed row by row from `w` in its
+// stored format `Fmt`: bf16 widened; int4 codes times their scale row; int8 codes summed as
+// they are and the column scales applied once at the end (C = (A @ codes) x scale).
+template <class Ops, WeightDtype Fmt, int RB, int CB>
+inline void SmallGemmBlock(const float* a, int64_t lda, const WeightView& w, float* c,
+                           int64_t ldc, int64_t col, int64_t k) {
   constexpr int VL = Ops::kLanes;
   constexpr int64_t kAhead = 16;  // B rows prefetched ahead (strided rows defeat the prefetcher)
-  typename Ops::Vec acc[RB][CB];
+  constexpr bool kInt4 = Fmt == WeightDtype::kInt4;
+  constexpr bool kQuant = kInt4 || Fmt == WeightDtype::kInt8;
+  constexpr int64_t elem = Fmt == WeightDtype::kF32 ? 4 : (Fmt == WeightDtype::kBf16 ? 2 : 1);
+  typename Ops::Vec acc[RB][CB], sv[CB];  // sv: the current scale row (quantised)
   MOELENS_UNROLL for (int r = 0; r < RB; ++r)
     MOELENS_UNROLL for (int j = 0; j < CB; ++j) acc[r][j] = Ops::Zero();
-  const uint8_t* bp = b + col * elem;
-  for (int64_t kk = 0; kk < k; ++kk, bp += ldb_bytes) {
-    if (kk + kAhead < k) Ops::Prefetch(bp + kAhead * ldb_bytes);
+  const float* srow = nullptr;  // quantised: the current scale row at column `col`
+  int64_t group_left = w.group;  // rows left in the current scale row (int8: all of them)
+  if constexpr (kQuant) {
+    srow = w.scale + col;
+    MOELENS_UNROLL for (int j = 0; j < CB; ++j) sv[j] = Ops::LoadF(srow + j * VL);
+  }
+  const int64_t ld_bytes = w.ld * elem;
+  for (int64_t kk = 0; kk < k; ++kk) {
+    const int64_t brow = kInt4 ? kk >> 1 : kk;  // int4: rows 2j and 2j + 1 share byte row j
+    const uint8_t* bp = w.b + brow * ld_bytes + col * elem;
+    if (kk + kAhead < k) Ops::Prefetch(bp + (kInt4 ? kAhead / 2 : kAhead) * ld_bytes);
+    if constexpr (kInt4) {
+      if (group_left == 0) {
+        srow += w.ld;
+        group_left = w.group;
+        MOELENS_UNROLL for (int j = 0; j < CB; ++j) sv[j] = Ops::LoadF(srow + j * VL);
+      }
+      --group_left;
+    }
     typename Ops::Vec bv[CB];
-    MOELENS_UNROLL for (int j = 0; j < CB; ++j) bv[j] = Ops::Load(Tag{}, bp + int64_t(j) * VL * elem);
+    MOELENS_UNROLL for (int j = 0; j < CB; ++j) {
+      const uint8_t* p = bp + int64_t(j) * VL * elem;
+      if constexpr (Fmt == WeightDtype::kF32) {
+        bv[j] = Ops::Load(TagF32{}, p);
+      } else if constexpr (Fmt == WeightDtype::kBf16) {
+        bv[j] = Ops::Load(TagBf16{}, p);
+      } else if constexpr (kInt4) {
+        bv[j] = Ops::Mul(Ops::LoadI4(p, int(kk & 1)), sv[j]);
+      } else {
+        bv[j] = Ops::Load(TagI8{}, p);
+      }
+    }
     MOELENS_UNROLL for (int r = 0; r < RB; ++r) {
       const auto av = Ops::Set1(a[r * lda + kk]);
       MOELENS_UNROLL for (int j = 0; j < CB; ++j) acc[r][j] = Ops::Fma(av, bv[j], acc[r][j]);
     }
   }
+  if constexpr (Fmt == WeightDtype::kInt8) {
+    MOELENS_UNROLL for (int r = 0; r < RB; ++r)
+      MOELENS_UNROLL for (int j = 0; j < CB; ++j) acc[r][j] = Ops::Mul(acc[r][j], sv[j]);
+  }
   MOELENS_UNROLL for (int r = 0; r < RB; ++r)
     MOELENS_UNROLL for (int j = 0; j < CB; ++j) Ops::Store(c + r * ldc + col + j * VL, acc[r][j]);
 }
 
-template <class Ops, class Tag, int RB>
-inline void SmallGemmRows(const float* a, int64_t lda, const uint8_t* b, int64_t ldb, float* c,
+template <class Ops, WeightDtype Fmt, int RB>
+inline void SmallGemmRows(const float* a, int64_t lda, const WeightView& w, float* c,
                           int64_t ldc, int64_t n, int64_t k) {
   constexpr int VL = Ops::kLanes;
-  const int64_t elem = std::is_same<Tag, TagBf16>::value ? 2 : 4;
-  const int64_t ldb_bytes = ldb * elem;
   int64_t col = 0;
   for (; col + 2 * VL <= n; col += 2 * VL)
-    SmallGemmBlock<Ops, Tag, RB, 2>(a, lda, b, ldb_bytes, elem, c, ldc, col, k);
-  for (; col + VL <= n; col += VL)
-    SmallGemmBlock<Ops, Tag, RB, 1>(a, lda, b, ldb_bytes, elem, c, ldc, col, k);
+    SmallGemmBlock<Ops, Fmt, RB, 2>(a, lda, w, c, ldc, col, k);
+  for (; col + VL <= n; col += VL) SmallGemmBlock<Ops, Fmt, RB, 1>(a, lda, w, c, ldc, col, k);
   for (; col < n; ++col) {  // tail columns
     for (int r = 0; r < RB; ++r) {
       float sum = 0.f;
-      for (int64_t kk = 0; kk < k; ++kk) {
-        sum += a[r * lda + kk] * LoadWeight(b + (kk * ldb + col) * elem, elem);
-      }
+      for (int64_t kk = 0; kk < k; ++kk) sum += a[r * lda + kk] * WeightAt(w, kk, col);
       c[r * ldc + col] = sum;
     }
   }
 }
 
-template <class Ops, class Tag>
-void SmallGemmTyped(const float* a, int64_t lda, const uint8_t* b, int64_t ldb, float* c,
-                    int64_t ldc, int64_t m, int64_t n, int64_t k) {
+template <class Ops, WeightDtype Fmt>
+void SmallGemmTyped(const float* a, int64_t lda, const WeightView& w, float* c, int64_t ldc,
+                    int64_t m, int64_t n, int64_t k) {
   int64_t r = 0;
-  for (; r + 4 <= m; r += 4) SmallGemmRows<Ops, Tag, 4>(a + r * lda, lda, b, ldb, c + r * ldc,
-                                                          ldc, n, k);
+  for (; r + 4 <= m; r += 4) SmallGemmRows<Ops, Fmt, 4>(a + r * lda, lda, w, c + r * ldc, ldc,
+                                                         n, k);
   switch (m - r) {
-    case 3: SmallGemmRows<Ops, Tag, 3>(a + r * lda, lda, b, ldb, c + r * ldc, ldc, n, k); break;
-    case 2: SmallGemmRows<Ops, Tag, 2>(a + r * lda, lda, b, ldb, c + r * ldc, ldc, n, k); break;
-    case 1: SmallGemmRows<Ops, Tag, 1>(a + r * lda, lda, b, ldb, c + r * ldc, ldc, n, k); break;
+    case 3: SmallGemmRows<Ops, Fmt, 3>(a + r * lda, lda, w, c + r * ldc, ldc, n, k); break;
+    case 2: SmallGemmRows<Ops, Fmt, 2>(a + r * lda, lda, w, c + r * ldc, ldc, n, k); break;
+    case 1: SmallGemmRows<Ops, Fmt, 1>(a + r * lda, lda, w, c + r * ldc, ldc, n, k); break;
     default: break;
   }
 }
 
 template <class Ops>
-void SmallGemm(const float* a, int64_t lda, const void* b, int64_t ldb, bool bf16, float* c,
-               int64_t ldc, int64_t m, int64_t n, int64_t k) {
-  const auto* bb = static_cast<const uint8_t*>(b);
-  if (bf16) {
-    SmallGemmTyped<Ops, TagBf16>(a, lda, bb, ldb, c, ldc, m, n, k);
-  } else {
-    SmallGemmTyped<Ops, TagF32>(a, lda, bb, ldb, c, ldc, m, n, k);
+void SmallGemm(const float* a, int64_t lda, const WeightView& w, float* c, int64_t ldc,
+               int64_t m, int64_t n, int64_t k) {
+  switch (w.fmt) {
+    case WeightDtype::kF32: SmallGemmTyped<Ops, WeightDtype::kF32>(a, lda, w, c, ldc, m, n, k);
+      break;
+    case WeightDtype::kBf16: SmallGemmTyped<Ops, WeightDtype::kBf16>(a, lda, w, c, ldc, m, n, k);
+      break;
+    case WeightDtype::kInt8: SmallGemmTyped<Ops, WeightDtype::kInt8>(a, lda, w, c, ldc, m, n, k);
+      break;
+    case WeightDtype::kInt4: SmallGemmTyped<Ops, WeightDtype::kInt4>(a, lda, w, c, ldc, m, n, k);
+      break;
   }
 }
 
@@ -173,6 +239,34 @@ void PackPanels(const uint8_t* b, int64_t ldb_bytes, int64_t elem, int64_t kc, i
       for (int64_t c = 0; c < NR; ++c) {
         const int64_t col = full * NR + c;
         d[c] = col < n ? LoadWeight(row + col * elem, elem) : 0.f;
+      }
+    }
+  }
+}
+
+// Panels of rows [k0, k0 + kc) x [0, n) of a quantised block -> pack[n / NR][kc][NR],
+// dequantised (Ops::LoadI4 / Load(TagI8) x the row's scales: QuantWeight's values).
+template <class Ops, bool kInt4>
+void PackPanelsQuant(const WeightView& w, int64_t k0, int64_t kc, int64_t n, float* pack) {
+  constexpr int VL = Ops::kLanes, NR = 2 * VL;
+  const int64_t full = n / NR, panels = (n + NR - 1) / NR;
+  for (int64_t kk = 0; kk < kc; ++kk) {
+    const int64_t r = k0 + kk;
+    const uint8_t* row = w.b + (kInt4 ? r >> 1 : r) * w.ld;
+    const float* srow = w.scale + (r / w.group) * w.ld;
+    for (int64_t j = 0; j < full; ++j) {
+      float* d = pack + (j * kc + kk) * NR;
+      MOELENS_UNROLL for (int half = 0; half < 2; ++half) {
+        const int64_t col = j * NR + half * VL;
+        const auto v = kInt4 ? Ops::LoadI4(row + col, int(r & 1)) : Ops::Load(TagI8{}, row + col);
+        Ops::Store(d + half * VL, Ops::Mul(v, Ops::LoadF(srow + col)));
+      }
+    }
+    if (full < panels) {  // tail columns, zero-padded to the panel width
+      float* d = pack + (full * kc + kk) * NR;
+      for (int64_t c = 0; c < NR; ++c) {
+        const int64_t col = full * NR + c;
+        d[c] = col < n ? QuantWeight(w, r, col) : 0.f;
       }
     }
   }
@@ -214,16 +308,16 @@ inline void PanelBlock(const float* a, int64_t lda, const float* panel, int64_t 
   }
 }
 
-template <class Ops, class Tag>
-void PackedGemmTyped(const float* a, int64_t lda, const uint8_t* b, int64_t ldb, float* c,
-                     int64_t ldc, int64_t m, int64_t n, int64_t k, float* pack) {
+// `pack_rows(k0, kc, pack)` fills the panels of B's rows [k0, k0 + kc).
+template <class Ops, class PackRows>
+void PackedGemmImpl(const float* a, int64_t lda, PackRows pack_rows, float* c, int64_t ldc,
+                    int64_t m, int64_t n, int64_t k, float* pack) {
   constexpr int NR = 2 * Ops::kLanes;
   static_assert(32 % NR == 0, "PackedCols must round to a multiple of the panel width");
-  const int64_t elem = std::is_same<Tag, TagBf16>::value ? 2 : 4;
   const int64_t panels = (n + NR - 1) / NR;
   for (int64_t k0 = 0; k0 < k; k0 += kPackK) {
     const int64_t kc = std::min(kPackK, k - k0);
-    PackPanels<Ops, Tag>(b + k0 * ldb * elem, ldb * elem, elem, kc, n, pack);
+    pack_rows(k0, kc, pack);
     const float* a0 = a + k0;
     for (int64_t j = 0; j < panels; ++j) {
       const float* panel = pack + j * kc * NR;
@@ -249,13 +343,31 @@ void PackedGemmTyped(const float* a, int64_t lda, const uint8_t* b, int64_t ldb,
 }
 
 template <class Ops>
-void PackedGemm(const float* a, int64_t lda, const void* b, int64_t ldb, bool bf16, float* c,
-                int64_t ldc, int64_t m, int64_t n, int64_t k, float* pack) {
-  const auto* bb = static_cast<const uint8_t*>(b);
-  if (bf16) {
-    PackedGemmTyped<Ops, TagBf16>(a, lda, bb, ldb, c, ldc, m, n, k, pack);
-  } else {
-    PackedGemmTyped<Ops, TagF32>(a, lda, bb, ldb, c, ldc, m, n, k, pack);
+void PackedGemm(const float* a, int64_t lda, const WeightView& w, float* c, int64_t ldc,
+                int64_t m, int64_t n, int64_t k, float* pack) {
+  switch (w.fmt) {
+    case WeightDtype::kF32:
+    case WeightDtype::kBf16: {
+      const int64_t elem = w.fmt == WeightDtype::kBf16 ? 2 : 4, ldb = w.ld * elem;
+      PackedGemmImpl<Ops>(a, lda, [&](int64_t k0, int64_t kc, float* p) {
+        if (elem == 2) {
+          PackPanels<Ops, TagBf16>(w.b + k0 * ldb, ldb, elem, kc, n, p);
+        } else {
+          PackPanels<Ops, TagF32>(w.b + k0 * ldb, ldb, elem, kc, n, p);
+        }
+      }, c, ldc, m, n, k, pack);
+      break;
+    }
+    case WeightDtype::kInt8:
+      PackedGemmImpl<Ops>(a, lda, [&](int64_t k0, int64_t kc, float* p) {
+        PackPanelsQuant<Ops, false>(w, k0, kc, n, p);
+      }, c, ldc, m, n, k, pack);
+      break;
+    case WeightDtype::kInt4:
+      PackedGemmImpl<Ops>(a, lda, [&](int64_t k0, int64_t kc, float* p) {
+        PackPanelsQuant<Ops, true>(w, k0, kc, n, p);
+      }, c, ldc, m, n, k, pack);
+      break;
   }
 }
 

@@ -146,8 +146,10 @@ class Model:
         channel; "int4": per output channel and 128 input rows; `weights.QUANTISED_FIELDS`),
         quantised from this one's; embedding, lm_head, norms and router stay in the model
         dtype. Layers stream as stored and are dequantised on the device
-        (`weights.unpack_packets`); `forward` computes with the dequantised weights, so it is
-        the oracle of an engine on the quantised model."""
+        (`weights.unpack_packets`; on the CPU backend the routed experts only inside the expert
+        kernel's GEMMs, to code x scale in float32, which a bf16 model's unpacking rounds to
+        bf16); `forward` computes with the dequantised weights, so it is the oracle of an
+        engine on the quantised model (token for token in float32)."""
         self.require_pageable("quantising")
         if self.weight_dtype is not None:
             raise ValueError(f"the model is already quantised ({self.weight_dtype})")

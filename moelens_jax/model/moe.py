@@ -24,6 +24,11 @@ computes only the routed rows (plus at most one block of padding per expert on a
   comparison point.
 
 `reference.expert_ffn_loop` is the per-expert loop both are tested against.
+
+Quantised experts (`weights.QuantisedMatrix`: int8 / int4 codes and scales, as the weight mover
+hands them over on the CPU backend) go to the C++ kernel as codes, dequantised inside its GEMMs;
+"blocked" dequantises one expert at a time inside its loop; "capacity" and "ragged" dequantise
+the whole stack first.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ import numpy as np
 
 from moelens_jax.config import ModelConfig
 from moelens_jax.model.layers import linear
+from moelens_jax.model.weights import QuantisedMatrix
 from moelens_jax.ops import experts  # registers the CPU kernel's FFI target
 
 
@@ -95,7 +101,8 @@ def expert_ffn(w_gate_ehf: jax.Array, w_up_ehf: jax.Array, w_down_efh: jax.Array
     """SwiGLU FFN of every expert over its contiguous rows (rows sorted by expert).
 
     Args:
-      w_gate_ehf, w_up_ehf: [E, h, f]; w_down_efh: [E, f, h].
+      w_gate_ehf, w_up_ehf: [E, h, f]; w_down_efh: [E, f, h] (arrays, or all three
+        `QuantisedMatrix`).
       x_mh: [m, h] rows sorted by expert; group_sizes_e: [E] rows per expert (sum <= m; rows
         past the sum are padding and get zeros).
       impl: one of `EXPERT_IMPLS`.
@@ -106,6 +113,9 @@ def expert_ffn(w_gate_ehf: jax.Array, w_up_ehf: jax.Array, w_down_efh: jax.Array
     """
     if impl in ("auto", "grouped"):
         return expert_ffn_grouped(w_gate_ehf, w_up_ehf, w_down_efh, x_mh, group_sizes_e)
+    if isinstance(w_gate_ehf, QuantisedMatrix) and impl in ("capacity", "ragged"):
+        w_gate_ehf, w_up_ehf, w_down_efh = (w.dequantise() for w in
+                                            (w_gate_ehf, w_up_ehf, w_down_efh))
     if impl == "blocked":
         return expert_ffn_blocked(w_gate_ehf, w_up_ehf, w_down_efh, x_mh, group_sizes_e)
     if impl == "ragged":
@@ -124,7 +134,22 @@ def expert_ffn_grouped(w_gate_ehf, w_up_ehf, w_down_efh, x_mh, group_sizes_e) ->
     with jax.named_scope("expert_gemms_grouped"):
         return jax.lax.platform_dependent(
             w_gate_ehf, w_up_ehf, w_down_efh, x_mh, group_sizes_e,
-            cpu=experts.grouped_expert_ffn, default=expert_ffn_blocked)
+            cpu=_grouped_cpu, default=expert_ffn_blocked)
+
+
+def _grouped_cpu(w_gate_ehf, w_up_ehf, w_down_efh, x_mh, group_sizes_e) -> jax.Array:
+    if not isinstance(w_gate_ehf, QuantisedMatrix):
+        return experts.grouped_expert_ffn(w_gate_ehf, w_up_ehf, w_down_efh, x_mh, group_sizes_e)
+    ws = (w_gate_ehf, w_up_ehf, w_down_efh)
+    return experts.grouped_expert_ffn(*(w.codes for w in ws), x_mh, group_sizes_e,
+                                      scales=tuple(w.scale for w in ws),
+                                      weight_dtype=w_gate_ehf.weight_dtype,
+                                      dtype=w_gate_ehf.dtype)
+
+
+def _expert(w, e) -> jax.Array:
+    """Expert e's matrix in the model dtype (dequantised here when stored quantised)."""
+    return w[e].dequantise() if isinstance(w, QuantisedMatrix) else w[e]
 
 
 def block_rows(m: int, num_experts: int) -> int:
@@ -159,7 +184,7 @@ def expert_ffn_blocked(w_gate_ehf, w_up_ehf, w_down_efh, x_mh, group_sizes_e,
         rows_b = jnp.arange(block)
 
         def one_expert(e, y):
-            wg, wu, wd = w_gate_ehf[e], w_up_ehf[e], w_down_efh[e]
+            wg, wu, wd = (_expert(w, e) for w in (w_gate_ehf, w_up_ehf, w_down_efh))
 
             def one_block(j, y):
                 r0 = starts[e] + j * block

@@ -24,7 +24,9 @@ projections, routed and shared experts; not the router, norms or biases) are sto
     "<name>.scale", [..., in/group, out]): about a quarter of bf16 plus the scales.
 
 Scales are symmetric: max |w| of the channel (group) / 127 (/ 7). `unpack_packets` dequantises
-on the device right after the copy (codes * scale in float32, rounded once to the model dtype);
+on the device right after the copy (codes * scale in float32, rounded once to the model dtype),
+except where the expert kernel dequantises inside its GEMMs (the CPU backend: the weight mover
+asks for `keep_experts_quantised`, and the routed experts arrive as `QuantisedMatrix`);
 `HostLayer.weights` holds None for these fields (`dequantised_numpy` gives them on the host,
 bit-equal to the device).
 
@@ -250,6 +252,37 @@ def dequantise(xp, stored, scale, dtype, weight_dtype: str = "int8"):
     return (w * scale[..., None, :]).reshape(*lead, 2 * half, cols).astype(dtype)
 
 
+# The routed experts' matrices: on a backend whose expert kernel dequantises inside its GEMMs
+# (the CPU backend's `ops.experts`), `unpack_packets(..., keep_experts_quantised=True)` hands
+# them over as `QuantisedMatrix` (codes + scales) instead of dequantised copies.
+EXPERT_FIELDS = ("w_gate", "w_up", "w_down")
+
+
+@struct.dataclass
+class QuantisedMatrix:
+    """A stored quantised matrix [..., in, out] (`quantise`): int8 codes ([..., in/2, out] for
+    int4) and float32 scales, with the format and the model dtype its values round to."""
+
+    codes: Any
+    scale: Any
+    weight_dtype: str = struct.field(pytree_node=False)
+    dtype: str = struct.field(pytree_node=False)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The dequantised matrix's shape."""
+        *lead, rows, cols = self.codes.shape
+        return (*lead, rows * (2 if self.weight_dtype == "int4" else 1), cols)
+
+    def __getitem__(self, i) -> QuantisedMatrix:
+        """The matrices at index `i` of the leading axis (one expert: `w[e]`)."""
+        return self.replace(codes=self.codes[i], scale=self.scale[i])
+
+    def dequantise(self, xp=jnp):
+        """The matrix in the model dtype (`dequantise`: the same bits as unpacking)."""
+        return dequantise(xp, self.codes, self.scale, NP_DTYPES[self.dtype], self.weight_dtype)
+
+
 def _aligned_empty(nbytes: int) -> np.ndarray:
     """A zero-initialised uint8 buffer whose data pointer is ALIGN-byte aligned."""
     raw = np.zeros(nbytes + ALIGN, dtype=np.uint8)
@@ -399,13 +432,15 @@ def packets(buffer: np.ndarray, packet_bytes: int, cut: int = 0) -> tuple[np.nda
                                               strict=True))
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
+@functools.partial(jax.jit, static_argnums=(0, 1, 3))
 def unpack_packets(layout: LayerLayout, bounds: tuple[int, ...],
-                   packets: tuple[jax.Array, ...]) -> LayerWeights:
+                   packets: tuple[jax.Array, ...],
+                   keep_experts_quantised: bool = False) -> LayerWeights:
     """Typed `LayerWeights` from a layer's raw uint8 buffer split into packets starting at
     `bounds` (`packet_bounds`), on whatever device they live; a quantised layout's matrices
-    come out dequantised to the model dtype."""
-    dt = NP_DTYPES[layout.dtype]
+    come out dequantised to the model dtype, except, with `keep_experts_quantised`, the
+    routed experts' (`EXPERT_FIELDS`), which stay `QuantisedMatrix` for an expert kernel that
+    dequantises inside its GEMMs."""
 
     def raw(offset: int, nbytes: int) -> jax.Array:
         pieces = []
@@ -427,8 +462,10 @@ def unpack_packets(layout: LayerLayout, bounds: tuple[int, ...],
     fields = dict.fromkeys(LAYER_FIELDS)
     for name in fields:
         if name + ".scale" in stored:
-            fields[name] = dequantise(jnp, stored[name], stored[name + ".scale"], dt,
-                                      layout.weight_dtype)
+            q = QuantisedMatrix(stored[name], stored[name + ".scale"], layout.weight_dtype,
+                                layout.dtype)
+            fields[name] = (q if keep_experts_quantised and name in EXPERT_FIELDS
+                            else q.dequantise())
         elif name in stored:
             fields[name] = stored[name]
     return LayerWeights(**fields)

@@ -54,10 +54,10 @@ from moelens_jax.perf.costs import EngineCosts, activation_bytes, active_experts
 from moelens_jax.perf.hardware import HardwareSpec
 from moelens_jax.runtime.engine import Engine
 from moelens_jax.runtime.layout import IterationShape
-from moelens_jax.runtime.mover import WeightMover
+from moelens_jax.runtime.mover import WeightMover, experts_stay_quantised
 from moelens_jax.runtime.stats import IterationRecord
 
-CALIBRATION_VERSION = 10  # bump when the fitted terms change: older cache files are not read
+CALIBRATION_VERSION = 11  # bump when the fitted terms change: older cache files are not read
 
 
 def fingerprint() -> str:
@@ -107,14 +107,15 @@ def measure_d2h(nbytes: int, repeats: int = 3) -> float:
 def measure_unpack(model, repeats: int = 9) -> dict[str, float]:
     """Seconds per unpacked byte of turning one copied layer into typed weights on the default
     device (`weights.unpack_packets`, as the weight mover runs it after each copy), stored in
-    the model dtype ("float") and in each quantised format (int8, int4: unpacking dequantises):
-    the median of `repeats` timed calls after a compile, per byte of the layer in the model
-    dtype."""
+    the model dtype ("float") and in each quantised format (int8, int4: unpacking dequantises,
+    all but the routed experts where `experts_stay_quantised`, as the mover does): the median
+    of `repeats` timed calls after a compile, per byte of the layer in the model dtype."""
     if not model.pageable or model.weight_dtype is not None:
         warnings.warn("calibrate: the model's float layers are not on the host (released or "
                       "quantised); unpacking is not measured and costs 0", stacklevel=2)
         return dict.fromkeys(("float", *WEIGHT_DTYPES), 0.0)
     dev = jax.devices()[0]
+    fused = experts_stay_quantised(dev)
     base = model.host_layers[0]
     typed = LayerLayout.for_config(model.config, model.dtype).nbytes
     out = {}
@@ -122,11 +123,11 @@ def measure_unpack(model, repeats: int = 9) -> dict[str, float]:
         layer = base if wd == "float" else base.quantise(wd)
         pk = (jax.device_put(layer.buffer, dev),)
         bounds = packet_bounds(layer.layout.nbytes, layer.layout.nbytes)
-        jax.block_until_ready(unpack_packets(layer.layout, bounds, pk))  # compile
+        jax.block_until_ready(unpack_packets(layer.layout, bounds, pk, fused))  # compile
         times = []
         for _ in range(repeats):
             t0 = time.perf_counter()
-            jax.block_until_ready(unpack_packets(layer.layout, bounds, pk))
+            jax.block_until_ready(unpack_packets(layer.layout, bounds, pk, fused))
             times.append(time.perf_counter() - t0)
         out[wd] = float(np.median(times)) / typed
     return out

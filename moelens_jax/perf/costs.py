@@ -84,8 +84,10 @@ class EngineCosts:
       unpack_s_per_byte: per byte of a streamed layer stored in the model dtype, unpacking it
         into typed weights on the device after its copy.
       dequant_int8_s_per_byte, dequant_int4_s_per_byte: the same for a quantised layer (its
-        unpacking dequantises), per byte of the layer once dequantised. All three are 0 from a
-        datasheet (a GPU unpacks at memory speed, far under the link's time).
+        unpacking dequantises; on the CPU backend all but the routed experts, which the expert
+        kernel dequantises inside its GEMMs, in the device time), per byte of the layer once
+        dequantised. All three are 0 from a datasheet (a GPU unpacks at memory speed, far under
+        the link's time).
       shared_cores: device and host stages share the same cores (their times add).
       source: where the numbers come from.
     """

@@ -65,6 +65,7 @@ from moelens_jax.runtime.layout import (
 from moelens_jax.runtime.memory import DevicePlan, plan_device_memory
 from moelens_jax.runtime.mover import (
     WeightMover,
+    experts_stay_quantised,
     layer_window_bytes,
     resident_bytes,
     streamed_layers_held,
@@ -144,7 +145,7 @@ def _plan_device(model: Model, config: EngineConfig, device, on_cpu: bool) -> De
     layer = model.host_layers[0].layout.nbytes
     kept = config.kept_layer_bytes(layer)
     window = layer_window_bytes(layer, model.config.num_layers, config.device_weight_layers,
-                                kept, typed_layer_bytes(model))
+                                kept, typed_layer_bytes(model, experts_stay_quantised(device)))
     groups = 2 if config.resolved_pipeline(on_cpu) == "vslpipe" else 1
     kept_desc = f", {kept} B of every layer kept" if kept else ""
     return plan_device_memory(

@@ -38,6 +38,7 @@ import numpy as np
 
 from moelens_jax.model.model import Model
 from moelens_jax.model.weights import (
+    EXPERT_FIELDS,
     LayerLayout,
     LayerWeights,
     packet_bounds,
@@ -54,19 +55,28 @@ def streamed_layers_held(depth: int, num_layers: int) -> int:
     return min(depth + 1, num_layers)
 
 
-def typed_layer_bytes(model) -> int | None:
+def typed_layer_bytes(model, fused_experts: bool = False) -> int | None:
     """Bytes of one layer unpacked in the model dtype when its stored layout is quantised
-    (else None: stored and unpacked sizes agree)."""
-    if not model.host_layers[0].layout.quantised:
+    (else None: stored and unpacked sizes agree); with `fused_experts`
+    (`experts_stay_quantised`) the routed experts stay at their stored size."""
+    stored = model.host_layers[0].layout
+    if not stored.quantised:
         return None
-    return LayerLayout.for_config(model.config, model.dtype).nbytes
+    typed = LayerLayout.for_config(model.config, model.dtype)
+    if not fused_experts:
+        return typed.nbytes
+
+    def experts(layout):
+        return sum(s.nbytes for s in layout.slots if s.name.split(".")[0] in EXPERT_FIELDS)
+
+    return typed.nbytes - experts(typed) + experts(stored)
 
 
 def layer_window_bytes(layer_bytes: int, num_layers: int, depth: int, kept_bytes: int = 0,
                        typed_bytes: int | None = None) -> int:
     """Device bytes a streaming mover holds at its peak: the kept prefix of every layer and
     the streamed rest of `streamed_layers_held(depth, num_layers)` layers. For a quantised
-    layout (`typed_bytes`: the layer dequantised, in the model dtype) the window holds the
+    layout (`typed_bytes`: the layer as unpacked, `typed_layer_bytes`) the window holds the
     dequantised layers, and the layer in flight its stored packets as well."""
     held = streamed_layers_held(depth, num_layers)
     if typed_bytes is None:
@@ -77,6 +87,13 @@ def layer_window_bytes(layer_bytes: int, num_layers: int, depth: int, kept_bytes
 def unpack_layer(layout: LayerLayout, buf_u8: jax.Array) -> LayerWeights:
     """Typed `LayerWeights` from a layer's whole raw uint8 buffer."""
     return unpack_packets(layout, (0,), (buf_u8,))
+
+
+def experts_stay_quantised(device) -> bool:
+    """Whether a quantised layer's routed experts reach `device`'s forward as codes + scales
+    (`weights.QuantisedMatrix`), dequantised inside the expert GEMMs, rather than dequantised
+    when the layer is unpacked: where the expert kernel does that, the CPU backend's."""
+    return device.platform == "cpu"
 
 
 class WeightMover:
@@ -117,6 +134,7 @@ class WeightMover:
             raise ValueError(f"kept_bytes must lie in [0, {self.layer_bytes}) (one layer), "
                              f"got {kept_bytes}")
         on_host = self.device.platform == "cpu"
+        self.fused_experts = experts_stay_quantised(self.device)
         if resident and not on_host:
             raise ValueError(f"resident weights need the CPU device, not {self.device}")
         if resident and self.layout.quantised:
@@ -180,7 +198,8 @@ class WeightMover:
                 self.copy_s += t1 - t0
                 self.link_s += end - t0
         t0 = time.perf_counter()
-        weights = jax.block_until_ready(unpack_packets(self.layout, self.bounds, tuple(copied)))
+        weights = jax.block_until_ready(unpack_packets(self.layout, self.bounds, tuple(copied),
+                                                       self.fused_experts))
         with self._lock:
             self.unpack_s += time.perf_counter() - t0
         return weights
@@ -225,7 +244,8 @@ class WeightMover:
         if self.resident:
             return self.num_layers * self.layer_bytes
         return layer_window_bytes(self.layer_bytes, self.num_layers, self.depth,
-                                  self.kept_bytes, typed_layer_bytes(self.model))
+                                  self.kept_bytes,
+                                  typed_layer_bytes(self.model, self.fused_experts))
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
