@@ -347,17 +347,15 @@ void PackedGemm(const float* a, int64_t lda, const WeightView& w, float* c, int6
                 int64_t m, int64_t n, int64_t k, float* pack) {
   switch (w.fmt) {
     case WeightDtype::kF32:
-    case WeightDtype::kBf16: {
-      const int64_t elem = w.fmt == WeightDtype::kBf16 ? 2 : 4, ldb = w.ld * elem;
       PackedGemmImpl<Ops>(a, lda, [&](int64_t k0, int64_t kc, float* p) {
-        if (elem == 2) {
-          PackPanels<Ops, TagBf16>(w.b + k0 * ldb, ldb, elem, kc, n, p);
-        } else {
-          PackPanels<Ops, TagF32>(w.b + k0 * ldb, ldb, elem, kc, n, p);
-        }
+        PackPanels<Ops, TagF32>(w.b + k0 * w.ld * 4, w.ld * 4, 4, kc, n, p);
       }, c, ldc, m, n, k, pack);
       break;
-    }
+    case WeightDtype::kBf16:
+      PackedGemmImpl<Ops>(a, lda, [&](int64_t k0, int64_t kc, float* p) {
+        PackPanels<Ops, TagBf16>(w.b + k0 * w.ld * 2, w.ld * 2, 2, kc, n, p);
+      }, c, ldc, m, n, k, pack);
+      break;
     case WeightDtype::kInt8:
       PackedGemmImpl<Ops>(a, lda, [&](int64_t k0, int64_t kc, float* p) {
         PackPanelsQuant<Ops, false>(w, k0, kc, n, p);
