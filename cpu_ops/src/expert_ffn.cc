@@ -72,11 +72,9 @@ const float* Panel(const WeightView& w, int64_t rows, int64_t nc, std::vector<fl
       const int8_t* s = reinterpret_cast<const int8_t*>(w.b) + r * w.ld;
       for (int64_t c = 0; c < nc; ++c) d[c] = float(s[c]) * sc[c];
     } else {
-      const int8_t* s = reinterpret_cast<const int8_t*>(w.b) + (r >> 1) * w.ld;
-      const int shift = r & 1 ? 24 : 28;  // the row's nibble to the top, then sign-extend
-      for (int64_t c = 0; c < nc; ++c) {
-        d[c] = float(int32_t(uint32_t(uint8_t(s[c])) << shift) >> 28) * sc[c];
-      }
+      const uint8_t* s = w.b + (r >> 1) * w.ld;
+      const bool high = r & 1;
+      for (int64_t c = 0; c < nc; ++c) d[c] = float(kernel::Int4Code(s[c], high)) * sc[c];
     }
   }
   *ld_out = nc;

@@ -48,8 +48,9 @@ SmallGemmFn GetSmallGemmAvx512();
 // C[M, N] = A[M, K] @ B[K, N] for an expert group of up to a few dozen rows: B (row-major,
 // any `WeightDtype`) is read row by row, kc = min(kPackK, rows left) rows at a time, into
 // column panels of two vectors (NR = 2 lanes: [ceil(N / NR)][kc][NR] float32, the last panel
-// zero-padded; bf16 widened and int8 / int4 dequantised here), and a register block of up to 6 rows x 2 vectors runs down
-// each panel from L1/L2 (the first block of rows writes C, later ones add to it). Reading B in
+// zero-padded; bf16 widened and int8 / int4 dequantised here), and a register block of up to
+// 6 rows x 2 vectors runs down each panel from L1/L2 (the first block of rows writes C, later
+// ones add to it). Reading B in
 // rows streams it from memory at full bandwidth; the panels make the inner loop two
 // contiguous loads per step. `pack` holds kPackK x PackedCols(N) floats; k > 0. Leading
 // dimensions in elements.
@@ -76,16 +77,17 @@ inline float LoadWeight(const uint8_t* p, int64_t elem) {
   return v;
 }
 
+// The int4 code of row 2j (`high` false: the low nibble) or 2j + 1 (high) in byte j,
+// sign-extended (`weights.quantise`'s packing; Ops::LoadI4 is the vector form).
+inline int32_t Int4Code(uint8_t byte, bool high) {
+  return int32_t(uint32_t(byte) << (high ? 24 : 28)) >> 28;
+}
+
 // Element (r, c) of a quantised block: code x scale in float32 (what `weights.dequantise`
 // gives before it rounds to the model dtype).
 inline float QuantWeight(const WeightView& w, int64_t r, int64_t c) {
-  int32_t code;
-  if (w.fmt == WeightDtype::kInt4) {
-    const uint8_t byte = w.b[(r >> 1) * w.ld + c];
-    code = (r & 1) ? int32_t(int8_t(byte)) >> 4 : int32_t(int8_t(uint8_t(byte << 4))) >> 4;
-  } else {
-    code = int8_t(w.b[r * w.ld + c]);
-  }
+  const int32_t code = w.fmt == WeightDtype::kInt4 ? Int4Code(w.b[(r >> 1) * w.ld + c], r & 1)
+                                                   : int32_t(int8_t(w.b[r * w.ld + c]));
   return float(code) * w.scale[(r / w.group) * w.ld + c];
 }
 

@@ -71,8 +71,9 @@ ffi::Error ExpertFfnFfiImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> group
   if (dt != want) {
     return Invalid("weights must be float32 (fmt 0), bfloat16 (1) or int8 codes (2, 3)");
   }
+  const bool quantised = wd == WeightDtype::kInt8 || wd == WeightDtype::kInt4;
   int64_t gate_group = 0, up_group = 0, down_group = 0;
-  if (wd == WeightDtype::kInt8 || wd == WeightDtype::kInt4) {
+  if (quantised) {
     for (auto err : {CheckScales(s_gate, wd, E, h, f, "s_gate", &gate_group),
                      CheckScales(s_up, wd, E, h, f, "s_up", &up_group),
                      CheckScales(s_down, wd, E, f, ho, "s_down", &down_group)}) {
@@ -90,7 +91,7 @@ ffi::Error ExpertFfnFfiImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> group
   a.w_up = w_up.untyped_data();
   a.w_down = w_down.untyped_data();
   a.dtype = wd;
-  if (gate_group > 0) {
+  if (quantised) {
     a.s_gate = reinterpret_cast<const float*>(s_gate.untyped_data());
     a.s_up = reinterpret_cast<const float*>(s_up.untyped_data());
     a.s_down = reinterpret_cast<const float*>(s_down.untyped_data());
