@@ -90,9 +90,17 @@ struct Avx2Ops {
 // themselves. Valid for head_dim a multiple of 16 and <= kI8MaxHeadDim: each int32 lane then
 // sums <= 2048 / 8 products of <= 32767 * 127 (scores) or <= 256 (kMaxPageSize) of them
 // (values), below 2^31; lanes are converted to float before they are added together.
+//
+// A page's scores live token-major, score[t * Sp + i] with the group padded to Sp in {1, 2, 4,
+// 8} heads, so one vector holds 8 / Sp tokens of every head and lane l belongs to head l % Sp:
+// the softmax and the rounding of its weights run on whole vectors, with every head's max and
+// sum folded out of the lanes at once (a head-major page of 16 tokens spent more time in
+// per-head horizontal reductions, and in reloading scores stored one float at a time, than in
+// its dot products).
 constexpr int kI8MaxHeadDim = 2048;
-// Row length of the rounded weights: a page's tokens plus the zero partner of an odd last one.
-constexpr int kP16Row = kMaxPageSize + 16;
+
+template <int S>
+constexpr int kSp = S == 1 ? 1 : (S == 2 ? 2 : (S <= 4 ? 4 : 8));
 
 // [sum(a[0]), ..., sum(a[7])] of eight float vectors.
 inline __m256 Sum8(const __m256 (&a)[8]) {
@@ -102,14 +110,60 @@ inline __m256 Sum8(const __m256 (&a)[8]) {
                        _mm256_permute2f128_ps(h0123, h4567, 0x31));
 }
 
+// Every lane l of the result combines (op) the lanes of v that belong to head l % Sp.
+template <int Sp, class Op>
+inline __m256 FoldHeads(__m256 v, Op op) {
+  if constexpr (Sp <= 4) v = op(v, _mm256_permute2f128_ps(v, v, 1));
+  if constexpr (Sp <= 2) v = op(v, _mm256_permute_ps(v, 0x4E));
+  if constexpr (Sp == 1) v = op(v, _mm256_permute_ps(v, 0xB1));
+  return v;
+}
+
+// Lane l = x[t0 + l / Sp] for the N = 8 / Sp tokens of one token-major vector (x holds at
+// least N values from t0 on); lanes of a shorter last vector are filled with x[t0].
+template <int Sp>
+inline __m256 TokenLanes(const float* x, int t0, int n) {
+  if constexpr (Sp == 8) {
+    return _mm256_set1_ps(x[t0]);
+  } else {
+    constexpr int N = 8 / Sp;
+    alignas(32) float buf[8];
+    const float* src = x + t0;
+    if (n < N) {  // the page's last tokens: never read past them
+      for (int u = 0; u < N; ++u) buf[u] = x[t0 + (u < n ? u : 0)];
+      src = buf;
+    }
+    __m256 v;
+    if constexpr (N == 8) v = _mm256_loadu_ps(src);
+    if constexpr (N == 4) v = _mm256_castps128_ps256(_mm_loadu_ps(src));
+    if constexpr (N == 2) v = _mm256_castps128_ps256(_mm_castsi128_ps(  // may alias floats
+                              _mm_loadl_epi64(reinterpret_cast<const __m128i*>(src))));
+    const __m256i idx = _mm256_setr_epi32(0 / Sp, 1 / Sp, 2 / Sp, 3 / Sp, 4 / Sp, 5 / Sp,
+                                          6 / Sp, 7 / Sp);
+    return _mm256_permutevar8x32_ps(v, idx);
+  }
+}
+
+// Lane l = x[l % Sp] for heads l % Sp < S, else `pad`.
+template <int S>
+inline __m256 HeadLanes(const float* x, float pad) {
+  constexpr int Sp = kSp<S>;
+  alignas(32) float buf[8];
+  for (int l = 0; l < 8; ++l) buf[l] = l % Sp < S ? x[l % Sp] : pad;
+  return _mm256_load_ps(buf);
+}
+
 inline __m256i LoadI8x16(const uint8_t* p) {
   return _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
 
-// score[i][t0 + u] = q16_scale[i] * k_scale[t0 + u] * (q16[i] . k[t0 + u]) for u < TT.
+// score[(t0 + u) * Sp + i] = q16_scale[i] * k_scale[t0 + u] * (q16[i] . k[t0 + u]) for u < TT,
+// i < S (qscale = HeadLanes(q16_scale)); the vector store also writes the 8 - TT * Sp floats
+// after them, which the next tokens overwrite (score has 8 floats of slack).
 template <int S, int TT>
-inline void ScoreTokensI8(const PageArgs& a, int t0, float (*score)[kMaxPageSize]) {
-  static_assert(TT * S <= 8, "one Sum8 reduces the block");
+inline void ScoreTokensI8(const PageArgs& a, int t0, __m256 qscale, float* score) {
+  constexpr int Sp = kSp<S>;
+  static_assert(TT * Sp <= 8, "one Sum8 reduces the block");
   const int d = a.head_dim;
   __m256i acc[TT * S];
   MOELENS_UNROLL for (int j = 0; j < TT * S; ++j) acc[j] = _mm256_setzero_si256();
@@ -123,19 +177,18 @@ inline void ScoreTokensI8(const PageArgs& a, int t0, float (*score)[kMaxPageSize
     }
   }
   __m256 f[8];
-  MOELENS_UNROLL for (int j = 0; j < 8; ++j)
-    f[j] = j < TT * S ? _mm256_cvtepi32_ps(acc[j]) : _mm256_setzero_ps();
-  alignas(32) float sums[8];
-  _mm256_store_ps(sums, Sum8(f));
+  MOELENS_UNROLL for (int j = 0; j < 8; ++j) f[j] = _mm256_setzero_ps();
   MOELENS_UNROLL for (int u = 0; u < TT; ++u)
-    MOELENS_UNROLL for (int i = 0; i < S; ++i)
-      score[i][t0 + u] = sums[u * S + i] * (a.q16_scale[i] * a.k_scale[t0 + u]);
+    MOELENS_UNROLL for (int i = 0; i < S; ++i) f[u * Sp + i] = _mm256_cvtepi32_ps(acc[u * S + i]);
+  const __m256 kscale = TokenLanes<Sp>(a.k_scale, t0, TT);
+  _mm256_storeu_ps(score + t0 * Sp, _mm256_mul_ps(Sum8(f), _mm256_mul_ps(qscale, kscale)));
 }
 
-// acc[i0 + j][c .. c + 16) += pscale[i0 + j] * sum_t p16[i0 + j][t] * v_t[c .. c + 16), j < H.
-// Tokens go in pairs: V rows t and t + 1 interleaved as 16-bit pairs meet (p16[t], p16[t + 1]).
+// acc[i0 + j][c .. c + 16) += pscale[i0 + j] * sum_t w(t, i0 + j) * v_t[c .. c + 16), j < H,
+// where pairs[t / 2][i] holds the 16-bit weights of tokens t, t + 1 (0 past the page's last
+// token) of head i: V rows t and t + 1 interleaved as 16-bit pairs meet them in one vpmaddwd.
 template <int H>
-inline void AccumulateI8(const PageArgs& a, int c, int i0, const int16_t (*p16)[kP16Row],
+inline void AccumulateI8(const PageArgs& a, int c, int i0, const int32_t (*pairs)[8],
                          const float* pscale) {
   const int d = a.head_dim;
   const int ntok = a.ntok;
@@ -147,9 +200,7 @@ inline void AccumulateI8(const PageArgs& a, int c, int i0, const int16_t (*p16)[
     const __m256i vb = t + 1 < ntok ? LoadI8x16(v + int64_t(t + 1) * d) : _mm256_setzero_si256();
     const __m256i il = _mm256_unpacklo_epi16(va, vb), ih = _mm256_unpackhi_epi16(va, vb);
     MOELENS_UNROLL for (int j = 0; j < H; ++j) {
-      int32_t pair;  // p16[t], p16[t + 1] (0 past the page's last token)
-      std::memcpy(&pair, &p16[i0 + j][t], 4);
-      const __m256i w = _mm256_set1_epi32(pair);
+      const __m256i w = _mm256_set1_epi32(pairs[t / 2][i0 + j]);
       lo[j] = _mm256_add_epi32(lo[j], _mm256_madd_epi16(il, w));
       hi[j] = _mm256_add_epi32(hi[j], _mm256_madd_epi16(ih, w));
     }
@@ -164,44 +215,101 @@ inline void AccumulateI8(const PageArgs& a, int c, int i0, const int16_t (*p16)[
   }
 }
 
-// Rounds p[i][t] * v_scale[t] (t < ntok) to 16 bits per head: p16 * pscale. False (nothing
-// usable written) when a product is not finite, so the caller keeps float semantics.
+// The online-softmax update of the float kernel (kernel::UpdateSoftmax) on token-major scores:
+// on return score holds the page's unnormalised weights exp(score - m_new), 0 in the lanes past
+// its last token.
 template <int S>
-inline bool QuantiseWeights(const PageArgs& a, const float (*p)[kMaxPageSize],
-                            int16_t (*p16)[kP16Row], float* pscale) {
-  const int ntok = a.ntok;
+inline void SoftmaxTokenMajor(const PageArgs& a, float* score) {
+  constexpr int Sp = kSp<S>;
+  const int nv = (a.ntok * Sp + 7) / 8;
+  const __m256 ninf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  // Lanes past the last token: -inf for the max, 0 for the weights.
+  const __m256 tail = _mm256_castsi256_ps(_mm256_cmpgt_epi32(
+      _mm256_set1_epi32(a.ntok * Sp - (nv - 1) * 8), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
+  const auto max = [](__m256 x, __m256 y) { return _mm256_max_ps(x, y); };
+  const auto add = [](__m256 x, __m256 y) { return _mm256_add_ps(x, y); };
+  __m256 mx = ninf;
+  for (int v = 0; v + 1 < nv; ++v) mx = _mm256_max_ps(mx, _mm256_loadu_ps(score + 8 * v));
+  const __m256 last = _mm256_blendv_ps(ninf, _mm256_loadu_ps(score + 8 * (nv - 1)), tail);
+  mx = FoldHeads<Sp>(_mm256_max_ps(mx, last), max);
+  const __m256 m_old = HeadLanes<S>(a.m, 0.f);
+  const __m256 m_new = _mm256_max_ps(mx, m_old);  // a NaN score leaves m as it was, as in float
+  // exp(-inf) = 0 on the first page (as the clamped exp's ~1e-38: l and acc are still 0).
+  const __m256 corr = _mm256_blendv_ps(Avx2Ops::Exp(_mm256_sub_ps(m_old, m_new)),
+                                       _mm256_set1_ps(1.f),
+                                       _mm256_cmp_ps(m_old, m_new, _CMP_EQ_OQ));
+  __m256 sum = _mm256_setzero_ps();
+  for (int v = 0; v < nv; ++v) {
+    __m256 e = Avx2Ops::Exp(_mm256_sub_ps(_mm256_loadu_ps(score + 8 * v), m_new));
+    if (v + 1 == nv) e = _mm256_and_ps(e, tail);
+    _mm256_storeu_ps(score + 8 * v, e);
+    sum = _mm256_add_ps(sum, e);
+  }
+  sum = FoldHeads<Sp>(sum, add);
+  alignas(32) float mn[8], cr[8], sm[8];
+  _mm256_store_ps(mn, m_new);
+  _mm256_store_ps(cr, corr);
+  _mm256_store_ps(sm, sum);
   for (int i = 0; i < S; ++i) {
-    alignas(32) float pf[kMaxPageSize];
-    __m256 mx = _mm256_setzero_ps(), sum = _mm256_setzero_ps();
-    int u = 0;
-    for (; u + 8 <= ntok; u += 8) {
-      const __m256 x = _mm256_mul_ps(_mm256_loadu_ps(&p[i][u]), _mm256_loadu_ps(a.v_scale + u));
-      _mm256_store_ps(pf + u, x);
-      mx = _mm256_max_ps(mx, x);
-      sum = _mm256_add_ps(sum, x);  // NaN and infinity survive a sum, not always a max
+    a.l[i] = a.l[i] * cr[i] + sm[i];
+    a.m[i] = mn[i];
+    if (cr[i] != 1.f) {
+      const __m256 cv = _mm256_set1_ps(cr[i]);
+      float* row = a.acc + i * a.head_dim;
+      for (int c = 0; c < a.head_dim; c += 8)
+        _mm256_storeu_ps(row + c, _mm256_mul_ps(_mm256_loadu_ps(row + c), cv));
     }
-    float m = Avx2Ops::MaxAll(mx);
-    float total = Avx2Ops::Sum(sum);
-    for (; u < ntok; ++u) {
-      pf[u] = p[i][u] * a.v_scale[u];
-      m = std::max(m, pf[u]);
-      total += pf[u];
-    }
-    const float inv = m > 0.f ? 32767.f / m : 0.f;
-    // A non-finite weight, or a page whose largest weight is so small (< ~1e-34: every score
-    // ~80 below the running max) that 32767 / m overflows: the float path keeps the semantics.
-    if (!std::isfinite(total) || !(inv <= std::numeric_limits<float>::max())) return false;
-    pscale[i] = m / 32767.f;
-    const __m256 iv = _mm256_set1_ps(inv);
-    u = 0;
-    for (; u + 16 <= ntok; u += 16) {
-      const __m256i x0 = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_load_ps(pf + u), iv));
-      const __m256i x1 = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_load_ps(pf + u + 8), iv));
-      const __m256i packed = _mm256_permute4x64_epi64(_mm256_packs_epi32(x0, x1), 0xD8);
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(&p16[i][u]), packed);
-    }
-    for (; u < ntok; ++u) p16[i][u] = int16_t(std::min(32767.f, std::nearbyint(pf[u] * inv)));
-    p16[i][ntok] = 0;  // the pair partner of an odd last token
+  }
+}
+
+// Rounds the weights p (token-major, from SoftmaxTokenMajor) times each token's V scale to 16
+// bits per head, w * pscale[i], into token pairs for AccumulateI8. False (nothing usable
+// written) when a product is not finite, or so small that its head's 32767 / max overflows
+// (every score ~80 below the running max): the float path keeps the semantics then.
+template <int S>
+inline bool QuantiseWeights(const PageArgs& a, const float* p, int32_t (*pairs)[8],
+                            float* pscale) {
+  constexpr int Sp = kSp<S>;
+  constexpr int N = 8 / Sp;  // tokens per vector
+  const int ntok = a.ntok;
+  const int nv = (ntok * Sp + 7) / 8;
+  alignas(32) float pf[kMaxPageSize * Sp + 8];
+  alignas(32) int32_t w[kMaxPageSize * Sp + 8];
+  __m256 mx = _mm256_setzero_ps(), sum = _mm256_setzero_ps();
+  for (int v = 0; v < nv; ++v) {
+    const __m256 x = _mm256_mul_ps(_mm256_loadu_ps(p + 8 * v),
+                                   TokenLanes<Sp>(a.v_scale, v * N, std::min(N, ntok - v * N)));
+    _mm256_store_ps(pf + 8 * v, x);
+    mx = _mm256_max_ps(mx, x);
+    sum = _mm256_add_ps(sum, x);  // NaN and infinity survive a sum, not always a max
+  }
+  const auto max = [](__m256 x, __m256 y) { return _mm256_max_ps(x, y); };
+  const auto add = [](__m256 x, __m256 y) { return _mm256_add_ps(x, y); };
+  mx = FoldHeads<Sp>(mx, max);
+  sum = FoldHeads<Sp>(sum, add);
+  const __m256 inv = _mm256_div_ps(_mm256_set1_ps(32767.f), mx);  // inf for a max of 0
+  // Finite sum and 32767 / max (a head whose weights are all 0 gets scale 0 and zero weights).
+  const __m256 ok = _mm256_and_ps(
+      _mm256_cmp_ps(_mm256_sub_ps(sum, sum), _mm256_setzero_ps(), _CMP_EQ_OQ),
+      _mm256_or_ps(_mm256_cmp_ps(mx, _mm256_setzero_ps(), _CMP_EQ_OQ),
+                   _mm256_cmp_ps(inv, _mm256_set1_ps(std::numeric_limits<float>::max()),
+                                 _CMP_LE_OQ)));
+  constexpr int kHeads = (1 << S) - 1;
+  if ((_mm256_movemask_ps(ok) & kHeads) != kHeads) return false;
+  const __m256 iv = _mm256_and_ps(inv, _mm256_cmp_ps(mx, _mm256_setzero_ps(), _CMP_NEQ_OQ));
+  alignas(32) float m[8];
+  _mm256_store_ps(m, mx);
+  for (int i = 0; i < S; ++i) pscale[i] = m[i] / 32767.f;
+  for (int v = 0; v < nv; ++v) {
+    const __m256i x = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_load_ps(pf + 8 * v), iv));
+    _mm256_store_si256(reinterpret_cast<__m256i*>(w + 8 * v), _mm256_min_epi32(
+        x, _mm256_set1_epi32(32767)));
+  }
+  for (int t = 0; t < ntok; t += 2) {
+    const int32_t* w0 = w + t * Sp;
+    const int32_t* w1 = t + 1 < ntok ? w0 + Sp : nullptr;
+    for (int i = 0; i < S; ++i)
+      pairs[t / 2][i] = (w0[i] & 0xffff) | (w1 != nullptr ? int32_t(uint32_t(w1[i]) << 16) : 0);
   }
   return true;
 }
@@ -213,35 +321,40 @@ void ProcessPageI8(const PageArgs& a) {
     kernel::ProcessPage<Avx2Ops, kernel::TagI8, S>(a);
     return;
   }
+  constexpr int Sp = kSp<S>;
   constexpr int TT = kernel::kTokStep<S>;
   const int d = a.head_dim;
   const int ntok = a.ntok;
-  alignas(64) float score[S][kMaxPageSize];
+  alignas(64) float score[kMaxPageSize * Sp + 8];
   kernel::PrefetchRow<Avx2Ops>(reinterpret_cast<const uint8_t*>(a.v_scale), 4 * ntok);
+  const __m256 qscale = HeadLanes<S>(a.q16_scale, 0.f);
   int t = 0;
   for (; t + TT <= ntok; t += TT) {
     for (int u = 0; u < TT; ++u) kernel::PrefetchRow<Avx2Ops>(a.v + int64_t(t + u) * d, d);
-    ScoreTokensI8<S, TT>(a, t, score);
+    ScoreTokensI8<S, TT>(a, t, qscale, score);
   }
   for (; t < ntok; ++t) {
     kernel::PrefetchRow<Avx2Ops>(a.v + int64_t(t) * d, d);
-    ScoreTokensI8<S, 1>(a, t, score);
+    ScoreTokensI8<S, 1>(a, t, qscale, score);
   }
   if (a.next != nullptr) kernel::PrefetchRow<Avx2Ops>(a.next, a.next_bytes);
 
-  kernel::UpdateSoftmax<Avx2Ops, S>(a, score);
+  SoftmaxTokenMajor<S>(a, score);
 
-  alignas(32) int16_t p16[S][kP16Row];
+  alignas(32) int32_t pairs[kMaxPageSize / 2 + 1][8];
   float pscale[S];
-  if (!QuantiseWeights<S>(a, score, p16, pscale)) {
-    kernel::AccumulatePage<Avx2Ops, kernel::TagI8, S>(a, score);
+  if (!QuantiseWeights<S>(a, score, pairs, pscale)) {
+    alignas(64) float p[S][kMaxPageSize];  // the float path's head-major weights
+    for (int i = 0; i < S; ++i)
+      for (int u = 0; u < ntok; ++u) p[i][u] = score[u * Sp + i];
+    kernel::AccumulatePage<Avx2Ops, kernel::TagI8, S>(a, p);
     return;
   }
   constexpr int H = S < 4 ? S : 4;  // heads per pass: 2 H int32 accumulators in registers
   for (int c = 0; c < d; c += 16) {
     int i0 = 0;
-    for (; i0 + H <= S; i0 += H) AccumulateI8<H>(a, c, i0, p16, pscale);
-    if constexpr (S % H != 0) AccumulateI8<S % H>(a, c, i0, p16, pscale);
+    for (; i0 + H <= S; i0 += H) AccumulateI8<H>(a, c, i0, pairs, pscale);
+    if constexpr (S % H != 0) AccumulateI8<S % H>(a, c, i0, pairs, pscale);
   }
 }
 
