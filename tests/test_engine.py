@@ -233,7 +233,7 @@ def test_interrupted_run_resumes_without_recomputing(oracle, tmp_path):
     assert again == []
 
 
-@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("seed", range(2))  # 24 random layouts (each compiles; ~25 s a seed)
 def test_tiled_prefill_attention_equals_dense_segment_attention(seed):
     """Random layouts: segments straddling tiles, tiles shared by segments and decode/padding
     rows, pair counts that need bucket padding; pairs in chunks of any size and order."""
