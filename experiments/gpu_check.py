@@ -16,6 +16,14 @@ still run) and prints the same JSON last. Steps and their keys:
 * ``experts`` — `moe.expert_ffn` (what GB runs: "blocked" off the CPU) over uniformly routed
   rows at Mixtral-8x7B and Qwen3-30B-A3B expert shapes in bf16, against a dense GEMM of the
   same FLOPs: `expert_gemm_fraction_of_dense` (minimum over shapes; target >= 0.7).
+* ``quantised`` — whether an accelerator should keep the routed experts quantised: at the
+  same expert shapes, int8 and int4 codes + scales (`QuantisedMatrix`) through
+  `moe.expert_ffn` ("blocked" dequantises one expert at a time inside its loop) against what
+  the weight mover does today off the CPU (dequantise every expert at unpack, then the expert
+  FFN on the model dtype): `quantised_experts_speedup` (unpack path time / in-loop time,
+  minimum over shapes and formats; > 1 means keeping them quantised pays) and
+  `quantised_experts_rel_err` (max |difference| / max |output| of the two, worst case: the
+  weights are the same bits, so only the GEMMs' summation order may differ).
 * ``prefill`` — the tiled prefill attention at Mixtral's heads over a 32,768-token iteration
   of 926-token prompts: `prefill_attention_tflops` (causal FLOPs actually needed / time).
 * ``memory`` — XLA's memory analysis of GA and GB compiled for the device at Mixtral-8x7B
@@ -54,14 +62,20 @@ from experiments import common
 from moelens_jax import perf, reference, workloads
 from moelens_jax.model import Model, moe
 from moelens_jax.model.stages import prefill_attention
-from moelens_jax.model.weights import random_init
+from moelens_jax.model.weights import (
+    WEIGHT_DTYPES,
+    QuantisedMatrix,
+    random_init,
+    scale_shape,
+)
 from moelens_jax.runtime.layout import build_group
 from moelens_jax.runtime.mover import PACKET_BYTES
 
 _OUT = flags.DEFINE_string("out", None, "Folder for gpu_check.json.", required=True)
 _DRY = flags.DEFINE_bool("dry_run", False, "Every step at tiny sizes (CI runs this on a CPU).")
-_STEPS = flags.DEFINE_list("steps", ["oracle", "link", "experts", "prefill", "memory",
-                                     "overlap", "prediction"], "Steps to run, in order.")
+_STEPS = flags.DEFINE_list("steps", ["oracle", "link", "experts", "quantised", "prefill",
+                                     "memory", "overlap", "prediction"],
+                           "Steps to run, in order.")
 _HARDWARE = flags.DEFINE_string("hardware", "h200", "Datasheet preset for the link.")
 _OVERLAP_LAYERS = flags.DEFINE_integer("overlap_layers", 4, "Mixtral layers in `overlap`.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed for weights and requests.")
@@ -172,6 +186,50 @@ def step_experts(sizes) -> dict:
     return {"expert_gemm_fraction_of_dense": min(fractions), "dtype": str(dt), "shapes": shapes}
 
 
+def _random_quantised(key, shape, weight_dtype: str, dtype) -> QuantisedMatrix:
+    """Random codes and scales of a [E, in, out] matrix (made on the device: quantising
+    Mixtral-sized float weights on the host would take longer than the step)."""
+    kc, ks = jax.random.split(key)
+    lim = 127 if weight_dtype == "int8" else 7
+    codes = jax.random.randint(kc, shape, -lim, lim + 1, jnp.int32)
+    if weight_dtype == "int4":  # two codes per byte along the input rows (weights.quantise)
+        pairs = codes.reshape(*shape[:-2], shape[-2] // 2, 2, shape[-1])
+        codes = (pairs[..., 0, :] & 0x0F) | (pairs[..., 1, :] << 4)
+    scale = jax.random.uniform(ks, scale_shape(shape, weight_dtype), jnp.float32, 1e-4, 2e-4)
+    return QuantisedMatrix(codes.astype(jnp.int8), scale, weight_dtype, str(jnp.dtype(dtype)))
+
+
+def step_quantised(sizes) -> dict:
+    dt = jnp.dtype(sizes["expert_dtype"])
+    shapes, speedups, worst_err = {}, [], 0.0
+    for name, (E, _, h, f, m) in sizes["expert_shapes"].items():
+        x = jax.random.normal(jax.random.key(_SEED.value), (m, h), jnp.float32)
+        gs = np.bincount(np.random.default_rng(0).integers(0, E, m), minlength=E)
+        gs = jnp.asarray(gs, jnp.int32)
+        for wd in WEIGHT_DTYPES:
+            keys = jax.random.split(jax.random.key(_SEED.value + 1), 3)
+            ws = tuple(_random_quantised(k, shp, wd, dt) for k, shp in
+                       zip(keys, ((E, h, f), (E, h, f), (E, f, h)), strict=True))
+            blocked = jax.jit(functools.partial(moe.expert_ffn, impl="blocked"))
+            dequantise = jax.jit(lambda ws: tuple(w.dequantise() for w in ws))
+            wdq = dequantise(ws)
+            reps = sizes["repeats"]
+            t_loop = common.median_time(functools.partial(blocked, *ws, x, gs), reps)
+            t_deq = common.median_time(functools.partial(dequantise, ws), reps)
+            t_ffn = common.median_time(functools.partial(blocked, *wdq, x, gs), reps)
+            a, b = blocked(*ws, x, gs), blocked(*wdq, x, gs)
+            rel = float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
+            worst_err = max(worst_err, rel)
+            del wdq, a, b
+            speedup = (t_deq + t_ffn) / t_loop
+            speedups.append(speedup)
+            shapes[f"{name}/{wd}"] = {"in_loop_ms": t_loop * 1e3, "unpack_ms": t_deq * 1e3,
+                                      "ffn_on_dequantised_ms": t_ffn * 1e3,
+                                      "speedup": speedup, "max_rel_err": rel}
+    return {"quantised_experts_speedup": min(speedups), "quantised_experts_rel_err": worst_err,
+            "dtype": str(dt), "shapes": shapes}
+
+
 def step_prefill(sizes) -> dict:
     n, plen, hq, g, d = sizes["prefill"]
     lens = [plen] * (n // plen)
@@ -280,10 +338,12 @@ def step_prediction(sizes) -> dict:
 
 
 STEPS = {"oracle": step_oracle, "link": step_link, "experts": step_experts,
-         "prefill": step_prefill, "memory": step_memory, "overlap": step_overlap,
-         "prediction": step_prediction}
+         "quantised": step_quantised, "prefill": step_prefill, "memory": step_memory,
+         "overlap": step_overlap, "prediction": step_prediction}
 SUMMARY = {"oracle": ["engine_equals_oracle"], "link": ["h2d_gb_per_s", "link_datasheet_gb_per_s"],
-           "experts": ["expert_gemm_fraction_of_dense"], "prefill": ["prefill_attention_tflops"],
+           "experts": ["expert_gemm_fraction_of_dense"],
+           "quantised": ["quantised_experts_speedup", "quantised_experts_rel_err"],
+           "prefill": ["prefill_attention_tflops"],
            "memory": ["activation_bound_ratio"],
            "overlap": ["overlap_efficiency"],
            "prediction": ["prediction_mean_accuracy", "prediction_min_accuracy"]}

@@ -246,9 +246,13 @@ def test_gpu_check_dry_run(tmp_path, cache_env):
     assert len(result["steps"]["oracle"]["runs"]) == 4  # 2 models x 2 pipelines
     assert result["steps"]["overlap"]["same_tokens_fraction"] == 1.0  # float32 on a CPU
     assert result["activation_bound_ratio"] >= 1.0
+    # experts kept quantised through "blocked" compute what dequantising them first does
+    # (float32 on a CPU: the same weights and GEMMs); every format and shape timed
+    assert result["quantised_experts_rel_err"] < 1e-6
+    assert set(result["steps"]["quantised"]["shapes"]) == {"small/int8", "small/int4"}
     for key in ("h2d_gb_per_s", "link_datasheet_gb_per_s", "expert_gemm_fraction_of_dense",
                 "prefill_attention_tflops", "overlap_efficiency", "prediction_mean_accuracy",
-                "prediction_min_accuracy"):
+                "prediction_min_accuracy", "quantised_experts_speedup"):
         assert isinstance(result[key], float) and result[key] > 0, key
     assert result["prediction_mean_accuracy"] <= 1
 

@@ -129,12 +129,15 @@ inline __m256 TokenLanes(const float* x, int t0, int n) {
     constexpr int N = 8 / Sp;
     alignas(32) float buf[8];
     const float* src = x + t0;
-    if (n < N) {  // the page's last tokens: never read past them
+    if (n < N && !(N == 8 && n == 4)) {  // the page's last tokens: never read past them
       for (int u = 0; u < N; ++u) buf[u] = x[t0 + (u < n ? u : 0)];
       src = buf;
     }
     __m256 v;
-    if constexpr (N == 8) v = _mm256_loadu_ps(src);
+    if constexpr (N == 8) {  // (a group of 1 scores 4 tokens a step: 4 real lanes, 4 zeros)
+      v = n == 4 ? _mm256_insertf128_ps(_mm256_setzero_ps(), _mm_loadu_ps(x + t0), 0)
+                 : _mm256_loadu_ps(src);
+    }
     if constexpr (N == 4) v = _mm256_castps128_ps256(_mm_loadu_ps(src));
     if constexpr (N == 2) v = _mm256_castps128_ps256(_mm_castsi128_ps(  // may alias floats
                               _mm_loadl_epi64(reinterpret_cast<const __m128i*>(src))));
