@@ -2,7 +2,6 @@
 // only after runtime detection).
 #include <immintrin.h>
 
-#include <cstring>
 #include <limits>
 
 #include "attention_impl.h"
@@ -118,32 +117,38 @@ inline __m256 FoldHeads(__m256 v, Op op) {
   if constexpr (Sp == 1) v = op(v, _mm256_permute_ps(v, 0xB1));
   return v;
 }
-
-// Lane l = x[t0 + l / Sp] for the N = 8 / Sp tokens of one token-major vector (x holds at
-// least N values from t0 on); lanes of a shorter last vector are filled with x[t0].
 template <int Sp>
-inline __m256 TokenLanes(const float* x, int t0, int n) {
+inline __m256 HeadMax(__m256 v) {
+  return FoldHeads<Sp>(v, [](__m256 x, __m256 y) { return _mm256_max_ps(x, y); });
+}
+template <int Sp>
+inline __m256 HeadSum(__m256 v) {
+  return FoldHeads<Sp>(v, [](__m256 x, __m256 y) { return _mm256_add_ps(x, y); });
+}
+
+// Lane l = x[l / Sp] for the M tokens x[0 .. M) (M <= 8 / Sp, all of them read), 0 in the
+// lanes after M * Sp.
+template <int Sp, int M>
+inline __m256 TokenLanes(const float* x) {
+  static_assert(M * Sp <= 8 && (M == 1 || M == 2 || M == 4 || M == 8));
   if constexpr (Sp == 8) {
-    return _mm256_set1_ps(x[t0]);
+    return _mm256_set1_ps(x[0]);
   } else {
-    constexpr int N = 8 / Sp;
-    alignas(32) float buf[8];
-    const float* src = x + t0;
-    if (n < N && !(N == 8 && n == 4)) {  // the page's last tokens: never read past them
-      for (int u = 0; u < N; ++u) buf[u] = x[t0 + (u < n ? u : 0)];
-      src = buf;
-    }
     __m256 v;
-    if constexpr (N == 8) {  // (a group of 1 scores 4 tokens a step: 4 real lanes, 4 zeros)
-      v = n == 4 ? _mm256_insertf128_ps(_mm256_setzero_ps(), _mm_loadu_ps(x + t0), 0)
-                 : _mm256_loadu_ps(src);
+    if constexpr (M == 8) {
+      v = _mm256_loadu_ps(x);
+    } else {
+      __m128 lo;
+      if constexpr (M == 1) lo = _mm_load_ss(x);
+      if constexpr (M == 2)  // (through __m128i, which may alias floats)
+        lo = _mm_castsi128_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(x)));
+      if constexpr (M == 4) lo = _mm_loadu_ps(x);
+      v = _mm256_insertf128_ps(_mm256_setzero_ps(), lo, 0);
     }
-    if constexpr (N == 4) v = _mm256_castps128_ps256(_mm_loadu_ps(src));
-    if constexpr (N == 2) v = _mm256_castps128_ps256(_mm_castsi128_ps(  // may alias floats
-                              _mm_loadl_epi64(reinterpret_cast<const __m128i*>(src))));
-    const __m256i idx = _mm256_setr_epi32(0 / Sp, 1 / Sp, 2 / Sp, 3 / Sp, 4 / Sp, 5 / Sp,
-                                          6 / Sp, 7 / Sp);
-    return _mm256_permutevar8x32_ps(v, idx);
+    // Lanes past M * Sp take lane M of v, which is 0 when M < 8.
+    const auto at = [](int l) { return l < M * Sp ? l / Sp : M % 8; };
+    return _mm256_permutevar8x32_ps(v, _mm256_setr_epi32(at(0), at(1), at(2), at(3), at(4),
+                                                          at(5), at(6), at(7)));
   }
 }
 
@@ -183,7 +188,7 @@ inline void ScoreTokensI8(const PageArgs& a, int t0, __m256 qscale, float* score
   MOELENS_UNROLL for (int j = 0; j < 8; ++j) f[j] = _mm256_setzero_ps();
   MOELENS_UNROLL for (int u = 0; u < TT; ++u)
     MOELENS_UNROLL for (int i = 0; i < S; ++i) f[u * Sp + i] = _mm256_cvtepi32_ps(acc[u * S + i]);
-  const __m256 kscale = TokenLanes<Sp>(a.k_scale, t0, TT);
+  const __m256 kscale = TokenLanes<Sp, TT>(a.k_scale + t0);
   _mm256_storeu_ps(score + t0 * Sp, _mm256_mul_ps(Sum8(f), _mm256_mul_ps(qscale, kscale)));
 }
 
@@ -229,12 +234,10 @@ inline void SoftmaxTokenMajor(const PageArgs& a, float* score) {
   // Lanes past the last token: -inf for the max, 0 for the weights.
   const __m256 tail = _mm256_castsi256_ps(_mm256_cmpgt_epi32(
       _mm256_set1_epi32(a.ntok * Sp - (nv - 1) * 8), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
-  const auto max = [](__m256 x, __m256 y) { return _mm256_max_ps(x, y); };
-  const auto add = [](__m256 x, __m256 y) { return _mm256_add_ps(x, y); };
   __m256 mx = ninf;
   for (int v = 0; v + 1 < nv; ++v) mx = _mm256_max_ps(mx, _mm256_loadu_ps(score + 8 * v));
   const __m256 last = _mm256_blendv_ps(ninf, _mm256_loadu_ps(score + 8 * (nv - 1)), tail);
-  mx = FoldHeads<Sp>(_mm256_max_ps(mx, last), max);
+  mx = HeadMax<Sp>(_mm256_max_ps(mx, last));
   const __m256 m_old = HeadLanes<S>(a.m, 0.f);
   const __m256 m_new = _mm256_max_ps(mx, m_old);  // a NaN score leaves m as it was, as in float
   // exp(-inf) = 0 on the first page (as the clamped exp's ~1e-38: l and acc are still 0).
@@ -248,7 +251,7 @@ inline void SoftmaxTokenMajor(const PageArgs& a, float* score) {
     _mm256_storeu_ps(score + 8 * v, e);
     sum = _mm256_add_ps(sum, e);
   }
-  sum = FoldHeads<Sp>(sum, add);
+  sum = HeadSum<Sp>(sum);
   alignas(32) float mn[8], cr[8], sm[8];
   _mm256_store_ps(mn, m_new);
   _mm256_store_ps(cr, corr);
@@ -280,16 +283,20 @@ inline bool QuantiseWeights(const PageArgs& a, const float* p, int32_t (*pairs)[
   alignas(32) int32_t w[kMaxPageSize * Sp + 8];
   __m256 mx = _mm256_setzero_ps(), sum = _mm256_setzero_ps();
   for (int v = 0; v < nv; ++v) {
-    const __m256 x = _mm256_mul_ps(_mm256_loadu_ps(p + 8 * v),
-                                   TokenLanes<Sp>(a.v_scale, v * N, std::min(N, ntok - v * N)));
+    const float* vs = a.v_scale + v * N;
+    const int n = std::min(N, ntok - v * N);
+    alignas(32) float tail[N] = {};  // the page's last tokens: never read past them
+    if (n < N) {
+      std::copy_n(vs, n, tail);
+      vs = tail;
+    }
+    const __m256 x = _mm256_mul_ps(_mm256_loadu_ps(p + 8 * v), TokenLanes<Sp, N>(vs));
     _mm256_store_ps(pf + 8 * v, x);
     mx = _mm256_max_ps(mx, x);
     sum = _mm256_add_ps(sum, x);  // NaN and infinity survive a sum, not always a max
   }
-  const auto max = [](__m256 x, __m256 y) { return _mm256_max_ps(x, y); };
-  const auto add = [](__m256 x, __m256 y) { return _mm256_add_ps(x, y); };
-  mx = FoldHeads<Sp>(mx, max);
-  sum = FoldHeads<Sp>(sum, add);
+  mx = HeadMax<Sp>(mx);
+  sum = HeadSum<Sp>(sum);
   const __m256 inv = _mm256_div_ps(_mm256_set1_ps(32767.f), mx);  // inf for a max of 0
   // Finite sum and 32767 / max (a head whose weights are all 0 gets scale 0 and zero weights).
   const __m256 ok = _mm256_and_ps(
